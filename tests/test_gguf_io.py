@@ -1,0 +1,183 @@
+"""GGUF reader/writer: round trip, zero-copy views, agreement with gguf-py's reader,
+and every kind of bad file named in the foundation issue."""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+import cpuq
+from cpuq import FormatError, InputError, open_gguf
+from tests.conftest import TINY_TENSORS, tiny_metadata, write_tiny_gguf
+
+
+def test_round_trip_values_and_metadata(tmp_path):
+    path = tmp_path / "t.gguf"
+    values = write_tiny_gguf(path)
+    with open_gguf(path) as f:
+        assert f.get("general.architecture") == "qwen2"
+        for key, value in tiny_metadata().items():
+            assert f.get(key) == value, key
+        assert list(f.tensors) == [name for name, _, _ in TINY_TENSORS]
+        for name, shape, qt in TINY_TENSORS:
+            t = f.tensor(name)
+            assert t.qtype.name == qt and t.shape == shape
+            back = cpuq.dequantize(t.data, t.qtype, t.shape)
+            # What went in must come out: re-quantizing the stored values gives the same bytes.
+            again = cpuq.quantize(values[name].reshape(-1, shape[-1]), qt)
+            assert np.array_equal(t.data, again)
+            if qt == "F32":
+                assert np.array_equal(back, values[name])
+
+
+def test_tensor_data_is_a_view_of_the_mapping(tiny_gguf):
+    with open_gguf(tiny_gguf) as f:
+        t = f.tensor("token_embd.weight")
+        assert not t.data.flags.owndata
+        assert not t.data.flags.writeable  # opened read-only
+        base = t.data
+        while isinstance(base, np.ndarray) and base.base is not None:
+            base = base.base
+        assert isinstance(base, __import__("mmap").mmap)
+
+
+def test_gguf_py_reads_our_file_the_same(tiny_gguf):
+    """gguf-py (llama.cpp's own Python reader) is the reference for the container."""
+    ref = gguf.GGUFReader(tiny_gguf)
+    with open_gguf(tiny_gguf) as f:
+        assert len(ref.tensors) == len(f.tensors)
+        for rt in ref.tensors:
+            t = f.tensor(rt.name)
+            assert int(rt.tensor_type) == t.qtype.ggml_type
+            assert tuple(reversed([int(d) for d in rt.shape])) == t.shape
+            assert rt.data_offset == t.offset
+            assert np.asarray(rt.data).tobytes() == t.data.tobytes()
+            assert rt.data_offset % f.alignment == 0
+
+
+def test_writer_rejects_out_of_order_and_missing_tensors(tmp_path):
+    w = cpuq.GGUFStreamWriter(tmp_path / "w.gguf", arch="qwen2")
+    w.add_tensor_info("a", (2, 32), cpuq.get_qtype("q8_0"))
+    w.add_tensor_info("b", (2, 32), cpuq.get_qtype("q8_0"))
+    w.begin()
+    with pytest.raises(InputError, match="out of order"):
+        w.write_tensor("b", np.zeros((2, 34), np.uint8))
+    w.write_tensor("a", np.zeros((2, 34), np.uint8))
+    with pytest.raises(InputError, match="expected 68"):
+        w.write_tensor("b", np.zeros((2, 10), np.uint8))
+    w.abort()
+
+
+# --- bad files --------------------------------------------------------------------
+
+def _tensor_info_offsets(path: Path) -> dict[str, dict[str, int]]:
+    """Byte positions of each tensor info's type and offset fields, found with gguf-py."""
+    r = gguf.GGUFReader(path)
+    out = {}
+    for t in r.tensors:
+        start = t.field.offset
+        name_len = len(t.name.encode())
+        n_dims = len(t.shape)
+        type_pos = start + 8 + name_len + 4 + 8 * n_dims
+        out[t.name] = {"dims": start + 8 + name_len + 4, "type": type_pos, "offset": type_pos + 4}
+    return out
+
+
+def _patched(tmp_path, src: Path, pos: int, fmt: str, value) -> Path:
+    raw = bytearray(src.read_bytes())
+    struct.pack_into(fmt, raw, pos, value)
+    dst = tmp_path / "bad.gguf"
+    dst.write_bytes(bytes(raw))
+    return dst
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", "shorter than a GGUF header"),
+    (b"GGUF", "shorter than a GGUF header"),
+    (b"GGML" + b"\0" * 60, "not a GGUF file"),
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 60, "not a GGUF file"),
+])
+def test_not_gguf(tmp_path, content, match):
+    p = tmp_path / "x.gguf"
+    p.write_bytes(content)
+    with pytest.raises(FormatError, match=match) as e:
+        open_gguf(p)
+    assert str(p) in str(e.value)
+
+
+@pytest.mark.parametrize("version", [0, 1, 4, 0xFFFF])
+def test_unsupported_version(tmp_path, tiny_gguf, version):
+    with pytest.raises(FormatError, match=f"version {version} is not supported"):
+        open_gguf(_patched(tmp_path, tiny_gguf, 4, "<I", version))
+
+
+@pytest.mark.parametrize("field_pos, what", [(8, "tensors"), (16, "metadata keys")])
+@pytest.mark.parametrize("count", [2**31, 5 * 10**9, 2**63, 2**64 - 1])
+def test_absurd_counts(tmp_path, tiny_gguf, field_pos, what, count):
+    with pytest.raises(FormatError, match=f"claims {count} {what}"):
+        open_gguf(_patched(tmp_path, tiny_gguf, field_pos, "<Q", count))
+
+
+def test_truncated_everywhere(tmp_path, tiny_gguf):
+    raw = tiny_gguf.read_bytes()
+    data_start = open_gguf(tiny_gguf).data_offset
+    # Cut inside the header, the metadata, the tensor infos and the tensor data.
+    for cut in sorted({24, 30, 100, data_start // 2, data_start - 1, data_start + 10, len(raw) - 1}):
+        p = tmp_path / f"cut{cut}.gguf"
+        p.write_bytes(raw[:cut])
+        with pytest.raises(FormatError) as e:
+            open_gguf(p)
+        assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_tensor_extent_past_end(tmp_path, tiny_gguf):
+    pos = _tensor_info_offsets(tiny_gguf)["blk.0.ffn_up.weight"]["offset"]
+    bad = _patched(tmp_path, tiny_gguf, pos, "<Q", 10**6 * 32)
+    with pytest.raises(FormatError, match=r"tensor 'blk.0.ffn_up.weight' \(Q6_K, 6720 bytes .*past the end"):
+        open_gguf(bad)
+
+
+def test_tensor_offset_misaligned(tmp_path, tiny_gguf):
+    pos = _tensor_info_offsets(tiny_gguf)["blk.0.attn_q.weight"]["offset"]
+    with pytest.raises(FormatError, match="not a multiple of the alignment"):
+        open_gguf(_patched(tmp_path, tiny_gguf, pos, "<Q", 3))
+
+
+@pytest.mark.parametrize("type_id, match", [(200, "unknown tensor type id 200"),
+                                            (16, "IQ2_XXS .* is not supported")])
+def test_unknown_or_unsupported_type(tmp_path, tiny_gguf, type_id, match):
+    pos = _tensor_info_offsets(tiny_gguf)["token_embd.weight"]["type"]
+    with pytest.raises(FormatError, match=f"tensor 'token_embd.weight'.*{match}"):
+        open_gguf(_patched(tmp_path, tiny_gguf, pos, "<I", type_id))
+
+
+def test_row_not_multiple_of_block(tmp_path, tiny_gguf):
+    pos = _tensor_info_offsets(tiny_gguf)["token_embd.weight"]["dims"]
+    with pytest.raises(FormatError, match="rows of 100 values, not a multiple of Q4_K's block size 256"):
+        open_gguf(_patched(tmp_path, tiny_gguf, pos, "<Q", 100))
+
+
+def test_absurd_dimension(tmp_path, tiny_gguf):
+    pos = _tensor_info_offsets(tiny_gguf)["blk.0.attn_q.weight"]["dims"]
+    with pytest.raises(FormatError, match="blk.0.attn_q.weight"):
+        open_gguf(_patched(tmp_path, tiny_gguf, pos + 8, "<Q", 2**62))
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        open_gguf(tmp_path / "nope.gguf")
+    with pytest.raises(InputError, match="is a directory"):
+        open_gguf(tmp_path)
+
+
+def test_require_names_the_key(tiny_gguf):
+    with open_gguf(tiny_gguf) as f:
+        with pytest.raises(FormatError, match="'qwen2.block_count' is int, expected str"):
+            f.require("qwen2.block_count", str)
+        with pytest.raises(FormatError, match="'qwen2.rope.freq_base' is missing"):
+            f.require("qwen2.rope.freq_base", float)
+        with pytest.raises(FormatError, match="tensor 'output.weight' is missing"):
+            f.tensor("output.weight")

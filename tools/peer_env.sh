@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Build the llama.cpp peer once into a cached venv (~10 min on 2 cores): llama-cpp-python
+# compiled from its PyPI sdist, which also carries llama.cpp's full source (converter,
+# ggml-quants.c, tokenizer test vectors). `peer` tests, tools/make_golden.py and the
+# benchmarks find it at $CPUQ_PEER_VENV (default ~/.cache/cpuq-peer/venv).
+set -euo pipefail
+PEER=${CPUQ_PEER_HOME:-$HOME/.cache/cpuq-peer}
+VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
+mkdir -p "$PEER"
+cd "$PEER"
+[ -x venv/bin/python ] || python3 -m venv venv
+if venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+  echo "peer venv ready: $PEER/venv"; exit 0
+fi
+venv/bin/pip download --no-binary :all: --no-deps "llama-cpp-python==$VERSION" -d sdist
+[ -d "llama_cpp_python-$VERSION" ] || tar xzf "sdist/llama_cpp_python-$VERSION.tar.gz"
+# Native CPU flags for the runtime (fair speed comparisons); the reference quantizers
+# live in ggml-base, which CMake builds without -march, so its rounding is portable.
+CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF" \
+  venv/bin/pip install -v "sdist/llama_cpp_python-$VERSION.tar.gz" > build.log 2>&1
+echo "peer venv ready: $PEER/venv (llama.cpp source: $PEER/llama_cpp_python-$VERSION/vendor/llama.cpp)"
