@@ -26,6 +26,11 @@ out = Console()
 err = Console(stderr=True)
 
 
+@app.callback()
+def _main() -> None:
+    """CPU-first GGUF quantizer and LLM runtime."""
+
+
 def _clean_errors(fn: Callable) -> Callable:
     """Turn cpuq's own errors into `error: <message>` and exit 2, without a traceback."""
     @functools.wraps(fn)
@@ -85,8 +90,8 @@ def info(
         ("chat template", "yes" if s["chat_template"] else "no"),
     ]
     table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
     for k, v in rows:
         table.add_row(k, v)
     out.print(table, highlight=False)
@@ -94,7 +99,7 @@ def info(
     meta.add_column("key", style="cyan")
     meta.add_column("value", overflow="fold")
     for k, v in s["metadata"].items():
-        meta.add_row(k, str(v))
+        meta.add_row(k, f"{v:.7g}" if isinstance(v, float) else str(v))  # GGUF floats are float32
     out.print(meta, highlight=False)
     if tensors:
         tt = Table(title="tensors", title_justify="left", box=None, pad_edge=False)
