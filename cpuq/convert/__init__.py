@@ -1,0 +1,1 @@
+"""HF directory -> GGUF: checkpoint reading, type recipe, streaming pipeline, calibration."""

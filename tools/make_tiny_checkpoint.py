@@ -1,0 +1,246 @@
+"""Tiny HF checkpoints (Qwen2, Qwen3, Llama) built from numpy, for converter tests.
+
+    make_tiny_checkpoint(out_dir, arch="qwen3", dtype="bf16", seed=0, tied=True, sharded=False,
+                         num_hidden_layers=3)          # any config.json key can be overridden
+    python tools/make_tiny_checkpoint.py OUT --arch qwen3 --dtype bf16 [--seed N] [--untied]
+                                             [--sharded] [--set key=json_value ...]
+
+A checkpoint is what `save_pretrained` writes: config.json, generation_config.json,
+model.safetensors (or two shards and model.safetensors.index.json) with the exact HF
+tensor names and shapes of the architecture, and tokenizer.json / tokenizer_config.json.
+The model is small (hidden 64, 2 layers) so transformers runs it instantly, but the
+tokenizer is the real Qwen2 one, rebuilt from llama.cpp's ggml-vocab-qwen2.gguf, so the
+vocabulary (and the embedding) has 151936 rows.
+
+Weights are N(0, 0.02) (norm weights 1 + N(0, 0.1)), deterministic in `seed`. The
+safetensors file and BF16 rounding are written here directly: neither the safetensors
+package's numpy API nor numpy itself can write BF16.
+
+Imports numpy, the sibling hf_tokenizer (tokenizers, gguf enums) and the standard library;
+not torch, not cpuq.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hf_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+# llama.cpp's Qwen2 vocabulary (models/ggml-vocab-qwen2.gguf of the llama-cpp-python 0.3.36
+# sdist, with its .inp/.out test vectors): in the repo if copied there, else the shared fixtures.
+_VOCAB_PLACES = [ROOT / "tests" / "golden" / "ggml-vocab-qwen2.gguf",
+                 ROOT.parent / "shared" / "fixtures" / "ggml-vocab-qwen2.gguf"]
+QWEN2_VOCAB = next((p for p in _VOCAB_PLACES if p.exists()), _VOCAB_PLACES[-1])
+
+# Storage dtype names: flag value -> (safetensors dtype, config torch_dtype).
+DTYPES = {"bf16": ("BF16", "bfloat16"), "f16": ("F16", "float16"), "f32": ("F32", "float32")}
+_NUMPY = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
+
+# Per-architecture config.json, shaped like the real small models of each family
+# (Qwen2-0.5B-Instruct, Qwen3-0.6B, a Llama-3-style model), shrunk.
+_COMMON = {
+    "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 128,
+    "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2, "use_cache": True,
+    "vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151645, "attention_dropout": 0.0,
+    "transformers_version": "4.51.0",
+}
+CONFIGS: dict[str, dict[str, Any]] = {
+    "qwen2": {**_COMMON, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+              "max_position_embeddings": 32768, "max_window_layers": 2, "rms_norm_eps": 1e-6,
+              "rope_theta": 1000000.0, "sliding_window": 32768, "use_sliding_window": False},
+    # head_dim is not hidden/heads here (32 * 4 = 128 != 64), as in the real Qwen3 models.
+    "qwen3": {**_COMMON, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 32,
+              "attention_bias": False, "max_position_embeddings": 40960, "max_window_layers": 2,
+              "rms_norm_eps": 1e-6, "rope_scaling": None, "rope_theta": 1000000.0, "sliding_window": None,
+              "use_sliding_window": False},
+    "llama": {**_COMMON, "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+              "mlp_bias": False, "max_position_embeddings": 8192, "pretraining_tp": 1, "rms_norm_eps": 1e-5,
+              "rope_scaling": None, "rope_theta": 500000.0},
+}
+# Which optional tensors each architecture has: q/k/v biases (qwen2), per-head q/k RMSNorm (qwen3).
+QUIRKS = {
+    "qwen2": {"qkv_bias": True, "qk_norm": False},
+    "qwen3": {"qkv_bias": False, "qk_norm": True},
+    "llama": {"qkv_bias": False, "qk_norm": False},
+}
+
+
+def tensor_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """HF parameter names and shapes, in modeling-file order."""
+    arch = config["model_type"]
+    n_embd, n_ff, n_vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    n_head, n_head_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or n_embd // n_head
+    shapes = {"model.embed_tokens.weight": (n_vocab, n_embd)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (n_embd,)
+        for proj, rows in (("q", n_head * head_dim), ("k", n_head_kv * head_dim), ("v", n_head_kv * head_dim)):
+            shapes[p + f"self_attn.{proj}_proj.weight"] = (rows, n_embd)
+            if QUIRKS[arch]["qkv_bias"]:
+                shapes[p + f"self_attn.{proj}_proj.bias"] = (rows,)
+        shapes[p + "self_attn.o_proj.weight"] = (n_embd, n_head * head_dim)
+        if QUIRKS[arch]["qk_norm"]:
+            shapes[p + "self_attn.q_norm.weight"] = (head_dim,)
+            shapes[p + "self_attn.k_norm.weight"] = (head_dim,)
+        shapes[p + "post_attention_layernorm.weight"] = (n_embd,)
+        shapes[p + "mlp.gate_proj.weight"] = (n_ff, n_embd)
+        shapes[p + "mlp.up_proj.weight"] = (n_ff, n_embd)
+        shapes[p + "mlp.down_proj.weight"] = (n_embd, n_ff)
+    shapes["model.norm.weight"] = (n_embd,)
+    if not config["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (n_vocab, n_embd)
+    return shapes
+
+
+# storage ---------------------------------------------------------------------
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), round to nearest even; NaN stays a quiet NaN.
+    The same rounding as torch's .to(torch.bfloat16) and ggml's fp32_to_bf16."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    # Adding 0x7FFF plus the lowest kept bit rounds half to even; uint32 only wraps for
+    # NaNs with the sign bit set, which the next line replaces anyway.
+    out = ((u + (np.uint32(0x7FFF) + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+    nan = np.isnan(u.view(np.float32))
+    if nan.any():
+        out[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+    return out.reshape(np.shape(x))  # ascontiguousarray made 0-d arrays 1-d
+
+
+def to_storage(x: np.ndarray, st_dtype: str) -> np.ndarray:
+    """float32 values as the bytes a safetensors tensor of `st_dtype` holds."""
+    if st_dtype == "BF16":
+        return f32_to_bf16(x)
+    return np.asarray(x, dtype=_NUMPY[st_dtype])
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, tuple[str, np.ndarray]],
+                      metadata: Mapping[str, str] | None = None) -> int:
+    """Write `{name: (dtype, array)}` as a safetensors file, arrays already in their
+    storage dtype (BF16 as uint16). Tensors are stored sorted by name and the header is
+    space-padded to 8 bytes, as the safetensors library does. Returns the data size."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        dtype, arr = tensors[name]
+        if np.dtype(arr.dtype).newbyteorder("<") != _NUMPY[dtype].newbyteorder("<"):
+            raise ValueError(f"{name}: array dtype {arr.dtype} does not store {dtype}")
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name in names:
+            f.write(np.ascontiguousarray(tensors[name][1], dtype=_NUMPY[tensors[name][0]]).tobytes())
+    return offset
+
+
+def write_checkpoint_weights(out_dir: Path, tensors: Mapping[str, tuple[str, np.ndarray]],
+                             sharded: bool) -> None:
+    """model.safetensors, or two shards split by name order plus the index transformers reads."""
+    if not sharded:
+        write_safetensors(out_dir / "model.safetensors", tensors)
+        return
+    names = sorted(tensors)
+    halves = [names[:len(names) // 2], names[len(names) // 2:]]
+    weight_map, total = {}, 0
+    for k, part in enumerate(halves, start=1):
+        shard = f"model-{k:05d}-of-{len(halves):05d}.safetensors"
+        total += write_safetensors(out_dir / shard, {n: tensors[n] for n in part})
+        weight_map.update({n: shard for n in part})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    write_json(out_dir / "model.safetensors.index.json", index)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# the checkpoint -----------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def qwen2_tokenizer_files() -> tuple[str, dict]:
+    """(tokenizer.json text, tokenizer_config dict) of the real Qwen2 tokenizer, built once."""
+    metadata = hf_tokenizer.read_gguf_metadata(QWEN2_VOCAB)
+    tok = hf_tokenizer.build_tokenizer(metadata)
+    config = hf_tokenizer.tokenizer_config(metadata, "Qwen2Tokenizer", model_max_length=32768,
+                                           eos_token="<|im_end|>")
+    return tok.to_str(), config
+
+
+def random_weights(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in shapes.items():
+        x = rng.standard_normal(shape, dtype=np.float32)
+        is_norm = name.endswith("norm.weight")
+        out[name] = (1.0 + 0.1 * x if is_norm else 0.02 * x).astype(np.float32)
+    return out
+
+
+def make_tiny_checkpoint(out_dir: str | Path, arch: str = "qwen2", dtype: str = "bf16", seed: int = 0,
+                         tied: bool = True, sharded: bool = False, **overrides: Any) -> Path:
+    """Write a tiny HF checkpoint of `arch` ("qwen2" | "qwen3" | "llama") to `out_dir`;
+    `overrides` replace config.json keys (sizes included). Returns `out_dir`."""
+    if arch not in CONFIGS:
+        raise ValueError(f"arch {arch!r}: expected one of {sorted(CONFIGS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    st_dtype, torch_dtype = DTYPES[dtype]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    config = {**CONFIGS[arch], "tie_word_embeddings": tied, "torch_dtype": torch_dtype, **overrides}
+    config = dict(sorted(config.items()))  # transformers writes keys sorted
+    write_json(out_dir / "config.json", config)
+    write_json(out_dir / "generation_config.json", {
+        "bos_token_id": config["bos_token_id"], "do_sample": True,
+        "eos_token_id": [config["eos_token_id"], 151643], "pad_token_id": 151643,
+        "repetition_penalty": 1.05, "temperature": 0.7, "top_k": 20, "top_p": 0.8,
+        "transformers_version": config["transformers_version"],
+    })
+    weights = random_weights(tensor_shapes(config), seed)
+    write_checkpoint_weights(out_dir, {n: (st_dtype, to_storage(w, st_dtype)) for n, w in weights.items()}, sharded)
+    tokenizer_json, tok_config = qwen2_tokenizer_files()
+    hf_tokenizer.write_tokenizer_files(out_dir, tokenizer_json, tok_config)
+    return out_dir
+
+
+def _parse_set(item: str) -> tuple[str, Any]:
+    key, _, value = item.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Write a tiny HF checkpoint (random weights, real Qwen2 tokenizer).")
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--arch", choices=sorted(CONFIGS), default="qwen2")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--untied", action="store_true", help="separate lm_head.weight")
+    ap.add_argument("--sharded", action="store_true", help="two shards and model.safetensors.index.json")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="override a config.json key")
+    args = ap.parse_args(argv)
+    overrides = dict(_parse_set(s) for s in args.set)
+    out = make_tiny_checkpoint(args.out_dir, args.arch, args.dtype, args.seed, not args.untied, args.sharded,
+                               **overrides)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
