@@ -181,3 +181,40 @@ def test_require_names_the_key(tiny_gguf):
             f.require("qwen2.rope.freq_base", float)
         with pytest.raises(FormatError, match="tensor 'output.weight' is missing"):
             f.tensor("output.weight")
+
+
+def _real_files():
+    root = Path(__file__).resolve().parent.parent
+    files = [root.parent / "shared" / "fixtures" / "ggml-vocab-qwen2.gguf"]
+    try:
+        from cpuq.demo import demo_model_path
+        files.append(demo_model_path())
+    except cpuq.CpuqError:
+        pass
+    return [f for f in files if f.exists()]
+
+
+@pytest.mark.parametrize("path", _real_files(), ids=lambda p: p.name)
+def test_metadata_equals_gguf_py_on_real_files(path):
+    """Our fast array reading must give exactly gguf-py's values (vocabularies, merges,
+    token types, scores) on files llama.cpp wrote."""
+    ref = gguf.GGUFReader(path)
+    with open_gguf(path) as f:
+        assert set(f.keys()) == {k for k in ref.fields if not k.startswith("GGUF.")}
+        for key in f.keys():
+            want = ref.fields[key].contents()
+            want = want.item() if isinstance(want, np.generic) else want
+            assert f.get(key) == want, key
+        assert f.array_length("tokenizer.ggml.tokens") == len(ref.fields["tokenizer.ggml.tokens"].data)
+
+
+def test_string_array_past_end(tmp_path):
+    w = cpuq.GGUFStreamWriter(tmp_path / "s.gguf", arch="llama")
+    w.add_metadata({"tokenizer.ggml.tokens": ["a", "bb", "ccc"]})
+    w.close()
+    raw = bytearray((tmp_path / "s.gguf").read_bytes())
+    pos = raw.index(b"bb") - 8
+    struct.pack_into("<Q", raw, pos, 2**40)
+    (tmp_path / "bad.gguf").write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match="runs past the end"):
+        open_gguf(tmp_path / "bad.gguf")
