@@ -22,7 +22,14 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .search import fp32_to_fp16_bits, make_qkx_quants, make_qx_quants, round_half_away
+from .search import (
+    f32_bits,
+    f32_from_bits,
+    fp32_to_fp16_bits,
+    make_qkx_quants,
+    make_qx_quants,
+    round_half_away,
+)
 
 f32 = np.float32
 
@@ -34,7 +41,6 @@ Q5_0_BYTES = 2 + 4 + QK // 2
 
 _JIT = dict(cache=True, fastmath=False, error_model="numpy")
 _NO_IMPORTANCE = np.empty(0, np.float32)
-_FLT_MAX = f32(3.4028234663852886e38)
 
 # Values per unit of parallel work: the weighted searches run across all blocks of a unit at
 # once (one SIMD lane each), so short rows are taken several at a time. Blocks never straddle
@@ -43,21 +49,31 @@ TILE_VALUES = 4096
 
 
 @njit(**_JIT)
-def _put_f16(dst, offset, bits):
-    dst[offset] = bits & 0xFF
-    dst[offset + 1] = bits >> 8
+def _put_f16(ob, b, offset, bits):
+    """Little-endian fp16 bits at byte `offset` of block ob[b]."""
+    ob[b, offset] = bits & 0xFF
+    ob[b, offset + 1] = bits >> 8
 
 
 @njit(**_JIT)
 def _as_int8(v):
-    """C's (int8_t) of a float: truncate toward zero, keep the low 8 bits (as x86 does)."""
+    """C's (int8_t) of a float as x86 computes it: truncate toward zero, keep the low 8 bits.
+    Here v is either small or, when a block's scale is subnormal, +-inf or nan; for those x86
+    gives the "integer indefinite" value (low byte 0), and so does this."""
     q = np.int64(v) & 0xFF
     return q - 256 if q > 127 else q
 
 
 @njit(**_JIT)
-def _n_blocks(x, out, type_size):
-    return min(x.shape[0] // QK, out.shape[0] // type_size)
+def _as_blocks(x, out, type_size):
+    """x: (n,) and out: (m,) as (blocks, 32) values and (blocks, type_size) bytes.
+
+    Loops then index them with plain loop counters: numba checks every signed index for
+    wrap-around, and only for a bare counter (or one plus a constant) can LLVM drop that
+    check and use contiguous vector loads; a view per block would instead cost reference
+    counting on every block."""
+    nb = min(x.shape[0] // QK, out.shape[0] // type_size)
+    return x[:nb * QK].reshape(nb, QK), out[:nb * type_size].reshape(nb, type_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,87 +81,98 @@ def _n_blocks(x, out, type_size):
 
 @njit(**_JIT)
 def _ref_q8_0(x, out):
-    for b in range(_n_blocks(x, out, Q8_0_BYTES)):
-        o = b * Q8_0_BYTES
-        amax = f32(0.0)
+    xb, ob = _as_blocks(x, out, Q8_0_BYTES)
+    for b in range(xb.shape[0]):
+        # max |x| via the bits: for non-negative floats they order as the values do, and an
+        # integer max reduction vectorizes (the result does not depend on the order)
+        amax_bits = np.int64(0)
         for j in range(QK):
-            a = abs(x[QK * b + j])
-            amax = amax if amax > a else a
-        d = amax / f32(127.0)
+            amax_bits = max(amax_bits, np.int64(f32_bits(xb[b, j])) & 0x7FFFFFFF)
+        d = f32_from_bits(amax_bits) / f32(127.0)
         inv_d = f32(1.0) / d if d != f32(0.0) else f32(0.0)
-        _put_f16(out, o, fp32_to_fp16_bits(d))
+        _put_f16(ob, b, 0, fp32_to_fp16_bits(d))
         for j in range(QK):
-            out[o + 2 + j] = np.int64(round_half_away(x[QK * b + j] * inv_d)) & 0xFF
+            ob[b, 2 + j] = np.int64(round_half_away(xb[b, j] * inv_d)) & 0xFF
+
+
+@njit(inline="always", **_JIT)  # LLVM will not inline it once vectorized; numba will
+def _signed_peak(xb, b):
+    """The first value of largest magnitude in block xb[b] (+0.0 if all are zero), as C's
+    `if (amax < fabsf(v))` scan finds it. The scan is done as an integer max over keys
+    (|x| bits, then earlier index), which vectorizes where the float compare chain cannot."""
+    best = np.int64(0)
+    for j in range(QK):
+        best = max(best, ((np.int64(f32_bits(xb[b, j])) & 0x7FFFFFFF) << 5) | (QK - 1 - j))
+    if best >> 5 == 0:
+        return f32(0.0)
+    return xb[b, QK - 1 - (best & (QK - 1))]
 
 
 @njit(**_JIT)
-def _signed_peak(x, start):
-    """The first value of largest magnitude in x[start:start+32] (0 if all are 0)."""
-    amax = f32(0.0)
-    peak = f32(0.0)
-    for j in range(QK):
-        v = x[start + j]
-        if amax < abs(v):
-            amax = abs(v)
-            peak = v
-    return peak
+def _ordered(v):
+    """An integer that orders finite float32s as < does, with -0.0 and +0.0 equal."""
+    bits = np.int64(f32_bits(v))
+    return bits if bits >= 0 else -(bits & 0x7FFFFFFF)
 
 
 @njit(**_JIT)
 def _ref_q4_1(x, out):
-    for b in range(_n_blocks(x, out, Q4_1_BYTES)):
-        o = b * Q4_1_BYTES
-        lo = _FLT_MAX
-        hi = -_FLT_MAX
+    xb, ob = _as_blocks(x, out, Q4_1_BYTES)
+    for b in range(xb.shape[0]):
+        # C's `if (v < min) min = v; if (v > max) max = v;` keeps the first of equal values,
+        # which matters only for the sign of a zero min; integer keys (value, then index)
+        # find the same elements and vectorize
+        lo_key = np.int64(1) << 62
+        hi_key = -(np.int64(1) << 62)
         for j in range(QK):
-            v = x[QK * b + j]
-            if v < lo:
-                lo = v
-            if v > hi:
-                hi = v
+            key = _ordered(xb[b, j]) << 5
+            lo_key = min(lo_key, key | j)
+            hi_key = max(hi_key, key | (QK - 1 - j))
+        lo = xb[b, lo_key & (QK - 1)]
+        hi = xb[b, QK - 1 - (hi_key & (QK - 1))]
         d = (hi - lo) / f32(15.0)
         inv_d = f32(1.0) / d if d != f32(0.0) else f32(0.0)
-        _put_f16(out, o, fp32_to_fp16_bits(d))
-        _put_f16(out, o + 2, fp32_to_fp16_bits(lo))
+        _put_f16(ob, b, 0, fp32_to_fp16_bits(d))
+        _put_f16(ob, b, 2, fp32_to_fp16_bits(lo))
         for j in range(QK // 2):
-            q0 = min(15, _as_int8((x[QK * b + j] - lo) * inv_d + f32(0.5))) & 0xFF
-            q1 = min(15, _as_int8((x[QK * b + j + 16] - lo) * inv_d + f32(0.5))) & 0xFF
-            out[o + 4 + j] = (q0 | (q1 << 4)) & 0xFF
+            q0 = min(15, _as_int8((xb[b, j] - lo) * inv_d + f32(0.5))) & 0xFF
+            q1 = min(15, _as_int8((xb[b, j + 16] - lo) * inv_d + f32(0.5))) & 0xFF
+            ob[b, 4 + j] = q0 | (q1 << 4)
 
 
 @njit(**_JIT)
-def _pack_q5_0(out, o, j, q0, q1, qh):
-    """Low nibbles of levels j and j+16 into qs[j]; returns qh with their 5th bits added."""
-    out[o + 6 + j] = ((q0 & 0xF) | ((q1 & 0xF) << 4)) & 0xFF
+def _pack_q5_0(ob, b, j, q0, q1, qh):
+    """Low nibbles of levels j and j+16 into qs[j] of block ob[b]; returns qh with their
+    5th bits added."""
+    ob[b, 6 + j] = (q0 & 0xF) | ((q1 & 0xF) << 4)
     return qh | (((q0 & 0x10) >> 4) << j) | (((q1 & 0x10) >> 4) << (j + 16))
 
 
 @njit(**_JIT)
-def _put_u32(dst, offset, v):
+def _put_u32(ob, b, offset, v):
     for k in range(4):
-        dst[offset + k] = (v >> (8 * k)) & 0xFF
+        ob[b, offset + k] = (v >> (8 * k)) & 0xFF
 
 
 @njit(**_JIT)
 def _ref_symmetric(x, nmax, out):
     """Q4_0 (nmax 8) or Q5_0 (nmax 16): d = -peak / nmax, levels trunc(x/d + nmax + 0.5)."""
-    type_size = Q4_0_BYTES if nmax == 8 else Q5_0_BYTES
+    xb, ob = _as_blocks(x, out, Q4_0_BYTES if nmax == 8 else Q5_0_BYTES)
     offset = f32(nmax) + f32(0.5)
-    for b in range(_n_blocks(x, out, type_size)):
-        o = b * type_size
-        d = _signed_peak(x, QK * b) / f32(-nmax)
+    for b in range(xb.shape[0]):
+        d = _signed_peak(xb, b) / f32(-nmax)
         inv_d = f32(1.0) / d if d != f32(0.0) else f32(0.0)
-        _put_f16(out, o, fp32_to_fp16_bits(d))
+        _put_f16(ob, b, 0, fp32_to_fp16_bits(d))
         qh = 0
         for j in range(QK // 2):
-            q0 = min(2 * nmax - 1, _as_int8(x[QK * b + j] * inv_d + offset)) & 0xFF
-            q1 = min(2 * nmax - 1, _as_int8(x[QK * b + j + 16] * inv_d + offset)) & 0xFF
+            q0 = min(2 * nmax - 1, _as_int8(xb[b, j] * inv_d + offset)) & 0xFF
+            q1 = min(2 * nmax - 1, _as_int8(xb[b, j + 16] * inv_d + offset)) & 0xFF
             if nmax == 8:
-                out[o + 2 + j] = (q0 | (q1 << 4)) & 0xFF
+                ob[b, 2 + j] = q0 | (q1 << 4)
             else:
-                qh = _pack_q5_0(out, o, j, q0, q1, qh)
+                qh = _pack_q5_0(ob, b, j, q0, q1, qh)
         if nmax == 16:
-            _put_u32(out, o + 2, qh)
+            _put_u32(ob, b, 2, qh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,61 +183,64 @@ def _weighted_groups(x, cols, importance, nb):
     """Blocks as lanes: xt, wt: (32, nb) with wt = imatrix * sqrt(sigma2 + x^2), sigma2 the
     mean square of the block's row, summed in element order as llama.cpp does."""
     n_rows = x.shape[0] // cols
+    rows = x[:n_rows * cols].reshape(n_rows, cols)
     sigma2 = np.zeros(n_rows, np.float32)
     for r in range(n_rows):
         sum_x2 = f32(0.0)
-        for k in range(cols * r, cols * (r + 1)):
-            sum_x2 += x[k] * x[k]
+        for k in range(cols):
+            sum_x2 += rows[r, k] * rows[r, k]
         sigma2[r] = sum_x2 / f32(cols)
+    xb = x[:nb * QK].reshape(nb, QK)
+    blocks_per_row = cols // QK
+    imp = importance[:cols].reshape(blocks_per_row, QK)
     xt = np.empty((QK, nb), np.float32)
     wt = np.empty((QK, nb), np.float32)
     for b in range(nb):
-        s2 = sigma2[(QK * b) // cols]
-        column = (QK * b) % cols
+        s2 = sigma2[b // blocks_per_row]
+        c = b % blocks_per_row
         for j in range(QK):
-            v = x[QK * b + j]
+            v = xb[b, j]
             xt[j, b] = v
-            wt[j, b] = importance[column + j] * np.sqrt(s2 + v * v)
+            wt[j, b] = imp[c, j] * np.sqrt(s2 + v * v)
     return xt, wt
 
 
 @njit(**_JIT)
 def _impl_symmetric(x, cols, importance, nmax, out):
     """Q4_0 (nmax 8) or Q5_0 (nmax 16) with an imatrix: make_qx_quants per block."""
-    type_size = Q4_0_BYTES if nmax == 8 else Q5_0_BYTES
-    nb = _n_blocks(x, out, type_size)
+    xb, ob = _as_blocks(x, out, Q4_0_BYTES if nmax == 8 else Q5_0_BYTES)
+    nb = xb.shape[0]
     xt, wt = _weighted_groups(x, cols, importance, nb)
     L = np.empty((QK, nb), np.uint8)
     scales = np.empty(nb, np.float32)
     make_qx_quants(xt, wt, nmax, L, scales)
     for b in range(nb):
-        o = b * type_size
-        _put_f16(out, o, fp32_to_fp16_bits(scales[b]))
+        _put_f16(ob, b, 0, fp32_to_fp16_bits(scales[b]))
         qh = 0
         for j in range(QK // 2):
             if nmax == 8:
-                out[o + 2 + j] = L[j, b] | (L[j + 16, b] << 4)
+                ob[b, 2 + j] = L[j, b] | (L[j + 16, b] << 4)
             else:
-                qh = _pack_q5_0(out, o, j, np.int64(L[j, b]), np.int64(L[j + 16, b]), qh)
+                qh = _pack_q5_0(ob, b, j, np.int64(L[j, b]), np.int64(L[j + 16, b]), qh)
         if nmax == 16:
-            _put_u32(out, o + 2, qh)
+            _put_u32(ob, b, 2, qh)
 
 
 @njit(**_JIT)
 def _impl_q4_1(x, cols, importance, out):
     """Q4_1 with an imatrix: make_qkx_quants (llama.cpp's make_qkx3_quants) per block."""
-    nb = _n_blocks(x, out, Q4_1_BYTES)
+    xb, ob = _as_blocks(x, out, Q4_1_BYTES)
+    nb = xb.shape[0]
     xt, wt = _weighted_groups(x, cols, importance, nb)
     L = np.empty((QK, nb), np.uint8)
     scales = np.empty(nb, np.float32)
     mins = np.empty(nb, np.float32)
     make_qkx_quants(xt, wt, 15, f32(-0.9), f32(0.05), 36, L, scales, mins)
     for b in range(nb):
-        o = b * Q4_1_BYTES
-        _put_f16(out, o, fp32_to_fp16_bits(scales[b]))
-        _put_f16(out, o + 2, fp32_to_fp16_bits(-mins[b]))
+        _put_f16(ob, b, 0, fp32_to_fp16_bits(scales[b]))
+        _put_f16(ob, b, 2, fp32_to_fp16_bits(-mins[b]))
         for j in range(QK // 2):
-            out[o + 4 + j] = L[j, b] | (L[j + 16, b] << 4)
+            ob[b, 4 + j] = L[j, b] | (L[j + 16, b] << 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +265,7 @@ def _quantize_rows_q8_0(x, out):
 @njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
 def _quantize_rows_symmetric(x, importance, nmax, out):
     rows, cols = min(x.shape[0], out.shape[0]), x.shape[1]
-    weighted = importance.shape[0] >= cols > 0
+    weighted = importance.shape[0] >= cols > 0 and cols % QK == 0  # keeps indexes below cols
     per_tile, n_tiles = _tiles(rows, cols)
     for t in prange(n_tiles):
         r0, r1 = t * per_tile, min(rows, (t + 1) * per_tile)
@@ -248,7 +278,7 @@ def _quantize_rows_symmetric(x, importance, nmax, out):
 @njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
 def _quantize_rows_q4_1(x, importance, out):
     rows, cols = min(x.shape[0], out.shape[0]), x.shape[1]
-    weighted = importance.shape[0] >= cols > 0
+    weighted = importance.shape[0] >= cols > 0 and cols % QK == 0  # keeps indexes below cols
     per_tile, n_tiles = _tiles(rows, cols)
     for t in prange(n_tiles):
         r0, r1 = t * per_tile, min(rows, (t + 1) * per_tile)

@@ -4,7 +4,9 @@ Each search reproduces one of llama.cpp's (ggml-quants.c) bit for bit: the same 
 operations in the same order, so the encoders built on them write the same bytes as
 `ggml_quantize_chunk`.
 
+  f32_bits(v)                    the IEEE bits of a float32, as int32
   nearest_int(v)                 ggml's nearest_int: round half to even via the 1.5 * 2**23 trick
+  level(v, lo, hi)               nearest_int clamped to [lo, hi], as float32 (the search loops')
   round_half_away(v)             C roundf
   fp32_to_fp16_bits / fp16_bits_to_fp32   GGML_FP32_TO_FP16 / GGML_FP16_TO_FP32
   make_qx_quants                 symmetric scale, +-nmax levels, 18 trial scales (rmse_type 1)
@@ -19,6 +21,11 @@ is that the innermost loops run across groups, which LLVM turns into SIMD code, 
 along one serial chain of float additions.
 
 Imports only numpy, numba and llvmlite (which numba brings); nothing from cpuq.
+
+Numba's on-disk cache does not see across files: kquants.py and legacy.py inline these
+functions into their own cached kernels, so after editing this file delete the
+cpuq/quants/__pycache__/{kquants,legacy,search}.*.nbi/.nbc entries (or set
+NUMBA_CACHE_DIR to a fresh directory), or the old code keeps running.
 """
 from __future__ import annotations
 
@@ -37,11 +44,11 @@ _JIT = dict(cache=True, fastmath=False, error_model="numpy")
 
 
 # ---------------------------------------------------------------------------------------------
-# Bit-level float helpers. Numba cannot reinterpret a float's bits, so these two intrinsics
+# Bit-level float helpers. Numba cannot reinterpret a float's bits, so the intrinsics below
 # emit the LLVM bitcast directly; it costs nothing and vectorizes.
 
 @intrinsic
-def _f32_bits(typingctx, value):
+def f32_bits(typingctx, value):
     """int32 holding the IEEE bits of float32 `value`."""
     if value != types.float32:
         return None
@@ -53,7 +60,7 @@ def _f32_bits(typingctx, value):
 
 
 @intrinsic
-def _f32_from_bits(typingctx, bits):
+def f32_from_bits(typingctx, bits):
     """float32 whose IEEE bits are the low 32 bits of integer `bits`."""
     if not isinstance(bits, types.Integer):
         return None
@@ -75,7 +82,7 @@ def nearest_int(v):
     """ggml's nearest_int(float): adding 1.5 * 2**23 leaves round-half-to-even(v) in the low
     mantissa bits. Done on the bits, as ggml does, so that even values outside its
     |v| <= 2**22 contract give ggml's answer."""
-    return (np.int64(_f32_bits(v + f32(12582912.0))) & 0x7FFFFF) - 0x400000
+    return (np.int64(f32_bits(v + f32(12582912.0))) & 0x7FFFFF) - 0x400000
 
 
 def _as_i32(builder, value):
@@ -87,7 +94,7 @@ def _as_i32(builder, value):
 
 @intrinsic
 def level(typingctx, v, lo, hi):
-    """float32(min(max(nearest_int(v), lo), hi)) for float32 v and integer bounds lo <= hi:
+    """float32(MAX(lo, MIN(hi, nearest_int(v)))) for float32 v and integer bounds lo <= hi:
     the clamped quantization level of the search loops. The same bit trick as nearest_int,
     written in 32-bit integer IR so a vectorized loop keeps 16 lanes per AVX-512 register
     (numba would widen every integer step to int64)."""
@@ -124,7 +131,7 @@ def round_half_away(v):
 def fp32_to_fp16_bits(v):
     """IEEE half bits (0..65535) nearest to float32 v, ties to even, with subnormals,
     overflow to inf, and every NaN as 0x7E00, as GGML_FP32_TO_FP16 gives."""
-    bits = np.int64(_f32_bits(v))
+    bits = np.int64(f32_bits(v))
     sign = (bits >> 16) & 0x8000
     mag = bits & 0x7FFFFFFF
     if mag > 0x7F800000:
@@ -163,14 +170,8 @@ def fp16_bits_to_fp32(h):
         magnitude = f32(mantissa) * f32(5.9604644775390625e-08)  # m * 2**-24, exact
         return -magnitude if sign else magnitude
     if exponent == 0x1F:
-        return _f32_from_bits(sign | 0x7F800000 | (mantissa << 13))
-    return _f32_from_bits(sign | ((exponent + 112) << 23) | (mantissa << 13))
-
-
-@njit(**_JIT)
-def fp16_round(v):
-    """v rounded to half precision and back, as `GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(v))`."""
-    return fp16_bits_to_fp32(fp32_to_fp16_bits(v))
+        return f32_from_bits(sign | 0x7F800000 | (mantissa << 13))
+    return f32_from_bits(sign | ((exponent + 112) << 23) | (mantissa << 13))
 
 
 # ---------------------------------------------------------------------------------------------
