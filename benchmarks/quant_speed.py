@@ -78,7 +78,7 @@ def main() -> None:
             t_l = best_of(lambda: over_row_ranges(lambda part: ggml_oracle.quantize(part, gt, w), x, args.threads), args.repeat)
             row = f"| {name} | {'yes' if use_imp else 'no'} | {n / t_c / 1e6:.0f} | {n / t_l / 1e6:.0f} | {t_l / t_c:.2f}x |"
             if use_imp:
-                print(row + " | | | | |")
+                print(row + " | | | |")
                 continue
             q = cpuq.quantize(x, name)
             cpuq.dequantize(q[:8], name, (8, args.cols))

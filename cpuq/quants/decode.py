@@ -13,14 +13,15 @@ operations, so that NaN/inf scales give the same NaN/inf. Every loop bound comes
 array shapes (the smaller of what src holds and what dst holds), so no bytes, however
 malformed, make a kernel touch memory outside its arrays.
 
-Imports only numpy and numba (and llvmlite, which numba brings); nothing from cpuq.
+Imports only numpy, numba and cpuq.quants.search (the float bit helpers); nothing else from cpuq.
 """
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
+
+from .search import f32_from_bits as _f32_from_bits
+from .search import fp16_bits_to_fp32 as half_bits_to_float
 
 QK = 32  # elements per block of the legacy types
 QK_K = 256  # elements per super-block of the K-types
@@ -36,49 +37,7 @@ Q6_K_BYTES = QK_K // 2 + QK_K // 4 + QK_K // 16 + 2
 
 
 # ---------------------------------------------------------------------------------------------
-# fp16 -> fp32. Numba has no float16 on the CPU, so the conversion works on the bits; the last
-# step reinterprets a uint32 as a float32, which Numba can only do through an LLVM bitcast.
-
-@intrinsic
-def _f32_from_bits(typingctx, bits):
-    """float32 whose IEEE bits are the low 32 bits of the integer `bits`."""
-    if not isinstance(bits, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        (value,) = args
-        i32 = ir.IntType(32)
-        width = value.type.width
-        if width > 32:
-            value = builder.trunc(value, i32)
-        elif width < 32:
-            value = builder.zext(value, i32)
-        return builder.bitcast(value, ir.FloatType())
-
-    return types.float32(bits), codegen
-
-
-@njit(cache=True, inline="always")
-def half_bits_to_float(h):
-    """The float32 equal to the IEEE half with bits `h` (0..65535); exact for every value,
-    including subnormals, signed zeros, infinities and NaN payloads (which keep their
-    signalling bit, as numpy's conversion does)."""
-    bits16 = np.uint32(h)
-    sign = (bits16 & np.uint32(0x8000)) << np.uint32(16)
-    exponent = (bits16 >> np.uint32(10)) & np.uint32(0x1F)
-    mantissa = bits16 & np.uint32(0x3FF)
-    if exponent == 0:
-        # A subnormal half is mantissa * 2**-24; both factors and the product are exact in
-        # float32, and letting the FPU normalise avoids a data-dependent shift loop.
-        magnitude = np.float32(mantissa) * np.float32(5.9604644775390625e-08)
-        return -magnitude if sign else magnitude
-    if exponent == 0x1F:
-        bits = sign | np.uint32(0x7F800000) | (mantissa << np.uint32(13))
-    else:
-        # rebias the exponent from 15 to 127
-        bits = sign | ((exponent + np.uint32(112)) << np.uint32(23)) | (mantissa << np.uint32(13))
-    return _f32_from_bits(bits)
-
+# fp16 -> fp32 (search.fp16_bits_to_fp32, exact on the bits: Numba has no float16 on the CPU).
 
 @njit(cache=True, inline="always")
 def _half_at(src, offset):
