@@ -81,8 +81,10 @@ def dequantize(blocks: np.ndarray, ggml_type: int, cols: int) -> np.ndarray:
     lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
     lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
     traits = lib.ggml_get_type_traits(int(ggml_type)).contents
-    to_float = _TO_FLOAT(traits.to_float)
     blocks = np.ascontiguousarray(blocks)
+    if not traits.to_float:  # F32 has no converter: its bytes are the values
+        return blocks.view(np.float32).reshape(blocks.shape[0], cols).copy()
+    to_float = _TO_FLOAT(traits.to_float)
     out = np.empty((blocks.shape[0], cols), dtype=np.float32)
     to_float(blocks.ctypes.data, out.ctypes.data, out.size)
     return out
