@@ -177,6 +177,22 @@ def fp16_bits_to_fp32(h):
 # ---------------------------------------------------------------------------------------------
 # Group searches (lanes: column g of x is one group)
 
+@njit(inline="always", **_JIT)
+def _qx_trial_sums(x, w, iscale, nmax, sumlx, suml2):
+    """For one trial scale per group: sum(w*x*q) and sum(w*q*q), q = levels of x at iscale,
+    accumulated element by element in llama.cpp's order (into zeroed sumlx, suml2)."""
+    n, groups = x.shape
+    for g in range(groups):
+        sumlx[g] = np.float32(0.0)
+        suml2[g] = np.float32(0.0)
+    for i in range(n):
+        for g in range(groups):
+            q = level(iscale[g] * x[i, g], -nmax, nmax - 1)
+            wi = w[i, g]
+            sumlx[g] += wi * x[i, g] * q
+            suml2[g] += wi * q * q
+
+
 @njit(**_JIT)
 def make_qx_quants(x, w, nmax, L, scales):
     """llama.cpp's make_qx_quants(n, nmax, x, L, rmse_type=1, qw) for every group at once.
@@ -205,12 +221,7 @@ def make_qx_quants(x, w, nmax, L, scales):
 
     for g in range(groups):
         iscale[g] = -nmax_f / peak[g]
-    for i in range(n):
-        for g in range(groups):
-            q = level(iscale[g] * x[i, g], -nmax, nmax - 1)
-            wi = w[i, g]
-            sumlx[g] += wi * x[i, g] * q
-            suml2[g] += wi * q * q
+    _qx_trial_sums(x, w, iscale, nmax, sumlx, suml2)
     for g in range(groups):
         s = sumlx[g] / suml2[g] if suml2[g] != zero else zero
         scales[g] = s
@@ -223,14 +234,7 @@ def make_qx_quants(x, w, nmax, L, scales):
         numerator = -(nmax_f + f32(0.1) * f32(step))
         for g in range(groups):
             iscale[g] = numerator / peak[g]
-            sumlx[g] = zero
-            suml2[g] = zero
-        for i in range(n):
-            for g in range(groups):
-                q = level(iscale[g] * x[i, g], -nmax, nmax - 1)
-                wi = w[i, g]
-                sumlx[g] += wi * x[i, g] * q
-                suml2[g] += wi * q * q
+        _qx_trial_sums(x, w, iscale, nmax, sumlx, suml2)
         for g in range(groups):
             if suml2[g] > zero and sumlx[g] * sumlx[g] > best[g] * suml2[g]:
                 s = sumlx[g] / suml2[g]
