@@ -1,0 +1,301 @@
+"""Model architectures cpuq knows: the frozen `ModelConfig` built from an HF config.json,
+and per-architecture tables (HF tensor name -> GGUF name, q/k bias, q/k norm, llama's
+q/k row permutation) that a reader can check line by line against llama.cpp's
+gguf-py/gguf/tensor_mapping.py and conversion/{qwen,llama}.py.
+
+Imports only numpy, the standard library and cpuq.errors.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import FormatError, InputError, UnsupportedError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What distinguishes one architecture's checkpoint and GGUF file."""
+    gguf_arch: str            # general.architecture
+    qkv_bias: bool            # q_proj/k_proj/v_proj carry a bias (qwen2)
+    qk_norm: bool             # per-head RMSNorm on q and k (qwen3)
+    permute_qk: bool          # llama: q/k rows interleaved for ggml's non-NEOX rope (llama.py:175-181)
+    # Whether the converter writes {arch}.attention.key_length/value_length: it does when
+    # transformers' config class exposes `head_dim` (base.py:1541-1543): Qwen3Config and
+    # LlamaConfig do (transformers 5.x), Qwen2Config does only if config.json names it.
+    head_dim_key: str         # "always" | "if_in_config"
+    # Keys llama.cpp's LlamaModel adds after the common ones (llama.py:164-173).
+    writes_vocab_size: bool
+    writes_rope_dimension_count: bool
+    # transformers config-class defaults, used where config.json omits a key (the
+    # converter reads AutoConfig.to_dict(), base.py:1280).
+    default_rope_theta: float
+    default_rms_eps: float
+    default_context_length: int
+    default_head_dim: int | None  # None: hidden_size // num_attention_heads
+
+
+# HF `architectures[0]` -> spec (conversion/qwen.py:48-57,159-161; conversion/llama.py:17-34).
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "Qwen2ForCausalLM": ArchSpec("qwen2", qkv_bias=True, qk_norm=False, permute_qk=False,
+                                 head_dim_key="if_in_config", writes_vocab_size=False,
+                                 writes_rope_dimension_count=False, default_rope_theta=10000.0,
+                                 default_rms_eps=1e-6, default_context_length=32768, default_head_dim=None),
+    "Qwen3ForCausalLM": ArchSpec("qwen3", qkv_bias=False, qk_norm=True, permute_qk=False,
+                                 head_dim_key="always", writes_vocab_size=False,
+                                 writes_rope_dimension_count=False, default_rope_theta=10000.0,
+                                 default_rms_eps=1e-6, default_context_length=32768, default_head_dim=128),
+    "LlamaForCausalLM": ArchSpec("llama", qkv_bias=False, qk_norm=False, permute_qk=True,
+                                 head_dim_key="always", writes_vocab_size=True,
+                                 writes_rope_dimension_count=True, default_rope_theta=10000.0,
+                                 default_rms_eps=1e-6, default_context_length=2048, default_head_dim=None),
+}
+
+# HF tensor name -> GGUF name (gguf-py/gguf/tensor_mapping.py line numbers in comments).
+# `{n}` is the layer index; the `.weight`/`.bias` suffix is carried over unchanged.
+GLOBAL_TENSORS: dict[str, str] = {
+    "model.embed_tokens": "token_embd",   # :16
+    "lm_head": "output",                  # :79
+    "model.norm": "output_norm",          # :100
+}
+LAYER_TENSORS: dict[str, str] = {
+    "input_layernorm": "attn_norm",             # :193
+    "self_attn.q_proj": "attn_q",               # :257
+    "self_attn.k_proj": "attn_k",               # :278
+    "self_attn.v_proj": "attn_v",               # :300
+    "self_attn.o_proj": "attn_output",          # :326
+    "self_attn.q_norm": "attn_q_norm",          # :703 (qwen3)
+    "self_attn.k_norm": "attn_k_norm",          # :720 (qwen3)
+    "post_attention_layernorm": "ffn_norm",     # :405
+    "mlp.gate_proj": "ffn_gate",                # :573
+    "mlp.up_proj": "ffn_up",                    # :502
+    "mlp.down_proj": "ffn_down",                # :637
+}
+# Checkpoint entries the converter drops rather than maps (base.py:1058-1060).
+IGNORED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_GLOBAL_RE = re.compile(r"^(.+)\.(weight|bias)$")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The hyperparameters of one model, whatever file they came from."""
+    arch: str                 # GGUF architecture name: "qwen2" | "qwen3" | "llama"
+    hf_architecture: str      # e.g. "Qwen2ForCausalLM"
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    rms_eps: float
+    rope_theta: float
+    context_length: int
+    tied_embeddings: bool
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # normalised rope_parameters, sorted items
+    head_dim_in_config: bool = False  # config (as transformers sees it) names head_dim
+
+    @property
+    def spec(self) -> ArchSpec:
+        return ARCHITECTURES[self.hf_architecture]
+
+    @property
+    def rope_type(self) -> str | None:
+        return None if self.rope_scaling is None else dict(self.rope_scaling).get("rope_type")
+
+    @classmethod
+    def from_hf_config(cls, path: str | Path) -> "ModelConfig":
+        """Read `path` (config.json, or the directory holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise InputError(f"{path}: no such file (an HF checkpoint needs config.json)") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise FormatError(f"{path}: cannot read: {e}") from None
+        try:
+            cfg = json.loads(text)
+        except ValueError as e:
+            raise FormatError(f"{path}: not valid JSON: {str(e).splitlines()[0]}") from None
+        if not isinstance(cfg, dict):
+            raise FormatError(f"{path}: top level is not a JSON object")
+        return cls.from_hf_dict(cfg, str(path))
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict, where: str = "config.json") -> "ModelConfig":
+        if isinstance(cfg.get("text_config"), dict):  # base.py:1345-1350 merges it into the root
+            cfg = {**cfg, **cfg["text_config"]}
+        archs = cfg.get("architectures")
+        if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
+            raise FormatError(f"{where}: key 'architectures' is missing or not a list of names")
+        hf_arch = archs[0]
+        spec = ARCHITECTURES.get(hf_arch)
+        if spec is None:
+            raise UnsupportedError(f"{where}: architecture '{hf_arch}' is not supported "
+                                   f"(supported: {', '.join(ARCHITECTURES)})")
+
+        def get_int(key: str, default: int | None = None, minimum: int = 1) -> int:
+            value = cfg.get(key)
+            if value is None:
+                if default is None:
+                    raise FormatError(f"{where}: key '{key}' is missing")
+                return default
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise FormatError(f"{where}: key '{key}' is {value!r}, expected an integer >= {minimum}")
+            return value
+
+        def get_float(key: str, default: float) -> float:
+            value = cfg.get(key)
+            if value is None:
+                return default
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+                raise FormatError(f"{where}: key '{key}' is {value!r}, expected a positive number")
+            return float(value)
+
+        n_embd = get_int("hidden_size")
+        n_head = get_int("num_attention_heads")
+        n_head_kv = get_int("num_key_value_heads", n_head)
+        head_dim_in_config = cfg.get("head_dim") is not None
+        head_dim = get_int("head_dim", spec.default_head_dim or n_embd // n_head)
+        if n_head % n_head_kv:
+            raise FormatError(f"{where}: num_attention_heads {n_head} is not a multiple of "
+                              f"num_key_value_heads {n_head_kv}")
+        if spec.permute_qk and head_dim % 2:
+            raise FormatError(f"{where}: head_dim {head_dim} is odd; rope needs an even head size")
+
+        rope = cfg.get("rope_parameters", cfg.get("rope_scaling")) or {}
+        if not isinstance(rope, dict):
+            raise FormatError(f"{where}: key 'rope_scaling' is {rope!r}, expected an object")
+        rope = dict(rope)
+        if "rope_type" not in rope and "type" in rope:
+            rope["rope_type"] = rope["type"]
+        theta = rope.get("rope_theta", cfg.get("rope_theta"))
+        rope_theta = get_float("rope_theta", spec.default_rope_theta) if theta is None else float(theta)
+        rope.pop("rope_theta", None)
+        rope.pop("type", None)
+        rope_type = rope.get("rope_type")
+        if rope_type in (None, "default"):
+            rope_scaling = None
+        else:
+            if rope_type not in ROPE_SCALING_TYPES:
+                raise UnsupportedError(f"{where}: rope scaling type '{rope_type}' is not supported "
+                                       f"(supported: default, {', '.join(ROPE_SCALING_TYPES)})")
+            rope_scaling = tuple(sorted((k, v) for k, v in rope.items() if not isinstance(v, (dict, list))))
+
+        return cls(
+            arch=spec.gguf_arch, hf_architecture=hf_arch,
+            n_vocab=get_int("vocab_size"), n_embd=n_embd, n_layer=get_int("num_hidden_layers"),
+            n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_ff=get_int("intermediate_size"),
+            rms_eps=get_float("rms_norm_eps", spec.default_rms_eps), rope_theta=rope_theta,
+            context_length=get_int("max_position_embeddings", spec.default_context_length),
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rope_scaling=rope_scaling, head_dim_in_config=head_dim_in_config,
+        )
+
+    def writes_head_dim(self) -> bool:
+        return self.spec.head_dim_key == "always" or self.head_dim_in_config
+
+
+# rope scaling types the converter handles (base.py:1462-1495); "llama3" yields the
+# rope_freqs.weight tensor instead of keys (llama.py:298-326).
+ROPE_SCALING_TYPES = ("linear", "yarn", "longrope", "su", "dynamic", "llama3")
+
+
+def gguf_tensor_name(hf_name: str) -> str | None:
+    """GGUF name of an HF checkpoint tensor; None for tensors the converter drops.
+    Raises UnsupportedError for a name no table knows (base.py:627-631)."""
+    if hf_name.endswith(IGNORED_SUFFIXES):
+        return None
+    name = hf_name[len("language_model."):] if hf_name.startswith("language_model.") else hf_name
+    m = _LAYER_RE.match(name)
+    if m:
+        layer, module, suffix = m.groups()
+        gguf = LAYER_TENSORS.get(module)
+        if gguf is not None:
+            return f"blk.{int(layer)}.{gguf}.{suffix}"
+    else:
+        m = _GLOBAL_RE.match(name)
+        if m and m.group(1) in GLOBAL_TENSORS:
+            return f"{GLOBAL_TENSORS[m.group(1)]}.{m.group(2)}"
+    raise UnsupportedError(f"tensor '{hf_name}' has no GGUF name")
+
+
+def expected_tensors(cfg: ModelConfig, has_lm_head: bool) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape that a checkpoint of `cfg` must hold."""
+    spec = cfg.spec
+    q_rows, kv_rows = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.n_vocab, cfg.n_embd)}
+    for i in range(cfg.n_layer):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (cfg.n_embd,)
+        for proj, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
+            shapes[p + f"self_attn.{proj}_proj.weight"] = (rows, cfg.n_embd)
+            if spec.qkv_bias:
+                shapes[p + f"self_attn.{proj}_proj.bias"] = (rows,)
+        shapes[p + "self_attn.o_proj.weight"] = (cfg.n_embd, q_rows)
+        if spec.qk_norm:
+            shapes[p + "self_attn.q_norm.weight"] = (cfg.head_dim,)
+            shapes[p + "self_attn.k_norm.weight"] = (cfg.head_dim,)
+        shapes[p + "post_attention_layernorm.weight"] = (cfg.n_embd,)
+        shapes[p + "mlp.gate_proj.weight"] = (cfg.n_ff, cfg.n_embd)
+        shapes[p + "mlp.up_proj.weight"] = (cfg.n_ff, cfg.n_embd)
+        shapes[p + "mlp.down_proj.weight"] = (cfg.n_embd, cfg.n_ff)
+    shapes["model.norm.weight"] = (cfg.n_embd,)
+    if has_lm_head:
+        shapes["lm_head.weight"] = (cfg.n_vocab, cfg.n_embd)
+    return shapes
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Llama's q/k permutation (llama.py:175-181): within each of `n_head` heads, interleave
+    the two rope halves, so row h*D + 2*j + i comes from row h*D + i*D/2 + j."""
+    rows = w.shape[0]
+    return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:])
+             .swapaxes(1, 2).reshape(w.shape))
+
+
+def qk_permute_heads(cfg: ModelConfig, hf_name: str) -> int | None:
+    """How many heads to permute `hf_name` by, or None if it is not permuted."""
+    if not cfg.spec.permute_qk:
+        return None
+    if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        return cfg.n_head
+    if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        return cfg.n_head_kv
+    return None
+
+
+def llama3_rope_freqs(cfg: ModelConfig) -> np.ndarray:
+    """The rope_freqs.weight factors LlamaModel emits for rope_type llama3 (llama.py:298-326)."""
+    rope = dict(cfg.rope_scaling or ())
+    base, dim = cfg.rope_theta, cfg.head_dim
+    factor = float(rope.get("factor", 8.0))
+    low_freq_factor = float(rope.get("low_freq_factor", 1.0))
+    high_freq_factor = float(rope.get("high_freq_factor", 4.0))
+    old_context_len = int(rope.get("original_max_position_embeddings", 8192))
+    # torch computes all of this in float32 (Python scalars join a float32 tensor as float32);
+    # numpy's scalar promotion (NEP 50) does the same with np.float32 values.
+    f32 = np.float32
+    freqs = f32(1.0) / (f32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / f32(dim)))
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    out = []
+    for freq in freqs:
+        wavelen = f32(2 * np.pi) / freq
+        if wavelen < high_freq_wavelen:
+            out.append(f32(1.0))
+        elif wavelen > low_freq_wavelen:
+            out.append(f32(factor))
+        else:
+            smooth = (f32(old_context_len) / wavelen - f32(low_freq_factor)) / f32(high_freq_factor - low_freq_factor)
+            out.append(f32(1.0) / ((f32(1.0) - smooth) / f32(factor) + smooth))
+    return np.array(out, dtype=np.float32)

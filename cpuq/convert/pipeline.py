@@ -1,0 +1,375 @@
+"""The HF directory -> GGUF pipeline: validate the checkpoint against its config, choose each
+tensor's type, and stream tensors one at a time (load float32 -> quantize -> write) into a
+temporary file that is renamed into place only when complete.
+
+For f32/f16/bf16/q8_0 the output is what llama.cpp's convert_hf_to_gguf.py writes (metadata
+order, tensor order, types; docs/llama_cpp_conventions.md sections 1-3). The other types
+are what `convert --outtype f16` followed by llama-quantize writes: q4_k_m with llama.cpp's
+type mix (MIXES), the rest "pure" (one type for every matrix, `llama-quantize --pure`);
+both with F16-rounded input, shape fallbacks, llama-quantize's tensor order and
+file_type/quantization_version moved to the end (section 4). No imatrix yet.
+
+Imports numpy, the standard library and cpuq (arch, quants, gguf_io, errors,
+convert.safetensors_io, convert.hf_vocab, convert.naming); nothing from the runtime.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from gguf import GGUFValueType
+
+from ..arch import (ModelConfig, expected_tensors, gguf_tensor_name, llama3_rope_freqs, permute_qk,
+                    qk_permute_heads)
+from ..errors import FormatError, InputError, UnsupportedError
+from ..gguf_io import GGUFStreamWriter
+from ..quants import QType, get_qtype, quantize
+from .hf_vocab import tokenizer_metadata
+from .naming import general_name_keys
+from .safetensors_io import open_checkpoint
+
+Progress = Callable[[int, int, str], None]  # (tensors done, tensors in all, name just written)
+
+GGML_QUANT_VERSION = 2  # gguf-py constants.py:13
+
+
+@dataclass(frozen=True)
+class OutType:
+    """One --type value: the type of every quantizable matrix and what it writes."""
+    qtype: str
+    file_type: int            # general.file_type (llama.h LLAMA_FTYPE_*)
+    via_llama_quantize: bool  # reference = convert --outtype f16 + llama-quantize (--pure unless a mix)
+    mix: str | None = None    # a llama-quantize type mix (MIXES) instead of one type for all
+
+
+# --type -> behaviour. file_type values: include/llama.h:117-162; for the pure k-quants the
+# value llama-quantize writes when asked for the _M mix with --pure (notes section 4.6).
+OUT_TYPES: dict[str, OutType] = {
+    "f32": OutType("F32", 0, False),
+    "f16": OutType("F16", 1, False),
+    "bf16": OutType("BF16", 32, False),
+    "q8_0": OutType("Q8_0", 7, False),
+    "q4_0": OutType("Q4_0", 2, True),
+    "q5_0": OutType("Q5_0", 8, True),
+    "q4_k": OutType("Q4_K", 15, True),
+    "q5_k": OutType("Q5_K", 17, True),
+    "q6_k": OutType("Q6_K", 18, True),
+    "q4_k_m": OutType("Q4_K", 15, True, mix="q4_k_m"),
+}
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """llama-quant.cpp:452-454 (C integer division; i >= n/8 wherever the modulo is taken)."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+# llama_tensor_get_type_impl for LLAMA_FTYPE_MOSTLY_Q4_K_M on dense Qwen2/Qwen3/Llama
+# (llama-quant.cpp:444-714; notes section 4.4): GGUF name suffix -> type, where a pair
+# (more, less) picks by use_more_bits over the layers. Everything else takes the default.
+MIXES: dict[str, dict[str, str | tuple[str, str]]] = {
+    "q4_k_m": {
+        "output.weight": "Q6_K",                # :490-511 (also a tied token_embd, see below)
+        "attn_v.weight": ("Q6_K", "Q4_K"),      # :567-604
+        "ffn_down.weight": ("Q6_K", "Q4_K"),    # :623-667
+    },
+}
+
+# llama-quantize's tensor_type_fallback (src/llama-quant.cpp:390-441) for a row length that
+# is not a multiple of the wanted type's block; F16 if the fallback does not fit either.
+SHAPE_FALLBACK: dict[str, str] = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+# generation_config.json key -> (general.sampling.* key, GGUF type), in metadata.py's order.
+SAMPLING_KEYS: tuple[tuple[tuple[str, ...], str, GGUFValueType], ...] = (
+    (("sequence",), "general.sampling.sequence", GGUFValueType.STRING),
+    (("top_k",), "general.sampling.top_k", GGUFValueType.INT32),
+    (("top_p",), "general.sampling.top_p", GGUFValueType.FLOAT32),
+    (("min_p",), "general.sampling.min_p", GGUFValueType.FLOAT32),
+    (("xtc_probability",), "general.sampling.xtc_probability", GGUFValueType.FLOAT32),
+    (("xtc_threshold",), "general.sampling.xtc_threshold", GGUFValueType.FLOAT32),
+    (("temperature",), "general.sampling.temp", GGUFValueType.FLOAT32),
+    (("penalty_last_n",), "general.sampling.penalty_last_n", GGUFValueType.INT32),
+    (("penalty_repeat", "repetition_penalty"), "general.sampling.penalty_repeat", GGUFValueType.FLOAT32),
+    (("mirostat",), "general.sampling.mirostat", GGUFValueType.INT32),
+    (("mirostat_tau",), "general.sampling.mirostat_tau", GGUFValueType.FLOAT32),
+    (("mirostat_eta",), "general.sampling.mirostat_eta", GGUFValueType.FLOAT32),
+)
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    hf_name: str | None       # None for generated tensors (rope_freqs)
+    name: str                 # GGUF name
+    shape: tuple[int, ...]    # numpy order
+    qtype: QType
+
+
+def out_type(qtype: str) -> OutType:
+    t = OUT_TYPES.get(str(qtype).lower())
+    if t is None:
+        raise UnsupportedError(f"output type '{qtype}' is not supported (supported: {', '.join(OUT_TYPES)})")
+    return t
+
+
+def _mix_type(name: str, out: OutType, cfg: ModelConfig, tied: bool) -> str:
+    mix = MIXES[out.mix]
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        return mix["output.weight"]
+    m = re.match(r"blk\.(\d+)\.(.+)$", name)
+    choice = mix.get(m.group(2)) if m else None
+    if choice is None:
+        return out.qtype
+    if isinstance(choice, str):
+        return choice
+    want = choice[0] if use_more_bits(int(m.group(1)), cfg.n_layer) else choice[1]
+    # 70B-class models (80 layers; llama only with GQA) get Q5_K for attn_v (:593-599,
+    # src/models/qwen2.cpp:14, src/models/llama.cpp:28).
+    if (m.group(2) == "attn_v.weight" and want == "Q4_K" and cfg.n_layer == 80
+            and (cfg.arch == "qwen2" or (cfg.arch == "llama" and cfg.n_head != cfg.n_head_kv))):
+        want = "Q5_K"
+    return want
+
+
+def tensor_qtype(name: str, shape: tuple[int, ...], out: OutType, cfg: ModelConfig | None = None,
+                 tied: bool = False) -> QType:
+    """The converter's per-tensor choice (base.py:1083-1167), then (for the llama-quantize
+    types) the type mix and llama-quantize's shape fallback."""
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+        return get_qtype("F32")
+    if out.mix is not None:
+        want = get_qtype(_mix_type(name, out, cfg, tied))
+        if want.name == "Q6_K" and (name == "output.weight" or name == "token_embd.weight") \
+                and shape[-1] % get_qtype(out.qtype).block_size:
+            want = get_qtype("Q8_0")  # :500-509, qk_k of the default type
+    else:
+        want = get_qtype(out.qtype)
+    cols = shape[-1]
+    if cols % want.block_size == 0:
+        return want
+    if not out.via_llama_quantize:
+        return get_qtype("F16")  # gguf-py QuantError -> F16 (base.py:1159-1167)
+    fallback = SHAPE_FALLBACK.get(want.name)
+    if fallback is not None:
+        try:
+            fb = get_qtype(fallback)
+        except UnsupportedError:
+            raise UnsupportedError(f"tensor '{name}': row length {cols} needs llama.cpp's fallback type "
+                                   f"{fallback}, which cpuq cannot write") from None
+        if cols % fb.block_size == 0:
+            return fb
+    return get_qtype("F16")
+
+
+def _quantize_order(name: str) -> tuple[int, bytes]:
+    """llama-quantize's tensor order (llama-model-loader.h:54-65): non-block tensors first,
+    then blocks numerically, bytewise by name within each."""
+    m = re.match(r"blk\.(\d+)\.", name)
+    return (int(m.group(1)) if m else -1, name.encode())
+
+
+def plan_tensors(ckpt, cfg: ModelConfig, out: OutType, where: Path) -> list[TensorPlan]:
+    """Check the checkpoint holds exactly the tensors `cfg` implies, and lay out the output."""
+    has_lm_head = "lm_head.weight" in ckpt
+    expected = expected_tensors(cfg, has_lm_head)
+    for hf_name, shape in expected.items():
+        if hf_name not in ckpt:
+            raise FormatError(f"{where}: tensor '{hf_name}' is missing from the checkpoint")
+        if tuple(ckpt.shape(hf_name)) != shape:
+            raise FormatError(f"{where}: tensor '{hf_name}' has shape {list(ckpt.shape(hf_name))}, "
+                              f"config.json implies {list(shape)}")
+    # Converter order (base.py:219-306): shards sorted by file name, names sorted within each.
+    by_shard: dict[str, list[str]] = {}
+    for hf_name in ckpt.names:
+        by_shard.setdefault(ckpt.file_of(hf_name).name, []).append(hf_name)
+    plans = []
+    if cfg.rope_type == "llama3" and cfg.spec.gguf_arch == "llama":  # generate_extra_tensors() comes first
+        plans.append(TensorPlan(None, "rope_freqs.weight", (cfg.head_dim // 2,), get_qtype("F32")))
+    for shard in sorted(by_shard):
+        for hf_name in sorted(by_shard[shard]):
+            name = gguf_tensor_name(hf_name)
+            if name is None:
+                continue
+            if hf_name not in expected:
+                raise UnsupportedError(f"{where}: tensor '{hf_name}' is not part of a {cfg.hf_architecture} "
+                                       f"with this config.json")
+            shape = tuple(ckpt.shape(hf_name))
+            plans.append(TensorPlan(hf_name, name, shape, tensor_qtype(name, shape, out, cfg, not has_lm_head)))
+    if out.via_llama_quantize:
+        plans.sort(key=lambda p: _quantize_order(p.name))
+    return plans
+
+
+def _f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+def _general_metadata(src: Path, raw_config: dict, total_params: int) -> tuple[dict, dict]:
+    """general.type, general.sampling.* (generation_config.json), then the name keys
+    (naming.py). README front-matter is not read."""
+    values: dict[str, Any] = {"general.type": "model"}
+    types: dict[str, GGUFValueType] = {}
+    gen_path = src / "generation_config.json"
+    gen = {}
+    if gen_path.is_file():
+        try:
+            gen = json.loads(gen_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise FormatError(f"{gen_path}: not valid JSON: {str(e).splitlines()[0]}") from None
+        gen = gen if isinstance(gen, dict) else {}
+    for hf_keys, key, vtype in SAMPLING_KEYS:
+        value = next((gen[k] for k in hf_keys if gen.get(k) is not None), None)
+        if value is None:
+            continue
+        values[key] = _f32(value) if vtype == GGUFValueType.FLOAT32 else value
+        types[key] = vtype
+    values.update(general_name_keys(raw_config.get("_name_or_path"), src.resolve().name, total_params))
+    return values, types
+
+
+def _arch_metadata(cfg: ModelConfig) -> tuple[dict, dict]:
+    """{arch}.* keys in base.py:1435-1545 / llama.py:164-173 order (file_type excluded)."""
+    a = cfg.arch
+    u32 = GGUFValueType.UINT32
+    f32 = GGUFValueType.FLOAT32
+    values: dict[str, Any] = {}
+    types: dict[str, GGUFValueType] = {}
+
+    def put(key, value, vtype):
+        values[key] = _f32(value) if vtype == f32 else value
+        types[key] = vtype
+
+    put(f"{a}.block_count", cfg.n_layer, u32)
+    put(f"{a}.context_length", cfg.context_length, u32)
+    put(f"{a}.embedding_length", cfg.n_embd, u32)
+    put(f"{a}.feed_forward_length", cfg.n_ff, u32)
+    put(f"{a}.attention.head_count", cfg.n_head, u32)
+    put(f"{a}.attention.head_count_kv", cfg.n_head_kv, u32)
+    rope = dict(cfg.rope_scaling or ())
+    rope_type = rope.get("rope_type")
+    factor = rope.get("factor")
+    if rope_type == "linear" and factor is not None:
+        put(f"{a}.rope.scaling.type", "linear", GGUFValueType.STRING)
+        put(f"{a}.rope.scaling.factor", factor, f32)
+    elif rope_type == "yarn" and factor is not None:
+        put(f"{a}.rope.scaling.type", "yarn", GGUFValueType.STRING)
+        put(f"{a}.rope.scaling.factor", factor, f32)
+        if "original_max_position_embeddings" not in rope:
+            raise FormatError("config.json: yarn rope_scaling lacks 'original_max_position_embeddings'")
+        put(f"{a}.rope.scaling.original_context_length", int(rope["original_max_position_embeddings"]), u32)
+        for hf_keys, suffix in ((("extrapolation_factor",), "yarn_ext_factor"),
+                                (("attention_factor", "attn_factor"), "yarn_attn_factor"),
+                                (("beta_fast",), "yarn_beta_fast"), (("beta_slow",), "yarn_beta_slow")):
+            value = next((rope[k] for k in hf_keys if rope.get(k) is not None), None)
+            if value is not None:
+                put(f"{a}.rope.scaling.{suffix}", value, f32)
+    elif rope_type in ("su", "longrope"):
+        put(f"{a}.rope.scaling.type", "longrope", GGUFValueType.STRING)
+    put(f"{a}.rope.freq_base", cfg.rope_theta, f32)
+    put(f"{a}.attention.layer_norm_rms_epsilon", cfg.rms_eps, f32)
+    if cfg.writes_head_dim():
+        put(f"{a}.attention.key_length", cfg.head_dim, u32)
+        put(f"{a}.attention.value_length", cfg.head_dim, u32)
+    return values, types
+
+
+def _tensor_bytes(ckpt, cfg: ModelConfig, plan: TensorPlan, out: OutType) -> np.ndarray:
+    if plan.hf_name is None:
+        x = llama3_rope_freqs(cfg)
+    else:
+        x = ckpt.load_f32(plan.hf_name)
+        heads = qk_permute_heads(cfg, plan.hf_name)
+        if heads is not None:
+            x = permute_qk(x, heads)
+    if out.via_llama_quantize and plan.qtype.name not in ("F32",) and x.ndim > 1:
+        # llama-quantize reads the F16 file the converter wrote (notes section 0).
+        x = x.astype(np.float16).astype(np.float32)
+    if plan.qtype.name == "F32":
+        return np.ascontiguousarray(x, dtype=np.float32)
+    return quantize(x.reshape(-1, x.shape[-1]), plan.qtype)
+
+
+def _check_destination(src: Path, dst: Path, force: bool) -> None:
+    if not src.is_dir():
+        raise InputError(f"{src}: not a directory (expected an HF checkpoint folder)")
+    if dst.is_dir():
+        raise InputError(f"{dst}: is a directory; give the output .gguf file name")
+    if not dst.parent.is_dir():
+        raise InputError(f"{dst.parent}: no such directory for the output file")
+    if dst.resolve().is_relative_to(src.resolve()):
+        raise InputError(f"{dst}: is inside the checkpoint folder {src}; write the GGUF elsewhere")
+    if dst.exists() and not force:
+        raise InputError(f"{dst}: already exists (pass force=True / --force to overwrite)")
+
+
+def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str = "q8_0",
+            force: bool = False, progress: Progress | None = None) -> Path:
+    """Convert the HF checkpoint in `src_dir` (Qwen2, Qwen3 or Llama; safetensors + config.json
+    + tokenizer.json) to a GGUF file at `dst_path` with matrices of type `qtype`; return the path.
+
+    The file appears only when complete: it is written to a temporary file next to it and
+    renamed; on any error (or KeyboardInterrupt) the temporary file is removed.
+    """
+    src, dst = Path(src_dir), Path(dst_path)
+    out = out_type(qtype)
+    _check_destination(src, dst, force)
+    config_path = src / "config.json"
+    cfg = ModelConfig.from_hf_config(config_path)
+    raw_config = json.loads(config_path.read_text(encoding="utf-8"))
+    tok_values, tok_types = tokenizer_metadata(src, cfg.n_vocab, raw_config, cfg.arch)
+
+    with open_checkpoint(src) as ckpt:
+        plans = plan_tensors(ckpt, cfg, out, src)
+        total_params = sum(int(np.prod(p.shape)) for p in plans)
+        gen_values, gen_types = _general_metadata(src, raw_config, total_params)
+        arch_values, arch_types = _arch_metadata(cfg)
+        extra = {}
+        if cfg.spec.writes_vocab_size:
+            extra[f"{cfg.arch}.vocab_size"] = cfg.n_vocab
+        if cfg.spec.writes_rope_dimension_count:
+            extra[f"{cfg.arch}.rope.dimension_count"] = cfg.head_dim
+        versions = {"general.file_type": out.file_type, "general.quantization_version": GGML_QUANT_VERSION}
+        u32 = GGUFValueType.UINT32
+        types = {**gen_types, **arch_types, **tok_types, **{k: u32 for k in (*extra, *versions)}}
+
+        try:
+            fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".partial")
+        except OSError as e:
+            raise InputError(f"{dst.parent}: cannot create the output file there: {e.strerror}") from None
+        os.close(fd)
+        tmp = Path(tmp_name)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like any new file
+        writer = None
+        try:
+            writer = GGUFStreamWriter(tmp, arch=cfg.arch)
+            if out.via_llama_quantize:
+                # llama-quantize re-sets these two keys, which moves them to the end (notes 1.6).
+                order = [gen_values, arch_values, extra, tok_values,
+                         {"general.quantization_version": GGML_QUANT_VERSION, "general.file_type": out.file_type}]
+            else:
+                order = [gen_values, arch_values, {"general.file_type": out.file_type}, extra,
+                         {"general.quantization_version": GGML_QUANT_VERSION}, tok_values]
+            for values in order:
+                writer.add_metadata(values, types)
+            for p in plans:
+                writer.add_tensor_info(p.name, p.shape, p.qtype)
+            writer.begin()
+            for i, p in enumerate(plans):
+                writer.write_tensor(p.name, _tensor_bytes(ckpt, cfg, p, out))
+                if progress is not None:
+                    progress(i + 1, len(plans), p.name)
+            writer.close()
+            writer = None
+            os.replace(tmp, dst)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            tmp.unlink(missing_ok=True)
+            raise
+    return dst
