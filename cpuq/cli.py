@@ -110,5 +110,41 @@ def info(
         out.print(tt, highlight=False)
 
 
+@app.command()
+@_clean_errors
+def convert(
+    src: Path = typer.Argument(..., help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json)."),
+    output: Path = typer.Option(..., "--output", "-o", help="GGUF file to write."),
+    qtype: str = typer.Option("q4_k_m", "--type", "-t",
+                              help="f32, f16, bf16, q8_0, q4_k_m (llama.cpp's mix), q4_k, q6_k, q5_0."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+) -> None:
+    """Convert a Hugging Face Qwen2/Qwen3/Llama checkpoint to a GGUF file llama.cpp runs."""
+    import time
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+    from .convert.pipeline import convert as run_convert
+    from .info import summarize
+
+    start = time.perf_counter()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"),
+               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("[dim]{task.fields[name]}"))
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("converting", total=None, name="")
+
+        def progress(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, name=name)
+
+        path = run_convert(src, output, qtype=qtype, force=force, progress=progress)
+    seconds = time.perf_counter() - start
+    s = summarize(path)
+    src_bytes = sum(f.stat().st_size for f in Path(src).glob("*.safetensors"))
+    ratio = f"{src_bytes / s['file_size']:.2f}x" if s["file_size"] else "-"
+    out.print(f"wrote {path}\n"
+              f"  {_human_count(s['parameters'])} parameters, {', '.join(f'{k}: {v}' for k, v in s['tensor_types'].items())}\n"
+              f"  {_human_bytes(src_bytes)} safetensors -> {_human_bytes(s['file_size'])} GGUF ({ratio} smaller), "
+              f"{s['bits_per_weight']:.2f} bits per weight, {seconds:.1f} s", highlight=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -102,3 +102,20 @@ def test_info_on_llama_cpp_q4_k_m(oracle):
             ours = api.dequantize(t.data, t.qtype, t.shape).reshape(t.rows, t.cols)
             theirs = oracle.dequantize(t.data, t.qtype.ggml_type, t.cols)
             assert np.array_equal(ours, theirs), t.name
+
+
+def test_convert_command(tmp_path):
+    import make_tiny_checkpoint
+    src = make_tiny_checkpoint.make_tiny_checkpoint(tmp_path / "tiny", arch="qwen2", dtype="bf16")
+    dst = tmp_path / "tiny-q8_0.gguf"
+    r = cpuq("convert", str(src), "-o", str(dst), "--type", "q8_0")
+    assert r.returncode == 0, r.stderr
+    assert dst.exists() and "wrote" in r.stdout and "bits per weight" in r.stdout
+    s = json.loads(cpuq("info", str(dst), "--json").stdout)
+    assert s["architecture"] == "qwen2" and "Q8_0" in s["tensor_types"]
+    before = dst.read_bytes()
+    r = cpuq("convert", str(src), "-o", str(dst), "--type", "q8_0")  # exists, no --force
+    assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
+    assert dst.read_bytes() == before
+    r = cpuq("convert", str(src), "-o", str(tmp_path / "x.gguf"), "--type", "q3_k")
+    assert r.returncode == 2 and "not supported" in r.stderr and not (tmp_path / "x.gguf").exists()

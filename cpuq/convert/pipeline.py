@@ -306,7 +306,7 @@ def _check_destination(src: Path, dst: Path, force: bool) -> None:
         raise InputError(f"{dst}: already exists (pass force=True / --force to overwrite)")
 
 
-def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str = "q8_0",
+def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str = "q4_k_m",
             force: bool = False, progress: Progress | None = None) -> Path:
     """Convert the HF checkpoint in `src_dir` (Qwen2, Qwen3 or Llama; safetensors + config.json
     + tokenizer.json) to a GGUF file at `dst_path` with matrices of type `qtype`; return the path.
