@@ -9,8 +9,15 @@ VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
 mkdir -p "$PEER"
 cd "$PEER"
 [ -x venv/bin/python ] || python3 -m venv venv
+# HF transformers (CPU torch from the wheel on disk) for logits references and for running
+# llama.cpp's own convert_hf_to_gguf.py (which imports sentencepiece even for BPE models).
+if ! "$PEER/hf-venv/bin/python" -c "import torch, transformers, sentencepiece" 2>/dev/null; then
+  python3 -m venv "$PEER/hf-venv"
+  "$PEER/hf-venv/bin/pip" install -q torch==2.13.0
+  "$PEER/hf-venv/bin/pip" install -q transformers safetensors sentencepiece numpy
+fi
 if venv/bin/python -c "import llama_cpp" 2>/dev/null; then
-  echo "peer venv ready: $PEER/venv"; exit 0
+  echo "peer venvs ready: $PEER/venv, $PEER/hf-venv"; exit 0
 fi
 venv/bin/pip download --no-binary :all: --no-deps "llama-cpp-python==$VERSION" -d sdist
 [ -d "llama_cpp_python-$VERSION" ] || tar xzf "sdist/llama_cpp_python-$VERSION.tar.gz"
