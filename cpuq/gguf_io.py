@@ -16,11 +16,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import gguf
 from gguf import GGMLQuantizationType, GGUFValueType
+from gguf.gguf_writer import WriterState
 
 from .errors import FormatError, InputError, UnsupportedError
 from .quants import QType, qtype_from_id
@@ -372,6 +373,11 @@ class GGUFStreamWriter:
         self._begun = True
 
     def write_tensor(self, name: str, data: np.ndarray) -> None:
+        self.write_tensor_parts(name, (data,))
+
+    def write_tensor_parts(self, name: str, parts: Iterable[np.ndarray]) -> None:
+        """Write the next declared tensor's data from consecutive pieces (blocks of rows,
+        uint8 blocks or float values), so only one piece need exist at a time."""
         if not self._begun:
             self.begin()
         if not self._pending:
@@ -381,10 +387,25 @@ class GGUFStreamWriter:
             raise InputError(f"{self.path}: tensor '{name}' written out of order (expected '{expected}')")
         rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
         need = rows * qtype.row_bytes(shape[-1])
-        data = np.ascontiguousarray(data)
-        if data.nbytes != need:
-            raise InputError(f"{self.path}: tensor '{name}' has {data.nbytes} bytes of data, expected {need}")
-        self._writer.write_tensor_data(data.reshape(-1).view(np.uint8))
+        # What gguf-py's write_tensor_data does for a whole array (pad, data, pad), one piece
+        # at a time; its tensor-info list must lose the entry as that method would.
+        w = self._writer
+        fout = w.fout[0]
+        if next(iter(w.tensors[0]), None) != name:
+            raise InputError(f"{self.path}: tensor '{name}' is not next in gguf-py's tensor list")
+        w.tensors[0].pop(name)
+        w.write_padding(fout, fout.tell())
+        written = 0
+        for part in parts:
+            flat = np.ascontiguousarray(part).reshape(-1).view(np.uint8)
+            written += flat.nbytes
+            if written > need:
+                raise InputError(f"{self.path}: tensor '{name}' has more than the {need} bytes of data it declared")
+            fout.write(flat.data)
+        if written != need:
+            raise InputError(f"{self.path}: tensor '{name}' has {written} bytes of data, expected {need}")
+        w.write_padding(fout, need)
+        w.state = WriterState.WEIGHTS
         self._pending.pop(0)
 
     def close(self) -> None:

@@ -14,13 +14,15 @@ convert.safetensors_io, convert.hf_vocab, convert.naming); nothing from the runt
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from gguf import GGUFValueType
@@ -34,7 +36,8 @@ from .hf_vocab import tokenizer_metadata
 from .naming import general_name_keys
 from .safetensors_io import open_checkpoint
 
-Progress = Callable[[int, int, str], None]  # (tensors done, tensors in all, name just written)
+# (checkpoint bytes done, checkpoint bytes in all, tensor being written); called per piece.
+Progress = Callable[[int, int, str], None]
 
 GGML_QUANT_VERSION = 2  # gguf-py constants.py:13
 
@@ -277,20 +280,54 @@ def _arch_metadata(cfg: ModelConfig) -> tuple[dict, dict]:
     return values, types
 
 
-def _tensor_bytes(ckpt, cfg: ModelConfig, plan: TensorPlan, out: OutType) -> np.ndarray:
-    if plan.hf_name is None:
-        x = llama3_rope_freqs(cfg)
-    else:
-        x = ckpt.load_f32(plan.hf_name)
-        heads = qk_permute_heads(cfg, plan.hf_name)
-        if heads is not None:
-            x = permute_qk(x, heads)
-    if out.via_llama_quantize and plan.qtype.name not in ("F32",) and x.ndim > 1:
+# Weights per piece when a tensor is streamed in blocks of rows: 64 MiB as float32, big
+# enough that the parallel quantizers stay busy, small enough that peak memory does not
+# follow the largest tensor (a 72B-class embedding is 1.2 G weights).
+PIECE_WEIGHTS = 1 << 24
+
+
+def _encode(x: np.ndarray, plan: TensorPlan, out: OutType) -> np.ndarray:
+    """Float32 values (whole tensor or a block of its rows) -> the bytes of plan.qtype."""
+    if out.via_llama_quantize and plan.qtype.name != "F32" and len(plan.shape) > 1:
         # llama-quantize reads the F16 file the converter wrote (notes section 0).
         x = x.astype(np.float16).astype(np.float32)
     if plan.qtype.name == "F32":
         return np.ascontiguousarray(x, dtype=np.float32)
-    return quantize(x.reshape(-1, x.shape[-1]), plan.qtype)
+    return quantize(x.reshape(-1, plan.shape[-1]), plan.qtype)
+
+
+def _tensor_pieces(ckpt, cfg: ModelConfig, plan: TensorPlan, out: OutType) -> Iterator[tuple[np.ndarray, int]]:
+    """The encoded bytes of one tensor in consecutive pieces, each with the number of
+    checkpoint bytes it consumed."""
+    if plan.hf_name is None:
+        yield _encode(llama3_rope_freqs(cfg), plan, out), 0
+        return
+    name = plan.hf_name
+    heads = qk_permute_heads(cfg, name)
+    if heads is not None:
+        # The permutation moves rows across the whole tensor (llama attn_q/attn_k only).
+        yield _encode(permute_qk(ckpt.load_f32(name), heads), plan, out), ckpt.nbytes(name)
+        return
+    rows = ckpt.rows(name)
+    row_bytes = ckpt.nbytes(name) // max(rows, 1)
+    step = max(1, PIECE_WEIGHTS // max(plan.shape[-1], 1))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        yield _encode(ckpt.read_rows_f32(name, start, stop), plan, out), (stop - start) * row_bytes
+
+
+def _write_error(e: OSError, dst: Path) -> InputError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return InputError(f"{dst}: {e.strerror} while writing; nothing was written (free space in "
+                          f"{dst.parent}: {_free_bytes(dst.parent) / 2**20:.0f} MiB)")
+    return InputError(f"{dst}: write failed: {e.strerror}; nothing was written")
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return -1
 
 
 def _check_destination(src: Path, dst: Path, force: bool) -> None:
@@ -304,6 +341,12 @@ def _check_destination(src: Path, dst: Path, force: bool) -> None:
         raise InputError(f"{dst}: is inside the checkpoint folder {src}; write the GGUF elsewhere")
     if dst.exists() and not force:
         raise InputError(f"{dst}: already exists (pass force=True / --force to overwrite)")
+
+
+def _discard(writer: GGUFStreamWriter | None, tmp: Path) -> None:
+    if writer is not None:
+        writer.abort()
+    tmp.unlink(missing_ok=True)
 
 
 def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str = "q4_k_m",
@@ -336,6 +379,12 @@ def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str 
         u32 = GGUFValueType.UINT32
         types = {**gen_types, **arch_types, **tok_types, **{k: u32 for k in (*extra, *versions)}}
 
+        need = sum(p.qtype.row_bytes(p.shape[-1]) * (int(np.prod(p.shape[:-1])) if len(p.shape) > 1 else 1)
+                   for p in plans)
+        free = _free_bytes(dst.parent)
+        if 0 <= free < need:
+            raise InputError(f"{dst.parent}: not enough disk space for {dst.name}: it needs about "
+                             f"{need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free")
         try:
             fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".partial")
         except OSError as e:
@@ -345,6 +394,7 @@ def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str 
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like any new file
+        total_bytes = sum(ckpt.nbytes(p.hf_name) for p in plans if p.hf_name is not None)
         writer = None
         try:
             writer = GGUFStreamWriter(tmp, arch=cfg.arch)
@@ -360,16 +410,23 @@ def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str 
             for p in plans:
                 writer.add_tensor_info(p.name, p.shape, p.qtype)
             writer.begin()
-            for i, p in enumerate(plans):
-                writer.write_tensor(p.name, _tensor_bytes(ckpt, cfg, p, out))
-                if progress is not None:
-                    progress(i + 1, len(plans), p.name)
+            done = 0
+            for p in plans:
+                def pieces(p=p):
+                    nonlocal done
+                    for data, n in _tensor_pieces(ckpt, cfg, p, out):
+                        yield data
+                        done += n
+                        if progress is not None:
+                            progress(done, total_bytes, p.name)
+                writer.write_tensor_parts(p.name, pieces())
             writer.close()
             writer = None
             os.replace(tmp, dst)
+        except OSError as e:
+            _discard(writer, tmp)
+            raise _write_error(e, dst) from None
         except BaseException:
-            if writer is not None:
-                writer.abort()
-            tmp.unlink(missing_ok=True)
+            _discard(writer, tmp)
             raise
     return dst

@@ -12,6 +12,10 @@ and not overlap another. After that, `raw` is a zero-copy view of the mapping an
 Supported dtypes are BF16, F16 and F32 (what HF language-model weights use); other
 safetensors dtypes raise UnsupportedError at open.
 
+Tensor data is read with pread into fresh arrays (`read_rows_f32`, `load_f32`), not
+through the mapping, so converting a 100 GB checkpoint leaves no mapped pages resident:
+the converter's memory is what it holds, never what it has read.
+
 Imports only numpy, the standard library and cpuq.errors.
 """
 from __future__ import annotations
@@ -68,6 +72,7 @@ class Checkpoint:
             raise InputError(f"{model_dir}: no such file or directory")
         self.path = model_dir
         self._maps: list[np.memmap] = []
+        self._fds: list[int] = []
         self._files: list[Path] = []
         self._entries: dict[str, _Entry] = {}
         self.metadata: dict = {}  # the `__metadata__` of the (first) file, as written
@@ -82,17 +87,24 @@ class Checkpoint:
         else:
             raise InputError(f"{model_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
 
-        for shard in shards:
-            self._open_file(shard, index_path)
-        if weight_map is not None:
-            for name, shard in weight_map.items():
-                entry = self._entries.get(name)
-                if entry is None or self._files[entry.file].name != shard:
-                    raise FormatError(f"{index_path}: tensor '{name}' is listed in {shard} but is not in that file")
-            for name, entry in self._entries.items():
-                if name not in weight_map:
-                    raise FormatError(f"{self._files[entry.file]}: tensor '{name}' is not listed in {INDEX_FILE}")
+        try:
+            for shard in shards:
+                self._open_file(shard, index_path)
+            if weight_map is not None:
+                self._check_index(weight_map, index_path)
+        except BaseException:
+            self.close()
+            raise
         self.names: list[str] = list(self._entries)
+
+    def _check_index(self, weight_map: dict[str, str], index_path: Path) -> None:
+        for name, shard in weight_map.items():
+            entry = self._entries.get(name)
+            if entry is None or self._files[entry.file].name != shard:
+                raise FormatError(f"{index_path}: tensor '{name}' is listed in {shard} but is not in that file")
+        for name, entry in self._entries.items():
+            if name not in weight_map:
+                raise FormatError(f"{self._files[entry.file]}: tensor '{name}' is not listed in {INDEX_FILE}")
 
     def _open_file(self, path: Path, index_path: Path | None) -> None:
         try:
@@ -140,7 +152,12 @@ class Checkpoint:
             if end > prev_end:
                 prev_end, prev_name = end, name
             self._entries[name] = _Entry(file_index, dtype, shape, data_start + begin, data_start + end)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except OSError as e:
+            raise InputError(f"{path}: cannot read: {e.strerror}") from None
         self._maps.append(mm)
+        self._fds.append(fd)
         self._files.append(path)
 
     # queries ----------------------------------------------------------------
@@ -172,14 +189,48 @@ class Checkpoint:
         flat = self._maps[e.file][e.begin:e.end]
         return flat.view(SUPPORTED_DTYPES[e.dtype]).reshape(e.shape)
 
+    def rows(self, name: str) -> int:
+        """Rows of the tensor seen as a matrix of its last dimension (1 for a vector)."""
+        shape = self._entry(name).shape
+        return int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+
+    def read_rows_f32(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the tensor (as a matrix of its last dimension), as a fresh
+        float32 (stop - start, cols) array; BF16 and F16 widen exactly."""
+        e = self._entry(name)
+        if not self._fds:
+            raise InputError(f"{self.path}: checkpoint is closed")
+        cols = e.shape[-1] if e.shape else 1
+        if not 0 <= start <= stop <= self.rows(name):
+            raise InputError(f"tensor '{name}': rows [{start}, {stop}) are outside its {self.rows(name)} rows")
+        dtype = SUPPORTED_DTYPES[e.dtype]
+        buf = np.empty((stop - start) * cols, dtype=dtype)
+        self._pread(e, buf, e.begin + start * cols * dtype.itemsize)
+        if e.dtype == "BF16":
+            wide = buf.astype(np.uint32)
+            np.left_shift(wide, 16, out=wide)
+            out = wide.view(np.float32)
+        elif e.dtype == "F32":
+            out = buf.view(np.float32)  # "<f4" is native on every platform numba supports
+        else:
+            out = buf.astype(np.float32)
+        return out.reshape(stop - start, cols)
+
+    def _pread(self, e: _Entry, buf: np.ndarray, offset: int) -> None:
+        view = memoryview(buf).cast("B")
+        done = 0
+        while done < len(view):
+            try:
+                n = os.preadv(self._fds[e.file], [view[done:]], offset + done)
+            except OSError as err:
+                raise InputError(f"{self._files[e.file]}: read failed: {err.strerror}") from None
+            if n == 0:  # validated at open, so the file shrank underneath us
+                raise FormatError(f"{self._files[e.file]}: file ends early (truncated while being read?)")
+            done += n
+
     def load_f32(self, name: str) -> np.ndarray:
         """A float32 copy of one tensor; BF16 and F16 widen exactly."""
-        raw = self.raw(name)
-        if self._entries[name].dtype == "BF16":
-            wide = raw.astype(np.uint32)
-            np.left_shift(wide, 16, out=wide)
-            return wide.view(np.float32)
-        return raw.astype(np.float32)  # always a fresh, native-order array
+        return self.read_rows_f32(name, 0, self.rows(name)).reshape(self._entry(name).shape)
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -191,8 +242,11 @@ class Checkpoint:
         return len(self.names)
 
     def close(self) -> None:
-        """Drop the mappings; views handed out before keep theirs alive until they go."""
+        """Drop the mappings and file handles; views handed out before keep theirs alive."""
         self._maps = []
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
 
     def __enter__(self) -> "Checkpoint":
         return self

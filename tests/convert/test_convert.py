@@ -7,6 +7,9 @@ leaving a file behind. The byte comparison against llama.cpp's own converter is 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -209,14 +212,34 @@ def test_pure_kquant_falls_back_like_llama_quantize(checkpoints, tmp_path):
             np.testing.assert_array_equal(t.data, cpuq.quantize(x16, "Q5_0"), err_msg=t.name)
 
 
-def test_progress_reports_every_tensor(checkpoints, tmp_path):
+def test_progress_counts_checkpoint_bytes(checkpoints, tmp_path):
     seen = []
-    cpuq.convert(checkpoints["qwen3"], tmp_path / "p.gguf", "f16", progress=lambda i, n, name: seen.append((i, n)))
-    assert [i for i, _ in seen] == list(range(1, len(seen) + 1)) and seen[-1][1] == len(seen)
+    cpuq.convert(checkpoints["qwen3"], tmp_path / "p.gguf", "f16",
+                 progress=lambda done, total, name: seen.append((done, total, name)))
+    total = sum(f.stat().st_size for f in checkpoints["qwen3"].glob("*.safetensors"))
+    assert seen[-1][0] == seen[-1][1]
+    assert 0.99 * total < seen[-1][1] < total  # the file less its JSON header
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:])) and len({t for _, t, _ in seen}) == 1
     with cpuq.open_gguf(tmp_path / "p.gguf") as f:
+        assert [n for n in dict.fromkeys(name for _, _, name in seen)] == list(f.tensors)
         assert f.tensor("token_embd.weight").qtype.name == "F16"
         assert f.tensor("blk.0.attn_q_norm.weight").qtype.name == "F32"
         assert f.get("general.file_type") == 1
+
+
+@pytest.mark.parametrize("arch, qtype", [("qwen2", "q4_k_m"), ("llama", "q8_0"), ("qwen3", "f32")])
+def test_pieces_write_the_same_file(arch, qtype, checkpoints, tmp_path, monkeypatch):
+    """Streaming a tensor in blocks of rows (here 1000 weights a piece, so the embedding
+    goes in ~9700 pieces and rows never align with pieces) writes the bytes a
+    whole-tensor pass writes."""
+    from cpuq.convert import pipeline
+    whole = cpuq.convert(checkpoints[arch], tmp_path / "whole.gguf", qtype)
+    monkeypatch.setattr(pipeline, "PIECE_WEIGHTS", 1000)
+    calls = []
+    pieces = cpuq.convert(checkpoints[arch], tmp_path / "pieces.gguf", qtype,
+                          progress=lambda *a: calls.append(a))
+    assert len(calls) > 9000
+    assert whole.read_bytes() == pieces.read_bytes()
 
 
 # bad inputs ------------------------------------------------------------------
@@ -264,12 +287,41 @@ def test_missing_config(checkpoints, tmp_path):
 
 
 def test_interrupt_removes_partial_file(checkpoints, tmp_path):
-    def stop(i, n, name):
-        if i == 3:
+    def stop(done, total, name):
+        if name.startswith("blk.1."):
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         cpuq.convert(checkpoints["qwen2"], tmp_path / "x.gguf", "q8_0", progress=stop)
     _assert_nothing_written(tmp_path)
+
+
+def test_no_disk_space_checked_before_writing(checkpoints, tmp_path, monkeypatch):
+    from cpuq.convert import pipeline
+    real = shutil.disk_usage
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: real(p)._replace(free=100_000))
+    with pytest.raises(cpuq.InputError, match=r"not enough disk space for x\.gguf: it needs about \d+ MiB, 0 MiB"):
+        cpuq.convert(checkpoints["qwen2"], tmp_path / "x.gguf", "q8_0")
+    _assert_nothing_written(tmp_path)
+
+
+def test_write_failure_mid_file_leaves_nothing(checkpoints, tmp_path):
+    """A real failing write(2): the file-size limit (RLIMIT_FSIZE) stops the output at
+    2 MB, a few tensors in, as a full disk would (EFBIG instead of ENOSPC; same path)."""
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))\n"
+        "from cpuq.cli import app\n"
+        "sys.argv = ['cpuq', 'convert', sys.argv[1], '-o', sys.argv[2], '--type', 'f32']\n"
+        "app()\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    r = subprocess.run([sys.executable, "-c", code, str(checkpoints["qwen2"]), str(out / "x.gguf")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "x.gguf: File too large while writing; nothing was written" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    _assert_nothing_written(out)
 
 
 def test_destination_rules(checkpoints, tmp_path):
