@@ -116,7 +116,7 @@ def convert(
     src: Path = typer.Argument(..., help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json)."),
     output: Path = typer.Option(..., "--output", "-o", help="GGUF file to write."),
     qtype: str = typer.Option("q4_k_m", "--type", "-t",
-                              help="f32, f16, bf16, q8_0, q4_k_m (llama.cpp's mix), q4_k, q6_k, q5_0."),
+                              help="f32, f16, bf16, q8_0, q4_k_m (llama.cpp's mix), q4_k, q5_k, q6_k, q5_0, q4_0."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
 ) -> None:
     """Convert a Hugging Face Qwen2/Qwen3/Llama checkpoint to a GGUF file llama.cpp runs."""

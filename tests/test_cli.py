@@ -119,3 +119,65 @@ def test_convert_command(tmp_path):
     assert dst.read_bytes() == before
     r = cpuq("convert", str(src), "-o", str(tmp_path / "x.gguf"), "--type", "q3_k")
     assert r.returncode == 2 and "not supported" in r.stderr and not (tmp_path / "x.gguf").exists()
+
+
+def _break_header(path: Path, edit) -> None:
+    """Rewrite a safetensors file's JSON header through `edit(header)`, keeping the data."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.unlink()  # the checkpoint folder holds links to the shared fixture
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+
+
+def _set(name, key, value):
+    def edit(h):
+        h[name][key] = value
+    return edit
+
+
+EMBED = "model.embed_tokens.weight"
+
+
+@pytest.mark.parametrize("case, words", [
+    ("no config", ["config.json"]),
+    ("config not json", ["config.json", "JSON"]),
+    ("no tokenizer", ["tokenizer.json"]),
+    ("offsets past end", [EMBED, "past the end"]),
+    ("dtype disagrees with size", [EMBED, "bytes of data"]),
+    ("unsupported dtype", ["model.norm.weight", "I32"]),
+    ("missing tensor", ["model.norm.weight", "missing"]),
+    ("shape disagrees with config", ["model.layers.0.mlp.up_proj.weight", "shape"]),
+])
+def test_convert_bad_input_is_one_line_exit_2(case, words, tmp_path):
+    import make_tiny_checkpoint
+    src = make_tiny_checkpoint.make_tiny_checkpoint(tmp_path / "src", arch="qwen2", dtype="bf16")
+    st = src / "model.safetensors"
+    if case == "no config":
+        (src / "config.json").unlink()
+    elif case == "config not json":
+        (src / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"],')
+    elif case == "no tokenizer":
+        (src / "tokenizer.json").unlink()
+    elif case == "offsets past end":
+        _break_header(st, lambda h: h[EMBED]["data_offsets"].__setitem__(1, 10**12))
+    elif case == "dtype disagrees with size":
+        _break_header(st, _set(EMBED, "dtype", "F32"))
+    elif case == "unsupported dtype":
+        _break_header(st, _set("model.norm.weight", "dtype", "I32"))
+    elif case == "missing tensor":
+        _break_header(st, lambda h: h.pop("model.norm.weight"))
+    elif case == "shape disagrees with config":
+        _break_header(st, _set("model.layers.0.mlp.up_proj.weight", "shape", [64, 128]))
+    out = tmp_path / "out"
+    out.mkdir()
+    r = cpuq("convert", str(src), "-o", str(out / "x.gguf"))
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert list(out.iterdir()) == []

@@ -9,7 +9,7 @@ type mix (MIXES), the rest "pure" (one type for every matrix, `llama-quantize --
 both with F16-rounded input, shape fallbacks, llama-quantize's tensor order and
 file_type/quantization_version moved to the end (section 4). No imatrix yet.
 
-Imports numpy, the standard library and cpuq (arch, quants, gguf_io, errors,
+Imports numpy, the standard library and cpuq (arch, quants, quants.floats, gguf_io, errors,
 convert.safetensors_io, convert.hf_vocab, convert.naming); nothing from the runtime.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from ..arch import (ModelConfig, expected_tensors, gguf_tensor_name, llama3_rope
 from ..errors import FormatError, InputError, UnsupportedError
 from ..gguf_io import GGUFStreamWriter
 from ..quants import QType, get_qtype, quantize
+from ..quants.floats import round_through_f16
 from .hf_vocab import tokenizer_metadata
 from .naming import general_name_keys
 from .safetensors_io import open_checkpoint
@@ -290,7 +291,8 @@ def _encode(x: np.ndarray, plan: TensorPlan, out: OutType) -> np.ndarray:
     """Float32 values (whole tensor or a block of its rows) -> the bytes of plan.qtype."""
     if out.via_llama_quantize and plan.qtype.name != "F32" and len(plan.shape) > 1:
         # llama-quantize reads the F16 file the converter wrote (notes section 0).
-        x = x.astype(np.float16).astype(np.float32)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        round_through_f16(x if x.flags.writeable else (x := x.copy()))
     if plan.qtype.name == "F32":
         return np.ascontiguousarray(x, dtype=np.float32)
     return quantize(x.reshape(-1, plan.shape[-1]), plan.qtype)
