@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import ggml_oracle  # noqa: E402
 from tests import data  # noqa: E402
 
-TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K"]
+TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 ROWS, COLS = 8, 1536  # 1536 = 6 super-blocks of 256 = 48 blocks of 32; SmolLM2's ffn width
 OUT = ROOT / "tests" / "golden" / "quants.npz"
 

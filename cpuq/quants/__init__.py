@@ -1,7 +1,7 @@
 """Block codecs: the one table of tensor types cpuq reads and writes, and the public
 `quantize` / `dequantize` that validate their input and dispatch through it.
 
-Encoders live in legacy.py (Q8_0, Q4_0, Q4_1, Q5_0) and kquants.py (Q4_K, Q5_K,
+Encoders live in legacy.py (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) and kquants.py (Q4_K, Q5_K,
 Q6_K), sharing the scale searches in search.py; decoders for every type live in
 decode.py. All are Numba kernels over plain arrays. This package imports only
 numpy, numba, gguf-py and cpuq.errors.
@@ -67,6 +67,7 @@ TYPES: dict[str, QType] = {t.name: t for t in (
     QType("Q4_0", _G.Q4_0, 32, 18, legacy.quantize_q4_0, decode.dequantize_q4_0, True),
     QType("Q4_1", _G.Q4_1, 32, 20, legacy.quantize_q4_1, decode.dequantize_q4_1, True),
     QType("Q5_0", _G.Q5_0, 32, 22, legacy.quantize_q5_0, decode.dequantize_q5_0, True),
+    QType("Q5_1", _G.Q5_1, 32, 24, legacy.quantize_q5_1, decode.dequantize_q5_1, True),
     QType("Q4_K", _G.Q4_K, 256, 144, kquants.quantize_q4_k, decode.dequantize_q4_k, True),
     QType("Q5_K", _G.Q5_K, 256, 176, kquants.quantize_q5_k, decode.dequantize_q5_k, True),
     QType("Q6_K", _G.Q6_K, 256, 210, kquants.quantize_q6_k, decode.dequantize_q6_k, True),

@@ -1,5 +1,5 @@
 """Dequantizers: GGML block bytes -> float32, as Numba kernels, for Q8_0 Q4_0 Q4_1 Q5_0
-Q4_K Q5_K Q6_K F16 BF16.
+Q5_1 Q4_K Q5_K Q6_K F16 BF16.
 
 Three layers per type, from the inside out:
   decode_row_<type>(src, dst)        serial: one row, src uint8 (row_bytes,) -> dst f32 (cols,);
@@ -31,6 +31,7 @@ Q8_0_BYTES = 2 + QK
 Q4_0_BYTES = 2 + QK // 2
 Q4_1_BYTES = 4 + QK // 2
 Q5_0_BYTES = 2 + 4 + QK // 2
+Q5_1_BYTES = 4 + 4 + QK // 2
 Q4_K_BYTES = 4 + 12 + QK_K // 2
 Q5_K_BYTES = 4 + 12 + QK_K // 8 + QK_K // 2
 Q6_K_BYTES = QK_K // 2 + QK_K // 4 + QK_K // 16 + 2
@@ -43,6 +44,13 @@ Q6_K_BYTES = QK_K // 2 + QK_K // 4 + QK_K // 16 + 2
 def _half_at(src, offset):
     """The little-endian fp16 at src[offset:offset + 2], as float32."""
     return half_bits_to_float(np.uint32(src[offset]) | (np.uint32(src[offset + 1]) << np.uint32(8)))
+
+
+@njit(cache=True, inline="always")
+def _u32_at(src, offset):
+    """The little-endian uint32 at src[offset:offset + 4]."""
+    return (np.uint32(src[offset]) | (np.uint32(src[offset + 1]) << np.uint32(8))
+            | (np.uint32(src[offset + 2]) << np.uint32(16)) | (np.uint32(src[offset + 3]) << np.uint32(24)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,14 +112,33 @@ def decode_row_q5_0(src, dst):
         o = b * Q5_0_BYTES
         y = b * QK
         d = _half_at(src, o)
-        qh = (np.uint32(src[o + 2]) | (np.uint32(src[o + 3]) << np.uint32(8))
-              | (np.uint32(src[o + 4]) << np.uint32(16)) | (np.uint32(src[o + 5]) << np.uint32(24)))
+        qh = _u32_at(src, o + 2)
         for j in range(QK // 2):
             byte = np.int32(src[o + 6 + j])
             high_lo = np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4
             high_hi = np.int32((qh >> np.uint32(j + QK // 2)) & np.uint32(1)) << 4
             dst[y + j] = d * np.float32(((byte & 0xF) | high_lo) - 16)
             dst[y + j + QK // 2] = d * np.float32(((byte >> 4) | high_hi) - 16)
+
+
+@njit(cache=True)
+def decode_row_q5_1(src, dst):
+    """src: (k/32 * 24,) uint8 Q5_1 blocks [d f16 | m f16 | qh u32 as Q5_0 | 16 bytes of low
+    nibbles as Q4_0] -> dst: (k,) f32, x = d * q + m."""
+    n_blocks = min(src.shape[0] // Q5_1_BYTES, dst.shape[0] // QK)
+    for b in range(n_blocks):
+        o = b * Q5_1_BYTES
+        y = b * QK
+        d = _half_at(src, o)
+        m = _half_at(src, o + 2)
+        qh = _u32_at(src, o + 4)
+        for j in range(QK // 2):
+            byte = np.int32(src[o + 8 + j])
+            high_lo = np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4
+            high_hi = np.int32((qh >> np.uint32(j + QK // 2)) & np.uint32(1)) << 4
+            # two roundings (no fused multiply-add), as in gguf-py and llama.cpp
+            dst[y + j] = d * np.float32((byte & 0xF) | high_lo) + m
+            dst[y + j + QK // 2] = d * np.float32((byte >> 4) | high_hi) + m
 
 
 @njit(cache=True, inline="always")
@@ -261,6 +288,13 @@ def dequantize_q5_0_into(data, out):
 
 
 @njit(cache=True, parallel=True)
+def dequantize_q5_1_into(data, out):
+    """data: (rows, cols/32 * 24) uint8 Q5_1 -> out: (rows, cols) f32, written in place."""
+    for r in prange(min(data.shape[0], out.shape[0])):
+        decode_row_q5_1(data[r], out[r])
+
+
+@njit(cache=True, parallel=True)
 def dequantize_q4_k_into(data, out):
     """data: (rows, cols/256 * 144) uint8 Q4_K -> out: (rows, cols) f32, written in place."""
     for r in prange(min(data.shape[0], out.shape[0])):
@@ -327,6 +361,11 @@ def dequantize_q4_1(data: np.ndarray, cols: int) -> np.ndarray:
 def dequantize_q5_0(data: np.ndarray, cols: int) -> np.ndarray:
     """data: (rows, cols/32 * 22) uint8 Q5_0 -> (rows, cols) f32."""
     return _dequantize(data, cols, QK, Q5_0_BYTES, dequantize_q5_0_into)
+
+
+def dequantize_q5_1(data: np.ndarray, cols: int) -> np.ndarray:
+    """data: (rows, cols/32 * 24) uint8 Q5_1 -> (rows, cols) f32."""
+    return _dequantize(data, cols, QK, Q5_1_BYTES, dequantize_q5_1_into)
 
 
 def dequantize_q4_k(data: np.ndarray, cols: int) -> np.ndarray:

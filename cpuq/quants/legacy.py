@@ -1,9 +1,9 @@
-"""Legacy-type encoders: float32 rows -> Q8_0, Q4_0, Q4_1, Q5_0 blocks of 32 values, byte for
-byte as llama.cpp's `ggml_quantize_chunk` writes them.
+"""Legacy-type encoders: float32 rows -> Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 blocks of 32 values,
+byte for byte as llama.cpp's `ggml_quantize_chunk` writes them.
 
 Without an importance matrix llama.cpp runs quantize_row_*_ref (scale from the block's
 extreme value, levels by truncating x/d + offset); with one, quantize_row_*_impl (a weighted
-scale search: make_qx_quants for Q4_0/Q5_0, make_qkx_quants for Q4_1, weights
+scale search: make_qx_quants for Q4_0/Q5_0, make_qkx_quants for Q4_1/Q5_1, weights
 imatrix * sqrt(sigma2 + x^2) with sigma2 the mean square of the whole row). Q8_0 always
 takes the _ref path: llama.cpp ignores the imatrix for it, and so does quantize_q8_0.
 
@@ -12,6 +12,7 @@ Block layouts (ggml-common.h), bytes per 32 values:
   Q4_0 18: d f16 | qs[16]                (value j in the low nibble of byte j, j+16 in the high)
   Q4_1 20: d f16 | m f16 | qs[16]
   Q5_0 22: d f16 | qh u32 (bit j: 5th bit of value j) | qs[16]
+  Q5_1 24: d f16 | m f16 | qh u32 (as Q5_0) | qs[16]
 
 x: C-contiguous f32 (rows, cols), cols a multiple of 32; importance: f32 (cols,) or None.
 The public wrapper in cpuq.quants validates both; loop bounds here still come from the
@@ -38,6 +39,7 @@ Q8_0_BYTES = 2 + QK
 Q4_0_BYTES = 2 + QK // 2
 Q4_1_BYTES = 2 + 2 + QK // 2
 Q5_0_BYTES = 2 + 4 + QK // 2
+Q5_1_BYTES = 2 + 2 + 4 + QK // 2
 
 _JIT = dict(cache=True, fastmath=False, error_model="numpy")
 _NO_IMPORTANCE = np.empty(0, np.float32)
@@ -115,21 +117,25 @@ def _ordered(v):
     return bits if bits >= 0 else -(bits & 0x7FFFFFFF)
 
 
+@njit(inline="always", **_JIT)
+def _block_range(xb, b):
+    """(min, max) of block xb[b] as C's `if (v < min) min = v; if (v > max) max = v;` finds
+    them. That scan keeps the first of equal values, which matters only for the sign of a
+    zero min; integer keys (value, then index) find the same elements and vectorize."""
+    lo_key = np.int64(1) << 62
+    hi_key = -(np.int64(1) << 62)
+    for j in range(QK):
+        key = _ordered(xb[b, j]) << 5
+        lo_key = min(lo_key, key | j)
+        hi_key = max(hi_key, key | (QK - 1 - j))
+    return xb[b, lo_key & (QK - 1)], xb[b, QK - 1 - (hi_key & (QK - 1))]
+
+
 @njit(**_JIT)
 def _ref_q4_1(x, out):
     xb, ob = _as_blocks(x, out, Q4_1_BYTES)
     for b in range(xb.shape[0]):
-        # C's `if (v < min) min = v; if (v > max) max = v;` keeps the first of equal values,
-        # which matters only for the sign of a zero min; integer keys (value, then index)
-        # find the same elements and vectorize
-        lo_key = np.int64(1) << 62
-        hi_key = -(np.int64(1) << 62)
-        for j in range(QK):
-            key = _ordered(xb[b, j]) << 5
-            lo_key = min(lo_key, key | j)
-            hi_key = max(hi_key, key | (QK - 1 - j))
-        lo = xb[b, lo_key & (QK - 1)]
-        hi = xb[b, QK - 1 - (hi_key & (QK - 1))]
+        lo, hi = _block_range(xb, b)
         d = (hi - lo) / f32(15.0)
         inv_d = f32(1.0) / d if d != f32(0.0) else f32(0.0)
         _put_f16(ob, b, 0, fp32_to_fp16_bits(d))
@@ -141,10 +147,10 @@ def _ref_q4_1(x, out):
 
 
 @njit(**_JIT)
-def _pack_q5_0(ob, b, j, q0, q1, qh):
-    """Low nibbles of levels j and j+16 into qs[j] of block ob[b]; returns qh with their
-    5th bits added."""
-    ob[b, 6 + j] = (q0 & 0xF) | ((q1 & 0xF) << 4)
+def _pack_5bit(ob, b, qs_at, j, q0, q1, qh):
+    """Low nibbles of levels j and j+16 into qs[j] (block ob[b], qs starting at byte qs_at:
+    6 for Q5_0, 8 for Q5_1); returns qh with their 5th bits added."""
+    ob[b, qs_at + j] = (q0 & 0xF) | ((q1 & 0xF) << 4)
     return qh | (((q0 & 0x10) >> 4) << j) | (((q1 & 0x10) >> 4) << (j + 16))
 
 
@@ -152,6 +158,25 @@ def _pack_q5_0(ob, b, j, q0, q1, qh):
 def _put_u32(ob, b, offset, v):
     for k in range(4):
         ob[b, offset + k] = (v >> (8 * k)) & 0xFF
+
+
+@njit(**_JIT)
+def _ref_q5_1(x, out):
+    """Q4_1's scheme with 31 steps. Levels are C's (uint8_t)((x - min)/d + 0.5) with no clamp
+    (only their low 5 bits are stored); that cast keeps the same low byte as _as_int8's."""
+    xb, ob = _as_blocks(x, out, Q5_1_BYTES)
+    for b in range(xb.shape[0]):
+        lo, hi = _block_range(xb, b)
+        d = (hi - lo) / f32(31.0)
+        inv_d = f32(1.0) / d if d != f32(0.0) else f32(0.0)
+        _put_f16(ob, b, 0, fp32_to_fp16_bits(d))
+        _put_f16(ob, b, 2, fp32_to_fp16_bits(lo))
+        qh = 0
+        for j in range(QK // 2):
+            q0 = _as_int8((xb[b, j] - lo) * inv_d + f32(0.5)) & 0xFF
+            q1 = _as_int8((xb[b, j + 16] - lo) * inv_d + f32(0.5)) & 0xFF
+            qh = _pack_5bit(ob, b, 8, j, q0, q1, qh)
+        _put_u32(ob, b, 4, qh)
 
 
 @njit(**_JIT)
@@ -170,7 +195,7 @@ def _ref_symmetric(x, nmax, out):
             if nmax == 8:
                 ob[b, 2 + j] = q0 | (q1 << 4)
             else:
-                qh = _pack_q5_0(ob, b, j, q0, q1, qh)
+                qh = _pack_5bit(ob, b, 6, j, q0, q1, qh)
         if nmax == 16:
             _put_u32(ob, b, 2, qh)
 
@@ -221,26 +246,33 @@ def _impl_symmetric(x, cols, importance, nmax, out):
             if nmax == 8:
                 ob[b, 2 + j] = L[j, b] | (L[j + 16, b] << 4)
             else:
-                qh = _pack_q5_0(ob, b, j, np.int64(L[j, b]), np.int64(L[j + 16, b]), qh)
+                qh = _pack_5bit(ob, b, 6, j, np.int64(L[j, b]), np.int64(L[j + 16, b]), qh)
         if nmax == 16:
             _put_u32(ob, b, 2, qh)
 
 
 @njit(**_JIT)
-def _impl_q4_1(x, cols, importance, out):
-    """Q4_1 with an imatrix: make_qkx_quants (llama.cpp's make_qkx3_quants) per block."""
-    xb, ob = _as_blocks(x, out, Q4_1_BYTES)
+def _impl_asymmetric(x, cols, importance, nmax, out):
+    """Q4_1 (nmax 15) or Q5_1 (nmax 31) with an imatrix: make_qkx_quants (llama.cpp's
+    make_qkx3_quants) per block; the block stores -the_min, the offset itself."""
+    xb, ob = _as_blocks(x, out, Q4_1_BYTES if nmax == 15 else Q5_1_BYTES)
     nb = xb.shape[0]
     xt, wt = _weighted_groups(x, cols, importance, nb)
     L = np.empty((QK, nb), np.uint8)
     scales = np.empty(nb, np.float32)
     mins = np.empty(nb, np.float32)
-    make_qkx_quants(xt, wt, 15, f32(-0.9), f32(0.05), 36, L, scales, mins)
+    make_qkx_quants(xt, wt, nmax, f32(-0.9), f32(0.05), 36, L, scales, mins)
     for b in range(nb):
         _put_f16(ob, b, 0, fp32_to_fp16_bits(scales[b]))
         _put_f16(ob, b, 2, fp32_to_fp16_bits(-mins[b]))
+        qh = 0
         for j in range(QK // 2):
-            ob[b, 4 + j] = L[j, b] | (L[j + 16, b] << 4)
+            if nmax == 15:
+                ob[b, 4 + j] = L[j, b] | (L[j + 16, b] << 4)
+            else:
+                qh = _pack_5bit(ob, b, 8, j, np.int64(L[j, b]), np.int64(L[j + 16, b]), qh)
+        if nmax == 31:
+            _put_u32(ob, b, 4, qh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,16 +308,19 @@ def _quantize_rows_symmetric(x, importance, nmax, out):
 
 
 @njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
-def _quantize_rows_q4_1(x, importance, out):
+def _quantize_rows_asymmetric(x, importance, nmax, out):
+    """Q4_1 (nmax 15) or Q5_1 (nmax 31)."""
     rows, cols = min(x.shape[0], out.shape[0]), x.shape[1]
     weighted = importance.shape[0] >= cols > 0 and cols % QK == 0  # keeps indexes below cols
     per_tile, n_tiles = _tiles(rows, cols)
     for t in prange(n_tiles):
         r0, r1 = t * per_tile, min(rows, (t + 1) * per_tile)
         if weighted:
-            _impl_q4_1(x[r0:r1].reshape(-1), cols, importance, out[r0:r1].reshape(-1))
-        else:
+            _impl_asymmetric(x[r0:r1].reshape(-1), cols, importance, nmax, out[r0:r1].reshape(-1))
+        elif nmax == 15:
             _ref_q4_1(x[r0:r1].reshape(-1), out[r0:r1].reshape(-1))
+        else:
+            _ref_q5_1(x[r0:r1].reshape(-1), out[r0:r1].reshape(-1))
 
 
 def _alloc(x, type_size):
@@ -310,7 +345,7 @@ def quantize_q4_0(x: np.ndarray, importance: np.ndarray | None = None) -> np.nda
 def quantize_q4_1(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
     """f32 (rows, cols) -> uint8 (rows, cols/32 * 20) Q4_1, as llama.cpp's quantize_q4_1."""
     out = _alloc(x, Q4_1_BYTES)
-    _quantize_rows_q4_1(x, _NO_IMPORTANCE if importance is None else importance, out)
+    _quantize_rows_asymmetric(x, _NO_IMPORTANCE if importance is None else importance, 15, out)
     return out
 
 
@@ -318,4 +353,11 @@ def quantize_q5_0(x: np.ndarray, importance: np.ndarray | None = None) -> np.nda
     """f32 (rows, cols) -> uint8 (rows, cols/32 * 22) Q5_0, as llama.cpp's quantize_q5_0."""
     out = _alloc(x, Q5_0_BYTES)
     _quantize_rows_symmetric(x, _NO_IMPORTANCE if importance is None else importance, 16, out)
+    return out
+
+
+def quantize_q5_1(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """f32 (rows, cols) -> uint8 (rows, cols/32 * 24) Q5_1, as llama.cpp's quantize_q5_1."""
+    out = _alloc(x, Q5_1_BYTES)
+    _quantize_rows_asymmetric(x, _NO_IMPORTANCE if importance is None else importance, 31, out)
     return out

@@ -116,6 +116,9 @@ def test_rope_scaling_same_bytes(arch, overrides, tmp_path):
     ("qwen3", 64, "q4_k"),     # row length 64: Q4_K -> Q5_0 fallback (llama-quant.cpp:390-441)
     ("llama", 256, "q6_k"),
     ("qwen2", 64, "q5_0"),
+    ("qwen2", 64, "q5_k"),     # row length 64: Q5_K -> Q5_1 fallback
+    ("qwen3", 256, "q5_k"),
+    ("llama", 64, "q4_0"),
 ])
 def test_same_bytes_as_llama_quantize_pure(arch, hidden, qtype, tmp_path):
     src = make_tiny_checkpoint(tmp_path / f"tiny-{arch}", arch=arch, dtype="bf16", tied=arch != "llama",

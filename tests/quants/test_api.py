@@ -7,7 +7,7 @@ from cpuq import InputError, UnsupportedError
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"])
 def test_non_finite_refused_with_position(bad, qtype):
     x = np.ones((3, 256), np.float32)
     x[2, 17] = bad

@@ -26,6 +26,7 @@ TYPES = {
     "q4_0": (G.Q4_0, 32, 18, (0,)),
     "q4_1": (G.Q4_1, 32, 20, (0, 2)),
     "q5_0": (G.Q5_0, 32, 22, (0,)),
+    "q5_1": (G.Q5_1, 32, 24, (0, 2)),
     "q4_k": (G.Q4_K, 256, 144, (0, 2)),
     "q5_k": (G.Q5_K, 256, 176, (0, 2)),
     "q6_k": (G.Q6_K, 256, 210, (208,)),
@@ -106,7 +107,7 @@ def test_random_bytes(name):
 
 
 @pytest.mark.parametrize("kind", ["normal", "heavy_tailed", "zeros", "real"])
-@pytest.mark.parametrize("name", ["q8_0", "q4_0", "q4_1", "q5_0", "f16", "bf16"])
+@pytest.mark.parametrize("name", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "f16", "bf16"])
 def test_blocks_from_gguf_quantizer(name, kind):
     rows, cols = 24, 512
     x = testdata.KINDS[kind](rows, cols, seed=3)

@@ -29,6 +29,7 @@ TYPES = {
     "q4_0": (G.Q4_0, legacy.quantize_q4_0, 32, 18),
     "q4_1": (G.Q4_1, legacy.quantize_q4_1, 32, 20),
     "q5_0": (G.Q5_0, legacy.quantize_q5_0, 32, 22),
+    "q5_1": (G.Q5_1, legacy.quantize_q5_1, 32, 24),
 }
 K_COLS = (256, 512, 1536, 4096)
 LEGACY_COLS = (32, 96) + K_COLS
