@@ -201,6 +201,74 @@ class ModelConfig:
             rope_scaling=rope_scaling, head_dim_in_config=head_dim_in_config,
         )
 
+    @classmethod
+    def from_gguf(cls, f: Any) -> "ModelConfig":
+        """From an open GGUF file's metadata (cpuq.gguf_io.GGUFFile), as llama.cpp reads it
+        (llama-model.cpp load_hparams): missing head_count_kv means no grouping, missing
+        key_length means n_embd / n_head, rope scaling keys only when a type is named."""
+        where = str(f.path)
+        arch = f.require("general.architecture", str)
+        hf_arch = next((name for name, spec in ARCHITECTURES.items() if spec.gguf_arch == arch), None)
+        if hf_arch is None:
+            supported = ", ".join(s.gguf_arch for s in ARCHITECTURES.values())
+            raise UnsupportedError(f"{where}: architecture '{arch}' is not supported (supported: {supported})")
+        spec = ARCHITECTURES[hf_arch]
+
+        def get_int(key: str, default: int | None = None) -> int:
+            value = f.get(f"{arch}.{key}")
+            if value is None:
+                if default is None:
+                    raise FormatError(f"{where}: metadata key '{arch}.{key}' is missing")
+                return default
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise FormatError(f"{where}: metadata key '{arch}.{key}' is {value!r}, expected a positive integer")
+            return int(value)
+
+        def get_float(key: str, default: float) -> float:
+            value = f.get(f"{arch}.{key}")
+            if value is None:
+                return default
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
+                    or not np.isfinite(value) or value <= 0:
+                raise FormatError(f"{where}: metadata key '{arch}.{key}' is {value!r}, expected a positive number")
+            return float(value)
+
+        n_embd = get_int("embedding_length")
+        n_head = get_int("attention.head_count")
+        n_head_kv = get_int("attention.head_count_kv", n_head)
+        if n_head % n_head_kv:
+            raise FormatError(f"{where}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
+        head_dim = get_int("attention.key_length", n_embd // n_head)
+        if get_int("attention.value_length", head_dim) != head_dim:
+            raise UnsupportedError(f"{where}: key_length and value_length differ")
+        if get_int("rope.dimension_count", head_dim) != head_dim or head_dim % 2:
+            raise UnsupportedError(f"{where}: rope over part of a head (rope.dimension_count "
+                                   f"{get_int('rope.dimension_count', head_dim)}, head size {head_dim}) is not supported")
+        tokens = f.array_length("tokenizer.ggml.tokens") if "tokenizer.ggml.tokens" in f.keys() else None
+        n_vocab = get_int("vocab_size", tokens or None)
+        rope_scaling = None
+        rope_type = f.get(f"{arch}.rope.scaling.type")
+        if rope_type not in (None, "none"):
+            if rope_type not in ("linear", "yarn"):
+                raise UnsupportedError(f"{where}: rope scaling type '{rope_type}' is not supported (linear, yarn)")
+            rope = {"rope_type": rope_type, "factor": get_float("rope.scaling.factor", 1.0)}
+            if rope_type == "yarn":
+                rope["original_max_position_embeddings"] = get_int("rope.scaling.original_context_length")
+                for key, hf_key in (("yarn_ext_factor", "extrapolation_factor"), ("yarn_attn_factor", "attention_factor"),
+                                    ("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+                    value = f.get(f"{arch}.rope.scaling.{key}")
+                    if value is not None:
+                        rope[hf_key] = float(value)
+            rope_scaling = tuple(sorted(rope.items()))
+        return cls(
+            arch=arch, hf_architecture=hf_arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=get_int("block_count"),
+            n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_ff=get_int("feed_forward_length"),
+            rms_eps=get_float("attention.layer_norm_rms_epsilon", spec.default_rms_eps),
+            rope_theta=get_float("rope.freq_base", 10000.0),
+            context_length=get_int("context_length", spec.default_context_length),
+            tied_embeddings="output.weight" not in f.tensors, rope_scaling=rope_scaling,
+        )
+
     def writes_head_dim(self) -> bool:
         return self.spec.head_dim_key == "always" or self.head_dim_in_config
 

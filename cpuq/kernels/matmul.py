@@ -1,0 +1,103 @@
+"""Products with quantized weight matrices, read block by block from the file's bytes.
+
+A weight matrix is w: uint8 (m, row_bytes), m rows of k values in GGML type `ggml_type`
+(the id in the GGUF tensor info). Each kernel decodes a tile of weight rows into a small
+float32 buffer (the quants.decode row decoders, which stay inside their arrays whatever
+the bytes hold) and multiplies it with every activation row, so a prompt of n tokens
+reads the weights once, not n times.
+
+The float32 dot products allow reassociation (fastmath 'reassoc' + 'contract', so they
+vectorize); that changes the order of a sum, as any BLAS does, and nothing else: no
+assumption about NaN or inf is made.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ..quants import decode as D
+
+# GGML type ids (ggml.h enum ggml_type) that decode_row understands.
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
+SUPPORTED = (F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16)
+
+_DOT = {"reassoc", "contract"}
+ROWS_PER_TILE = 16
+
+
+@njit(cache=True)
+def _decode_row_f32(src, dst):
+    n = min(src.shape[0] // 4, dst.shape[0])
+    vals = src[:4 * n].view(np.float32)
+    for i in range(n):
+        dst[i] = vals[i]
+
+
+@njit(cache=True)
+def decode_row(ggml_type, src, dst):
+    """src: (row_bytes,) uint8, one row of `ggml_type` -> dst: (k,) f32. An unknown type
+    leaves dst untouched (callers check the type where the file is loaded)."""
+    if ggml_type == Q4_K:
+        D.decode_row_q4_k(src, dst)
+    elif ggml_type == Q6_K:
+        D.decode_row_q6_k(src, dst)
+    elif ggml_type == Q8_0:
+        D.decode_row_q8_0(src, dst)
+    elif ggml_type == Q5_0:
+        D.decode_row_q5_0(src, dst)
+    elif ggml_type == Q5_K:
+        D.decode_row_q5_k(src, dst)
+    elif ggml_type == Q4_0:
+        D.decode_row_q4_0(src, dst)
+    elif ggml_type == Q4_1:
+        D.decode_row_q4_1(src, dst)
+    elif ggml_type == Q5_1:
+        D.decode_row_q5_1(src, dst)
+    elif ggml_type == F16:
+        D.decode_row_f16(src, dst)
+    elif ggml_type == BF16:
+        D.decode_row_bf16(src, dst)
+    elif ggml_type == F32:
+        _decode_row_f32(src, dst)
+
+
+@njit(cache=True, fastmath=_DOT, inline="always")
+def _dot(a, b, k):
+    acc = np.float32(0.0)
+    for j in range(k):
+        acc += a[j] * b[j]
+    return acc
+
+
+@njit(cache=True, parallel=True, fastmath=_DOT)
+def matmul(x, w, ggml_type, out):
+    """x: (n, k) f32, w: (m, row_bytes) uint8 rows of `ggml_type` -> out: (n, m) f32 = x @ W.T.
+    Bounds come from the smaller of each pair of shapes."""
+    n = min(x.shape[0], out.shape[0])
+    k = x.shape[1]
+    m = min(w.shape[0], out.shape[1])
+    n_tiles = (m + ROWS_PER_TILE - 1) // ROWS_PER_TILE
+    for t in prange(n_tiles):
+        r0 = t * ROWS_PER_TILE
+        r1 = min(m, r0 + ROWS_PER_TILE)
+        buf = np.zeros((ROWS_PER_TILE, k), np.float32)
+        for r in range(r0, r1):
+            decode_row(ggml_type, w[r], buf[r - r0])
+        for i in range(n):
+            xi = x[i]
+            for r in range(r0, r1):
+                out[i, r] = _dot(xi, buf[r - r0], k)
+
+
+@njit(cache=True, parallel=True)
+def get_rows(w, ggml_type, ids, out):
+    """w: (m, row_bytes) uint8, ids: (n,) int64 row numbers -> out: (n, k) f32, out[i] = W[ids[i]].
+    An id outside [0, m) gives a row of zeros (callers validate token ids first)."""
+    n = min(ids.shape[0], out.shape[0])
+    m = w.shape[0]
+    for i in prange(n):
+        r = ids[i]
+        if 0 <= r < m:
+            decode_row(ggml_type, w[r], out[i])
+        else:
+            out[i, :] = 0.0

@@ -1,0 +1,129 @@
+"""The transformer forward pass (Qwen2, Qwen3, Llama) over a KV cache, written top to
+bottom like HF's modeling files: embed, then per layer attention and MLP blocks with
+pre-norm residuals, then the final norm and the output projection.
+
+Activations are float32; weights are read as quantized blocks by cpuq.kernels. A call
+processes a batch of consecutive tokens (a prompt chunk or one generated token).
+
+Imports numpy, cpuq.arch, cpuq.kernels and cpuq.runtime.weights.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..arch import ModelConfig
+from ..kernels.activations import swiglu
+from ..kernels.attention import attention
+from ..kernels.matmul import get_rows, matmul
+from ..kernels.norms import rms_norm
+from ..kernels.rope import apply_rope, rope_tables
+from .weights import Layer, Matrix, Weights
+
+
+class KVCache:
+    """Keys and values of every layer for positions 0 .. n_past-1; float32
+    (n_layer, n_ctx, n_head_kv, head_dim). np.zeros maps untouched pages lazily, so
+    memory grows with the positions used, not with n_ctx."""
+
+    def __init__(self, cfg: ModelConfig, n_ctx: int):
+        shape = (cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim)
+        self.k = np.zeros(shape, np.float32)
+        self.v = np.zeros(shape, np.float32)
+        self.n_ctx = n_ctx
+        self.n_past = 0
+
+    def clear(self) -> None:
+        self.n_past = 0
+
+
+@dataclass(frozen=True)
+class Rope:
+    """What rope_tables needs besides positions, from the config."""
+    n_rot: int
+    base: float
+    neox: bool
+    freq_scale: float
+    yarn: tuple[float, float, float, int] | None
+    attn_factor: float
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "Rope":
+        rope = dict(cfg.rope_scaling or ())
+        kind = rope.get("rope_type")
+        factor = float(rope.get("factor", 1.0)) if kind in ("linear", "yarn") else 1.0
+        yarn = None
+        attn_factor = 1.0
+        if kind == "yarn":
+            # llama.cpp: yarn_ext_factor < 0 means 1.0 for YaRN (llama-context.cpp); beta 32 / 1.
+            ext = float(rope.get("extrapolation_factor", -1.0))
+            yarn = (1.0 if ext < 0 else ext, float(rope.get("beta_fast", 32.0)), float(rope.get("beta_slow", 1.0)),
+                    int(rope["original_max_position_embeddings"]))
+            attn_factor = float(rope.get("attention_factor", 1.0))
+        return cls(cfg.head_dim, cfg.rope_theta, cfg.arch != "llama", 1.0 / factor, yarn, attn_factor)
+
+    def tables(self, positions: np.ndarray, freq_factors: np.ndarray | None):
+        return rope_tables(positions, self.n_rot, self.base, self.freq_scale, freq_factors, self.yarn,
+                           self.attn_factor)
+
+
+def _linear(x: np.ndarray, w: Matrix, bias: np.ndarray | None = None) -> np.ndarray:
+    out = np.empty((x.shape[0], w.rows), np.float32)
+    matmul(x, w.data, w.ggml_type, out)
+    if bias is not None:
+        out += bias
+    return out
+
+
+def _norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    out = np.empty_like(x)
+    rms_norm(x, weight, eps, out)
+    return out
+
+
+def attention_block(x, layer: Layer, il: int, cfg: ModelConfig, cache: KVCache, start: int, cos, sin, neox):
+    n = x.shape[0]
+    hd = cfg.head_dim
+    h = _norm(x, layer.attn_norm, cfg.rms_eps)
+    q = _linear(h, layer.wq, layer.bq).reshape(n, cfg.n_head, hd)
+    k = _linear(h, layer.wk, layer.bk).reshape(n, cfg.n_head_kv, hd)
+    v = _linear(h, layer.wv, layer.bv).reshape(n, cfg.n_head_kv, hd)
+    if layer.q_norm is not None:  # qwen3: RMSNorm over each head before rope
+        rms_norm(q.reshape(-1, hd), layer.q_norm, cfg.rms_eps, q.reshape(-1, hd))
+        rms_norm(k.reshape(-1, hd), layer.k_norm, cfg.rms_eps, k.reshape(-1, hd))
+    apply_rope(q, cos, sin, neox)
+    apply_rope(k, cos, sin, neox)
+    cache.k[il, start:start + n] = k
+    cache.v[il, start:start + n] = v
+    out = np.empty_like(q)
+    attention(q, cache.k[il], cache.v[il], start, np.float32(1.0 / math.sqrt(hd)), out)
+    return _linear(out.reshape(n, -1), layer.wo)
+
+
+def mlp_block(x, layer: Layer, cfg: ModelConfig):
+    h = _norm(x, layer.ffn_norm, cfg.rms_eps)
+    gate = _linear(h, layer.w_gate)
+    up = _linear(h, layer.w_up)
+    swiglu(gate, up, gate)
+    return _linear(gate, layer.w_down)
+
+
+def forward(w: Weights, cfg: ModelConfig, rope: Rope, tokens: np.ndarray, cache: KVCache,
+            all_logits: bool) -> np.ndarray:
+    """Run `tokens` (n,) int64 at positions cache.n_past .. +n-1, append their keys and
+    values to the cache, and return logits (n, n_vocab) if all_logits else (1, n_vocab)
+    for the last token. The caller checks the tokens are < n_vocab and fit in the cache."""
+    n = tokens.shape[0]
+    start = cache.n_past
+    x = np.empty((n, cfg.n_embd), np.float32)
+    get_rows(w.token_embd.data, w.token_embd.ggml_type, tokens, x)
+    cos, sin = rope.tables(np.arange(start, start + n), w.rope_freqs)
+    for il, layer in enumerate(w.layers):
+        x += attention_block(x, layer, il, cfg, cache, start, cos, sin, rope.neox)
+        x += mlp_block(x, layer, cfg)
+    cache.n_past = start + n
+    if not all_logits:
+        x = x[-1:]
+    return _linear(_norm(x, w.output_norm, cfg.rms_eps), w.output)
