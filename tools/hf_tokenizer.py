@@ -2,15 +2,14 @@
 vocabulary, for the fixture checkpoints; plus llama.cpp's tokenizer test vectors.
 
 The GGUF keys tokenizer.ggml.{tokens,token_type,merges,pre} are what llama.cpp's
-converter wrote from an HF tokenizer; this goes the other way. The pre-tokenizer for
-each `tokenizer.ggml.pre` is a table row mirroring the regexes of llama.cpp's
-src/llama-vocab.cpp (LLAMA_VOCAB_PRE_TYPE_*), written as HF's tokenizer.json writes it.
+converter wrote from an HF tokenizer; this goes the other way. The tokenizer itself is
+cpuq's (cpuq.runtime.tokenizer: the pre-tokenizer rows mirror the regexes of llama.cpp's
+src/llama-vocab.cpp); this adds what HF's tokenizer.json has and llama.cpp does not:
+Qwen2's NFC normalizer, no converter padding, the file's token types as they are.
 
-`read_gguf_metadata` is a minimal metadata-only GGUF reader for trusted fixture files:
-gguf-py (and so cpuq.open_gguf) takes ~7 s to open a 151936-token vocabulary because
-it builds one numpy view per string; this takes a fraction of a second.
+`read_gguf_metadata` is a minimal metadata-only GGUF reader for trusted fixture files.
 
-Imports tokenizers, numpy, gguf (for enums) and the standard library; not cpuq.
+Imports cpuq.runtime.tokenizer, tokenizers, numpy, gguf (for enums) and the standard library.
 """
 from __future__ import annotations
 
@@ -18,41 +17,22 @@ import json
 import mmap
 import re
 import struct
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 from gguf import GGUFValueType, TokenType
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer, normalizers
 
-# The regex HF's Qwen2 tokenizer.json carries; llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2 is
-# this with (?i:...) spelled out as [sS] classes.
-QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cpuq.runtime.tokenizer import Vocab, build_hf_tokenizer  # noqa: E402
 
-
-def _qwen2():
-    # Qwen2's tokenizer.json also NFC-normalizes; llama.cpp does not, so NFC-decomposed
-    # input is the one place the two can differ (no test vector has any).
-    return (normalizers.NFC(),
-            pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)]))
-
-
-def _smollm():
-    # llama.cpp: "\p{N}" first (every digit alone), then GPT-2's regex; HF spells that
-    # Digits(individual_digits) + ByteLevel(use_regex), as SmolLM2's own tokenizer.json does.
-    return (None,
-            pre_tokenizers.Sequence([
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)]))
-
-
-# tokenizer.ggml.pre -> (normalizer, pre_tokenizer) for a byte-level BPE ("gpt2") vocab.
-PRE_TOKENIZERS = {
-    "qwen2": _qwen2,
-    "smollm": _smollm,
+# tokenizer.ggml.pre -> the normalizer HF's tokenizer.json has and llama.cpp does not
+# apply. Qwen2's tokenizer NFC-normalizes, so NFC-decomposed input is the one place the
+# HF files and llama.cpp (and cpuq's runtime) can differ; no test vector has any.
+HF_NORMALIZERS = {
+    "qwen2": normalizers.NFC,
 }
 
 # llama.cpp's converter pads a vocabulary up to the model's vocab_size with these
@@ -64,37 +44,16 @@ def build_tokenizer(metadata: Mapping[str, Any]) -> Tokenizer:
     """A `tokenizers.Tokenizer` equal to the one the GGUF's vocabulary came from.
 
     CONTROL tokens become special added tokens, other USER_DEFINED tokens plain added
-    tokens (the inverse of get_vocab_base's typing); converter padding is dropped.
+    tokens (the inverse of get_vocab_base's typing); converter padding is dropped. Unlike
+    cpuq's runtime tokenizer, the file's token types are kept as written (llama.cpp makes
+    e.g. Qwen2's "</s>" a control token by its text; HF's tokenizer does not).
     """
-    model = metadata["tokenizer.ggml.model"]
-    pre = metadata["tokenizer.ggml.pre"]
-    if model != "gpt2":
-        raise ValueError(f"tokenizer.ggml.model {model!r}: only byte-level BPE ('gpt2') is supported")
-    if pre not in PRE_TOKENIZERS:
-        raise ValueError(f"tokenizer.ggml.pre {pre!r}: no pre-tokenizer row (have {sorted(PRE_TOKENIZERS)})")
-    tokens = metadata["tokenizer.ggml.tokens"]
-    types = metadata["tokenizer.ggml.token_type"]
-    vocab, added = {}, []
-    for i, (tok, typ) in enumerate(zip(tokens, types)):
-        if typ == TokenType.USER_DEFINED and _PAD_TOKEN.fullmatch(tok):
-            continue
-        vocab[tok] = i
-        if typ == TokenType.CONTROL:
-            added.append(AddedToken(tok, special=True, normalized=False))
-        elif typ == TokenType.USER_DEFINED:
-            added.append(AddedToken(tok, special=False, normalized=False))
-    merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
-    normalizer, pre_tokenizer = PRE_TOKENIZERS[pre]()
-    if normalizer is not None:
-        tok.normalizer = normalizer
-    tok.pre_tokenizer = pre_tokenizer
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.add_special_tokens([a for a in added if a.special])
-    tok.add_tokens([a for a in added if not a.special])
-    for a in added:  # added tokens already in the vocab keep their ids; check nothing moved
-        assert tok.token_to_id(a.content) == vocab[a.content], a.content
+    vocab = Vocab.from_metadata(metadata)
+    padding = [i for i, (tok, typ) in enumerate(zip(vocab.tokens, vocab.types.tolist()))
+               if typ in (TokenType.USER_DEFINED, TokenType.UNUSED) and _PAD_TOKEN.fullmatch(tok)]
+    tok = build_hf_tokenizer(vocab, exclude=padding, types=vocab.types)
+    if vocab.pre in HF_NORMALIZERS:
+        tok.normalizer = HF_NORMALIZERS[vocab.pre]()
     return tok
 
 

@@ -16,8 +16,8 @@ Weights are N(0, 0.02) (norm weights 1 + N(0, 0.1)), deterministic in `seed`. Th
 safetensors file and BF16 rounding are written here directly: neither the safetensors
 package's numpy API nor numpy itself can write BF16.
 
-Imports numpy, the sibling hf_tokenizer (tokenizers, gguf enums) and the standard library;
-not torch, not cpuq.
+Imports numpy, the sibling hf_tokenizer (cpuq's tokenizer, tokenizers, gguf enums) and the
+standard library; not torch.
 """
 from __future__ import annotations
 

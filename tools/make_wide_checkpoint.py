@@ -12,7 +12,8 @@ tokenizer. Unlike make_tiny_checkpoint, no tensor is ever whole in memory: each 
 and written 4M values at a time, so a 12 GB checkpoint needs ~50 MB of RAM. One shard per
 layer plus one for the rest, with model.safetensors.index.json, as HF shards big models.
 
-Imports numpy and the sibling make_tiny_checkpoint / hf_tokenizer; not torch, not cpuq.
+Imports numpy and the sibling make_tiny_checkpoint / hf_tokenizer (and through it cpuq's
+tokenizer); not torch.
 """
 from __future__ import annotations
 
