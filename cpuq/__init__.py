@@ -16,8 +16,15 @@ def load(path, n_ctx: int = 4096, n_threads: int | None = None, gpu_layers: int 
     from .runtime.model import load as _load  # the runtime imports only when used
     return _load(path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers)
 
+
+def __getattr__(name: str):
+    if name == "Model":  # the runtime imports only when used
+        from .runtime.model import Model
+        return Model
+    raise AttributeError(f"module 'cpuq' has no attribute {name!r}")
+
 __all__ = [
     "CpuqError", "FormatError", "InputError", "UnsupportedError",
     "TYPES", "QType", "quantize", "dequantize", "get_qtype",
-    "GGUFFile", "GGUFStreamWriter", "open_gguf", "summarize", "convert", "load",
+    "GGUFFile", "GGUFStreamWriter", "open_gguf", "summarize", "convert", "load", "Model",
 ]

@@ -218,7 +218,10 @@ def chat(
 ) -> None:
     """Chat with a model in the terminal (or over a pipe: one user message per line)."""
     from .errors import CpuqError
+    from .runtime.sampling import SamplingParams
     sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos)
+    # Bad flags end the command before the model loads, not one turn later.
+    SamplingParams(**{k: v for k, v in sampling.items() if k not in ("stop", "ignore_eos")})
     interactive = sys.stdin.isatty()
     if interactive:
         try:

@@ -181,3 +181,35 @@ def test_convert_bad_input_is_one_line_exit_2(case, words, tmp_path):
     for w in words:
         assert w in lines[0], lines[0]
     assert list(out.iterdir()) == []
+
+
+def test_generate_command_is_deterministic_and_greedy():
+    demo = demo_or_skip()
+    args = ("generate", str(demo), "-p", "The capital of France is", "-n", "8", "--temperature", "0", "--threads", "1")
+    a, b = cpuq(*args), cpuq(*args)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and "Paris" in a.stdout
+    assert "tok/s" in a.stderr
+
+
+def test_chat_over_a_pipe():
+    demo = demo_or_skip()
+    r = subprocess.run([sys.executable, "-m", "cpuq.cli", "chat", str(demo), "--temperature", "0"], cwd=ROOT,
+                       input="What is the capital of France?\nAnd of Germany?\n/reset\n/exit\nnever read\n",
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == ">>> What is the capital of France?" and "Paris" in lines[1]
+    assert lines[2] == ">>> And of Germany?" and "Berlin" in lines[3]  # the first turn is remembered
+    assert "never read" not in r.stdout
+    assert "(new conversation)" in r.stderr and r.stderr.count(" tokens, ") == 2  # one speed line a reply
+
+
+@pytest.mark.parametrize("args, words", [
+    (("chat", "README.md"), "not a GGUF file"),
+    (("generate", "missing.gguf", "-p", "x"), "no such file"),
+    (("chat", "--top-p", "2"), "top_p"),
+])
+def test_run_commands_bad_input_exit_2(args, words):
+    r = cpuq(*args)
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
