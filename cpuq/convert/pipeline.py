@@ -37,7 +37,8 @@ from .hf_vocab import tokenizer_metadata
 from .naming import general_name_keys
 from .safetensors_io import open_checkpoint
 
-# (checkpoint bytes done, checkpoint bytes in all, tensor being written); called per piece.
+# (checkpoint bytes done, checkpoint bytes in all, tensor being written); called as each
+# tensor starts and after each piece of it.
 Progress = Callable[[int, int, str], None]
 
 GGML_QUANT_VERSION = 2  # gguf-py constants.py:13
@@ -414,6 +415,8 @@ def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str 
             writer.begin()
             done = 0
             for p in plans:
+                if progress is not None:
+                    progress(done, total_bytes, p.name)  # name the tensor while it is being written
                 def pieces(p=p):
                     nonlocal done
                     for data, n in _tensor_pieces(ckpt, cfg, p, out):
