@@ -18,6 +18,7 @@ from ..arch import ModelConfig
 from ..kernels.activations import swiglu
 from ..kernels.attention import attention
 from ..kernels.matmul import get_rows, matmul
+from ..kernels.matvec import matvec
 from ..kernels.norms import rms_norm
 from ..kernels.rope import apply_rope, rope_tables
 from .weights import Layer, Matrix, Weights
@@ -71,7 +72,10 @@ class Rope:
 
 def _linear(x: np.ndarray, w: Matrix, bias: np.ndarray | None = None) -> np.ndarray:
     out = np.empty((x.shape[0], w.rows), np.float32)
-    matmul(x, w.data, w.ggml_type, out)
+    if x.shape[0] == 1:  # decoding one token: the fused block-by-block kernels
+        matvec(x[0], w.data, w.ggml_type, out[0])
+    else:
+        matmul(x, w.data, w.ggml_type, out)
     if bias is not None:
         out += bias
     return out
