@@ -57,14 +57,15 @@ def matvec_q5_0(x, w, out):
             for b in range(nb):
                 o = b * 22
                 d = _half(w, r, o)
-                qh = (np.uint32(w[r, o + 2]) | (np.uint32(w[r, o + 3]) << np.uint32(8))
-                      | (np.uint32(w[r, o + 4]) << np.uint32(16)) | (np.uint32(w[r, o + 5]) << np.uint32(24)))
+                # int32, not uint32: numba widens mixed uint32 shifts to 64 bits, which halves speed
+                qh = (np.int32(w[r, o + 2]) | (np.int32(w[r, o + 3]) << 8)
+                      | (np.int32(w[r, o + 4]) << 16) | (np.int32(w[r, o + 5]) << 24))
                 for j in range(16):
                     byte = np.int32(w[r, o + 6 + j])
-                    lo = (byte & 0xF) | (np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4)
-                    hi = (byte >> 4) | (np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4)
-                    lanes[j] += x[b * 32 + j] * (d * np.float32(lo - 16))
-                    lanes[j + 16] += x[b * 32 + j + 16] * (d * np.float32(hi - 16))
+                    lo = (byte & 0xF) | (((qh >> j) & 1) << 4)
+                    hi = (byte >> 4) | (((qh >> (j + 16)) & 1) << 4)
+                    lanes[j] += (d * x[b * 32 + j]) * np.float32(lo - 16)
+                    lanes[j + 16] += (d * x[b * 32 + j + 16]) * np.float32(hi - 16)
             out[r] = lanes.sum()
 
 
