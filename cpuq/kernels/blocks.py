@@ -1,0 +1,314 @@
+"""GGML blocks as LLVM vector IR, for Numba kernels to call: one row's dot product with a
+float32 vector (`dot_row`) and one row's float32 values (`decode_row_fast`).
+
+Why IR and not Numba Python: Numba types every integer operation on narrow ints as int64
+and wraps signed indices, so its unpacking of 4-, 5- and 6-bit values runs in 8 lanes of
+64 bits with gathers, and a 32-element block reduction keeps its accumulators in memory;
+the decode kernels written that way read 6-12 GB/s where the memory delivers ~30 GB/s.
+Here each type says, in a few vector instructions on <16 x i8> / <32 x i8> values, how
+one block becomes <32 x float> groups of values (`_values_<type>`); the row loop around
+it (`_build_row_fn`) accumulates x * values in a <32 x float> register or stores the
+values. The IR is target-independent (LLVM lowers it to AVX2, AVX-512, NEON...): no
+intrinsics of one ISA, no F16C (fp16 scales are converted with integer ops, exactly).
+
+Values equal quants.decode's (the same products of the same float32 factors, rounded
+once); dot products sum in a different order (fast-math 'reassoc' + 'contract' on the
+accumulation only), as any BLAS does.
+
+Bounds: the IR functions read nb blocks of the row and nb * QK floats of x (or write them
+to dst); the Numba-side wrappers take nb = min(what x/dst hold, what the row holds) and a
+row index inside the matrix, so no bytes, however malformed, reach outside the arrays.
+
+Imports numpy, numba and llvmlite only.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+F32 = ir.FloatType()
+I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+V32F = ir.VectorType(F32, 32)
+V32B = ir.VectorType(I8, 32)
+V16B = ir.VectorType(I8, 16)
+_FAST = ("reassoc", "contract")  # on the accumulation only: it may be reordered and fused
+
+
+def _vconst(ty: ir.VectorType, value) -> ir.Constant:
+    return ir.Constant(ty, [value] * ty.count)
+
+
+def _splat(b: ir.IRBuilder, value, n: int = 32):
+    v = b.insert_element(ir.Constant(ir.VectorType(value.type, n), ir.Undefined), value, ir.Constant(I32, 0))
+    return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n), [0] * n))
+
+
+def _concat(b: ir.IRBuilder, lo, hi):
+    n = lo.type.count
+    return b.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 2 * n), list(range(2 * n))))
+
+
+def _ptr(b: ir.IRBuilder, base, offset: int, ty):
+    """base (i8*) + offset bytes, as a pointer to ty."""
+    return b.bitcast(b.gep(base, [ir.Constant(I64, offset)]), ty.as_pointer())
+
+
+def _load(b: ir.IRBuilder, base, offset: int, ty):
+    return b.load(_ptr(b, base, offset, ty), align=1)
+
+
+def _half(b: ir.IRBuilder, base, offset: int):
+    """The little-endian fp16 at base + offset as float, exactly: the 15 magnitude bits
+    shifted into a float's place scaled by 2^112 give every normal and subnormal half; all
+    exponent bits set (inf/NaN) map to the float inf/NaN with the same mantissa."""
+    h = b.zext(_load(b, base, offset, I16), I32)
+    mag = b.shl(b.and_(h, ir.Constant(I32, 0x7FFF)), ir.Constant(I32, 13))
+    scaled = b.fmul(b.bitcast(mag, F32), ir.Constant(F32, 2.0 ** 112))
+    special = b.icmp_unsigned(">=", mag, ir.Constant(I32, 0x7C00 << 13))
+    bits = b.select(special, b.or_(mag, ir.Constant(I32, 0x7F800000)), b.bitcast(scaled, I32))
+    sign = b.shl(b.and_(h, ir.Constant(I32, 0x8000)), ir.Constant(I32, 16))
+    return b.bitcast(b.or_(bits, sign), F32)
+
+
+def _byte(b: ir.IRBuilder, base, offset: int):
+    return b.zext(_load(b, base, offset, I8), I32)
+
+
+def _nibbles(b: ir.IRBuilder, qs):
+    """<n x i8> bytes -> (low nibbles, high nibbles), each <n x i8>."""
+    n = qs.type.count
+    return b.and_(qs, _vconst(ir.VectorType(I8, n), 15)), b.lshr(qs, _vconst(ir.VectorType(I8, n), 4))
+
+
+def _to_float(b: ir.IRBuilder, q, signed: bool):
+    return (b.sitofp if signed else b.uitofp)(q, ir.VectorType(F32, q.type.count))
+
+
+def _scaled(b: ir.IRBuilder, qf, d, m=None):
+    """qf * d (+ m), d and m scalars."""
+    v = b.fmul(qf, _splat(b, d, qf.type.count))
+    return v if m is None else b.fadd(v, _splat(b, m, qf.type.count))
+
+
+def _high_bits(b: ir.IRBuilder, qh32, shift: int):
+    """A little-endian uint32 of 32 one-bit flags -> <32 x i8> holding flag << shift."""
+    bits = b.zext(b.bitcast(qh32, ir.VectorType(I1, 32)), V32B)
+    return b.shl(bits, _vconst(V32B, shift))
+
+
+# ---------------------------------------------------------------------------------------------
+# One block -> its values as <32 x float> groups, in element order (ggml-common.h layouts).
+
+def _values_q8_0(b, w):  # [d f16 | 32 x int8]
+    return [_scaled(b, _to_float(b, _load(b, w, 2, V32B), True), _half(b, w, 0))]
+
+
+def _values_q4_0(b, w):  # [d | 16 bytes: element j low nibble of byte j, j+16 high]; d * (q - 8)
+    lo, hi = _nibbles(b, _load(b, w, 2, V16B))
+    q = b.sub(_concat(b, lo, hi), _vconst(V32B, 8))
+    return [_scaled(b, _to_float(b, q, True), _half(b, w, 0))]
+
+
+def _values_q4_1(b, w):  # [d | m | 16 bytes]; d * q + m
+    lo, hi = _nibbles(b, _load(b, w, 4, V16B))
+    return [_scaled(b, _to_float(b, _concat(b, lo, hi), False), _half(b, w, 0), _half(b, w, 2))]
+
+
+def _values_q5_0(b, w):  # [d | qh u32: bit j = 5th bit of element j | 16 bytes]; d * (q - 16)
+    lo, hi = _nibbles(b, _load(b, w, 6, V16B))
+    q = b.or_(_concat(b, lo, hi), _high_bits(b, _load(b, w, 2, I32), 4))
+    return [_scaled(b, _to_float(b, b.sub(q, _vconst(V32B, 16)), True), _half(b, w, 0))]
+
+
+def _values_q5_1(b, w):  # [d | m | qh u32 | 16 bytes]; d * q + m
+    lo, hi = _nibbles(b, _load(b, w, 8, V16B))
+    q = b.or_(_concat(b, lo, hi), _high_bits(b, _load(b, w, 4, I32), 4))
+    return [_scaled(b, _to_float(b, q, False), _half(b, w, 0), _half(b, w, 2))]
+
+
+def _k_scale_min(b, w, s: int, j: int):
+    """6-bit (scale, min) of sub-block j from the 12 packed bytes at w + s."""
+    c63, c15, c6, c4 = (ir.Constant(I32, v) for v in (63, 15, 6, 4))
+    if j < 4:
+        return b.and_(_byte(b, w, s + j), c63), b.and_(_byte(b, w, s + j + 4), c63)
+    packed = _byte(b, w, s + j + 4)
+    scale = b.or_(b.and_(packed, c15), b.shl(b.lshr(_byte(b, w, s + j - 4), c6), c4))
+    minimum = b.or_(b.lshr(packed, c4), b.shl(b.lshr(_byte(b, w, s + j), c6), c4))
+    return scale, minimum
+
+
+def _k_sub_values(b, qf, d, dmin, scale, minimum):
+    """(d * scale) * q - (dmin * min), the K-quant sub-block formula (as quants.decode)."""
+    ds = b.fmul(d, b.uitofp(scale, F32))
+    dm = b.fmul(dmin, b.uitofp(minimum, F32))
+    return b.fsub(b.fmul(qf, _splat(b, ds)), _splat(b, dm))
+
+
+def _values_q4_k(b, w):  # [d | dmin | 12 scale bytes | 128 bytes: 4 x (32 low | 32 high nibbles)]
+    d, dmin = _half(b, w, 0), _half(b, w, 2)
+    out = []
+    for pair in range(4):
+        lo, hi = _nibbles(b, _load(b, w, 16 + 32 * pair, V32B))
+        for j, q in ((2 * pair, lo), (2 * pair + 1, hi)):
+            out.append(_k_sub_values(b, _to_float(b, q, False), d, dmin, *_k_scale_min(b, w, 4, j)))
+    return out
+
+
+def _values_q5_k(b, w):  # [d | dmin | 12 scale bytes | qh 32 bytes | 128 nibble bytes]
+    d, dmin = _half(b, w, 0), _half(b, w, 2)
+    qh = _load(b, w, 16, V32B)
+    out = []
+    for pair in range(4):
+        lo, hi = _nibbles(b, _load(b, w, 48 + 32 * pair, V32B))
+        for j, q in ((2 * pair, lo), (2 * pair + 1, hi)):
+            bit = b.and_(b.lshr(qh, _vconst(V32B, j)), _vconst(V32B, 1))
+            q = b.or_(q, b.shl(bit, _vconst(V32B, 4)))
+            out.append(_k_sub_values(b, _to_float(b, q, False), d, dmin, *_k_scale_min(b, w, 4, j)))
+    return out
+
+
+def _values_q6_k(b, w):  # [ql 128 | qh 64 | 16 int8 scales | d]; element groups of 16 share a scale
+    d = _half(b, w, 208)
+    lanes_hi = ir.Constant(ir.VectorType(I1, 32), [j >= 16 for j in range(32)])
+    out = []
+    for half in range(2):
+        ql_a, ql_b = _load(b, w, 64 * half, V32B), _load(b, w, 64 * half + 32, V32B)
+        qh = _load(b, w, 128 + 32 * half, V32B)
+        lo_a, hi_a = _nibbles(b, ql_a)
+        lo_b, hi_b = _nibbles(b, ql_b)
+        for quarter, nib in enumerate((lo_a, lo_b, hi_a, hi_b)):
+            top = b.and_(b.lshr(qh, _vconst(V32B, 2 * quarter)), _vconst(V32B, 3))
+            q = b.sub(b.or_(nib, b.shl(top, _vconst(V32B, 4))), _vconst(V32B, 32))
+            sc = 192 + 8 * half + 2 * quarter
+            s0 = b.fmul(d, b.sitofp(_load(b, w, sc, I8), F32))
+            s1 = b.fmul(d, b.sitofp(_load(b, w, sc + 1, I8), F32))
+            scale = b.select(lanes_hi, _splat(b, s1), _splat(b, s0))
+            out.append(b.fmul(_to_float(b, q, True), scale))
+    return out
+
+
+# ggml type id -> (elements per block, bytes per block, values builder)
+BLOCK_IR = {
+    8: (32, 34, _values_q8_0),     # Q8_0
+    2: (32, 18, _values_q4_0),     # Q4_0
+    3: (32, 20, _values_q4_1),     # Q4_1
+    6: (32, 22, _values_q5_0),     # Q5_0
+    7: (32, 24, _values_q5_1),     # Q5_1
+    12: (256, 144, _values_q4_k),  # Q4_K
+    13: (256, 176, _values_q5_k),  # Q5_K
+    14: (256, 210, _values_q6_k),  # Q6_K
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The row loops.
+
+def _reduce(b: ir.IRBuilder, v):
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        lo = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n), list(range(n))))
+        hi = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n), list(range(n, 2 * n))))
+        v = b.fadd(lo, hi)
+        v.flags.extend(_FAST)
+    return b.extract_element(v, ir.Constant(I32, 0))
+
+
+def _build_row_fn(module: ir.Module, name: str, ggml_type: int, dot: bool) -> ir.Function:
+    """dot:   float name(float* x, i8* w, i64 nb) = sum over nb blocks of x * values
+    decode: void name(float* dst, i8* w, i64 nb)  dst[0 : nb * QK] = values"""
+    qk, nbytes, values = BLOCK_IR[ggml_type]
+    fnty = ir.FunctionType(F32 if dot else ir.VoidType(), [F32.as_pointer(), I8.as_pointer(), I64])
+    fn = ir.Function(module, fnty, name)
+    fn.linkage = "internal"
+    xs, w, nb = fn.args
+    entry, loop, done = fn.append_basic_block("entry"), fn.append_basic_block("loop"), fn.append_basic_block("done")
+    b = ir.IRBuilder(entry)
+    zero = ir.Constant(V32F, None)
+    b.cbranch(b.icmp_signed(">", nb, ir.Constant(I64, 0)), loop, done)
+    b.position_at_end(loop)
+    i = b.phi(I64)
+    i.add_incoming(ir.Constant(I64, 0), entry)
+    acc = b.phi(V32F)
+    acc.add_incoming(zero, entry)
+    blk = b.gep(w, [b.mul(i, ir.Constant(I64, nbytes))])
+    xb = b.gep(xs, [b.mul(i, ir.Constant(I64, qk))])
+    new = acc
+    for g, v in enumerate(values(b, blk)):
+        p = b.bitcast(b.gep(xb, [ir.Constant(I64, 32 * g)]), V32F.as_pointer())
+        if dot:
+            t = b.fmul(b.load(p, align=4), v)
+            new = b.fadd(new, t)
+            t.flags.extend(_FAST)
+            new.flags.extend(_FAST)
+        else:
+            b.store(v, p, align=4)
+    nxt = b.add(i, ir.Constant(I64, 1))
+    i.add_incoming(nxt, loop)
+    acc.add_incoming(new, loop)
+    b.cbranch(b.icmp_signed("<", nxt, nb), loop, done)
+    b.position_at_end(done)
+    res = b.phi(V32F)
+    res.add_incoming(zero, entry)
+    res.add_incoming(new, loop)
+    if dot:
+        b.ret(_reduce(b, res))
+    else:
+        b.ret_void()
+    return fn
+
+
+def _row_fn(module: ir.Module, ggml_type: int, dot: bool) -> ir.Function:
+    name = f"cpuq_{'dot' if dot else 'decode'}_row_{ggml_type}"
+    try:
+        return module.get_global(name)
+    except KeyError:
+        return _build_row_fn(module, name, ggml_type, dot)
+
+
+def _row_pointer(context, builder, aryty, ary, r):
+    """Address of row r of a 2-D array."""
+    a = context.make_array(aryty)(context, builder, ary)
+    stride0 = cgutils.unpack_tuple(builder, a.strides)[0]
+    base = builder.bitcast(a.data, I8.as_pointer())
+    return builder.gep(base, [builder.mul(r, stride0)])
+
+
+@intrinsic
+def dot_row(typingctx, ggml_type, x, w, r, nb):
+    """dot_row(TYPE, x, w, r, nb) -> float32: sum over the first nb blocks of row r of w
+    (uint8 (m, row_bytes), TYPE a literal ggml type id in BLOCK_IR) times x (f32, >= nb*QK).
+    The caller guarantees 0 <= r < m and nb within both arrays."""
+    if not isinstance(ggml_type, types.IntegerLiteral) or ggml_type.literal_value not in BLOCK_IR:
+        return None
+    t = ggml_type.literal_value
+    sig = types.float32(ggml_type, x, w, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        _, xv, wv, rv, nbv = args
+        xa = context.make_array(signature.args[1])(context, builder, xv)
+        row = _row_pointer(context, builder, signature.args[2], wv, rv)
+        return builder.call(_row_fn(builder.module, t, True), [xa.data, row, nbv])
+
+    return sig, codegen
+
+
+@intrinsic
+def decode_row_fast(typingctx, ggml_type, w, r, dst, nb):
+    """decode_row_fast(TYPE, w, r, dst, nb): dst[:nb*QK] = values of the first nb blocks of
+    row r of w. The caller guarantees 0 <= r < m and nb within both arrays."""
+    if not isinstance(ggml_type, types.IntegerLiteral) or ggml_type.literal_value not in BLOCK_IR:
+        return None
+    t = ggml_type.literal_value
+    sig = types.void(ggml_type, w, types.intp, dst, types.intp)
+
+    def codegen(context, builder, signature, args):
+        _, wv, rv, dv, nbv = args
+        row = _row_pointer(context, builder, signature.args[1], wv, rv)
+        da = context.make_array(signature.args[3])(context, builder, dv)
+        builder.call(_row_fn(builder.module, t, False), [da.data, row, nbv])
+        return context.get_dummy_value()
+
+    return sig, codegen
