@@ -23,6 +23,7 @@ Imports numpy, numba and llvmlite only.
 """
 from __future__ import annotations
 
+import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -59,10 +60,25 @@ def _load(b: ir.IRBuilder, base, offset: int, ty):
     return b.load(_ptr(b, base, offset, ty), align=1)
 
 
+def _host_has_f16c() -> bool:
+    try:
+        return bool(llvm.get_host_cpu_features().get("f16c", False))
+    except Exception:  # features unknown on this platform: take the integer path
+        return False
+
+
+# With F16C, LLVM turns fpext half into one vcvtph2ps; without, it would call a runtime
+# helper the JIT may not find, so other CPUs convert with integer operations.
+_FPEXT_HALF = _host_has_f16c()
+
+
 def _half(b: ir.IRBuilder, base, offset: int):
-    """The little-endian fp16 at base + offset as float, exactly: the 15 magnitude bits
-    shifted into a float's place scaled by 2^112 give every normal and subnormal half; all
-    exponent bits set (inf/NaN) map to the float inf/NaN with the same mantissa."""
+    """The little-endian fp16 at base + offset as float, exactly. Without F16C: the 15
+    magnitude bits shifted into a float's place scaled by 2^112 give every normal and
+    subnormal half; all exponent bits set (inf/NaN) map to the float inf/NaN with the same
+    mantissa."""
+    if _FPEXT_HALF:
+        return b.fpext(_load(b, base, offset, ir.HalfType()), F32)
     h = b.zext(_load(b, base, offset, I16), I32)
     mag = b.shl(b.and_(h, ir.Constant(I32, 0x7FFF)), ir.Constant(I32, 13))
     scaled = b.fmul(b.bitcast(mag, F32), ir.Constant(F32, 2.0 ** 112))

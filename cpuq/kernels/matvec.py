@@ -3,11 +3,15 @@
 out[r] = sum_k W[r, k] * x[k] for w: uint8 (m, row_bytes) rows of one GGML type and x: (k,)
 f32. Each row is one call of blocks.dot_row (the block unpacking and the multiply-adds in
 LLVM vector IR, 32 float32 accumulator lanes in registers), rows spread over the threads.
+Up to three matrices that multiply the same x (q, k, v; gate, up) share one parallel
+region: a decode step runs ~100 of them, and each costs a thread wake-up and a dispatch.
 Values are decoded exactly as quants.decode does; the sum's order differs, as any BLAS's.
 
 Types without a block kernel (F32, F16, BF16) go through matmul.matmul.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 from numba import njit, prange
@@ -15,54 +19,67 @@ from numba import njit, prange
 from .blocks import dot_row
 from .matmul import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, matmul
 
+BLOCK_TYPES = (Q8_0, Q5_0, Q4_K, Q6_K, Q4_0, Q4_1, Q5_1, Q5_K)
+
+
+@njit(cache=True, inline="always")
+def _dot(ggml_type, x, w, r):
+    """Row r of w (a type in BLOCK_TYPES) times x, over the whole blocks both hold."""
+    k, row_bytes = x.shape[0], w.shape[1]
+    if ggml_type == Q5_0:
+        return dot_row(6, x, w, r, min(k // 32, row_bytes // 22))
+    if ggml_type == Q8_0:
+        return dot_row(8, x, w, r, min(k // 32, row_bytes // 34))
+    if ggml_type == Q4_K:
+        return dot_row(12, x, w, r, min(k // 256, row_bytes // 144))
+    if ggml_type == Q6_K:
+        return dot_row(14, x, w, r, min(k // 256, row_bytes // 210))
+    if ggml_type == Q4_0:
+        return dot_row(2, x, w, r, min(k // 32, row_bytes // 18))
+    if ggml_type == Q4_1:
+        return dot_row(3, x, w, r, min(k // 32, row_bytes // 20))
+    if ggml_type == Q5_1:
+        return dot_row(7, x, w, r, min(k // 32, row_bytes // 24))
+    if ggml_type == Q5_K:
+        return dot_row(13, x, w, r, min(k // 256, row_bytes // 176))
+    return np.float32(0.0)
+
 
 @njit(cache=True, parallel=True)
-def _matvec_blocks(x, w, ggml_type, out):
-    """x: (k,) f32, w: (m, row_bytes) uint8 of a type in blocks.BLOCK_IR -> out: (m,) f32.
-    nb: the whole blocks that both x and a row hold; m: the rows both w and out hold."""
-    m = min(w.shape[0], out.shape[0])
-    k, row_bytes = x.shape[0], w.shape[1]
-    # One literal type per loop: dot_row inlines that type's IR.
-    if ggml_type == Q8_0:
-        nb = min(k // 32, row_bytes // 34)
-        for r in prange(m):
-            out[r] = dot_row(8, x, w, r, nb)
-    elif ggml_type == Q5_0:
-        nb = min(k // 32, row_bytes // 22)
-        for r in prange(m):
-            out[r] = dot_row(6, x, w, r, nb)
-    elif ggml_type == Q4_K:
-        nb = min(k // 256, row_bytes // 144)
-        for r in prange(m):
-            out[r] = dot_row(12, x, w, r, nb)
-    elif ggml_type == Q6_K:
-        nb = min(k // 256, row_bytes // 210)
-        for r in prange(m):
-            out[r] = dot_row(14, x, w, r, nb)
-    elif ggml_type == Q4_0:
-        nb = min(k // 32, row_bytes // 18)
-        for r in prange(m):
-            out[r] = dot_row(2, x, w, r, nb)
-    elif ggml_type == Q4_1:
-        nb = min(k // 32, row_bytes // 20)
-        for r in prange(m):
-            out[r] = dot_row(3, x, w, r, nb)
-    elif ggml_type == Q5_1:
-        nb = min(k // 32, row_bytes // 24)
-        for r in prange(m):
-            out[r] = dot_row(7, x, w, r, nb)
-    elif ggml_type == Q5_K:
-        nb = min(k // 256, row_bytes // 176)
-        for r in prange(m):
-            out[r] = dot_row(13, x, w, r, nb)
+def matvec3(x, w0, t0, out0, w1, t1, out1, w2, t2, out2):
+    """x: (k,) f32; w_i: (m_i, row_bytes_i) uint8 of type t_i in BLOCK_TYPES -> out_i:
+    (m_i,) f32 = W_i @ x, for the rows both w_i and out_i hold (m_i may be 0)."""
+    m0 = min(w0.shape[0], out0.shape[0])
+    m1 = min(w1.shape[0], out1.shape[0])
+    m2 = min(w2.shape[0], out2.shape[0])
+    for r in prange(m0 + m1 + m2):
+        if r < m0:
+            out0[r] = _dot(t0, x, w0, r)
+        elif r < m0 + m1:
+            out1[r - m0] = _dot(t1, x, w1, r - m0)
+        else:
+            out2[r - m0 - m1] = _dot(t2, x, w2, r - m0 - m1)
 
 
-_BLOCK_TYPES = (Q8_0, Q5_0, Q4_K, Q6_K, Q4_0, Q4_1, Q5_1, Q5_K)
+_NONE_W = np.zeros((0, 34), np.uint8)
+_NONE_OUT = np.zeros(0, np.float32)
+
+
+def matvec_many(x: np.ndarray, weights: Sequence[tuple[np.ndarray, int]]) -> list[np.ndarray]:
+    """x: (k,) f32; weights: up to three (w uint8 (m_i, row_bytes_i), ggml_type_i) ->
+    [(m_i,) f32 = W_i @ x], the block types in one parallel region."""
+    outs = [np.empty(w.shape[0], np.float32) for w, _ in weights]
+    fused = [(w, t, o) for (w, t), o in zip(weights, outs) if t in BLOCK_TYPES]
+    for (w, t), o in zip(weights, outs):
+        if t not in BLOCK_TYPES:
+            matmul(x.reshape(1, -1), w, t, o.reshape(1, -1))
+    if fused:
+        fused += [(_NONE_W, Q8_0, _NONE_OUT)] * (3 - len(fused))
+        (w0, t0, o0), (w1, t1, o1), (w2, t2, o2) = fused
+        matvec3(x, w0, t0, o0, w1, t1, o1, w2, t2, o2)
+    return outs
 
 
 def matvec(x: np.ndarray, w: np.ndarray, ggml_type: int, out: np.ndarray) -> None:
     """x: (k,) f32, w: (m, row_bytes) uint8 of `ggml_type` -> out: (m,) f32."""
-    if ggml_type in _BLOCK_TYPES:
-        _matvec_blocks(x, w, ggml_type, out)
-    else:
-        matmul(x.reshape(1, -1), w, ggml_type, out.reshape(1, -1))
+    out[:] = matvec_many(x, [(w, ggml_type)])[0]

@@ -5,7 +5,7 @@ pre-norm residuals, then the final norm and the output projection.
 Activations are float32; weights are read as quantized blocks by cpuq.kernels. A call
 processes a batch of consecutive tokens (a prompt chunk or one generated token).
 
-Imports numpy, cpuq.arch, cpuq.kernels and cpuq.runtime.weights.
+Imports numpy, cpuq.arch, cpuq.kernels, cpuq.runtime.gemm and cpuq.runtime.weights.
 """
 from __future__ import annotations
 
@@ -18,19 +18,21 @@ from ..arch import ModelConfig
 from ..kernels.activations import swiglu
 from ..kernels.attention import attention
 from ..kernels.matmul import get_rows, matmul
-from ..kernels.matvec import matvec
+from ..kernels.matvec import matvec_many
 from ..kernels.norms import rms_norm
 from ..kernels.rope import apply_rope, rope_tables
+from .gemm import MIN_TOKENS, Gemm
 from .weights import Layer, Matrix, Weights
 
 
 class KVCache:
     """Keys and values of every layer for positions 0 .. n_past-1; float32
-    (n_layer, n_ctx, n_head_kv, head_dim). np.zeros maps untouched pages lazily, so
-    memory grows with the positions used, not with n_ctx."""
+    (n_layer, n_head_kv, head_dim, n_ctx): transposed, as kernels.attention reads them
+    along the positions. np.zeros maps untouched pages lazily, so memory grows with the
+    positions used, not with n_ctx."""
 
     def __init__(self, cfg: ModelConfig, n_ctx: int):
-        shape = (cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim)
+        shape = (cfg.n_layer, cfg.n_head_kv, cfg.head_dim, n_ctx)
         self.k = np.zeros(shape, np.float32)
         self.v = np.zeros(shape, np.float32)
         self.n_ctx = n_ctx
@@ -70,15 +72,17 @@ class Rope:
                            self.attn_factor)
 
 
-def _linear(x: np.ndarray, w: Matrix, bias: np.ndarray | None = None) -> np.ndarray:
-    out = np.empty((x.shape[0], w.rows), np.float32)
-    if x.shape[0] == 1:  # decoding one token: the fused block-by-block kernels
-        matvec(x[0], w.data, w.ggml_type, out[0])
-    else:
+def _linears(x: np.ndarray, gemm: Gemm | None, *ws: Matrix) -> list[np.ndarray]:
+    """x (n, k) @ W.T for each W (up to three). One token: the fused per-row kernels, all W
+    in one parallel region; a long enough prompt chunk: BLAS, all W in one round of tasks."""
+    if x.shape[0] == 1:
+        return [o.reshape(1, -1) for o in matvec_many(x[0], [(w.data, w.ggml_type) for w in ws])]
+    if gemm is not None and x.shape[0] >= MIN_TOKENS:
+        return gemm.linear(x, [(w.data, w.ggml_type) for w in ws])
+    outs = [np.empty((x.shape[0], w.rows), np.float32) for w in ws]
+    for w, out in zip(ws, outs):
         matmul(x, w.data, w.ggml_type, out)
-    if bias is not None:
-        out += bias
-    return out
+    return outs
 
 
 def _norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -87,47 +91,52 @@ def _norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return out
 
 
-def attention_block(x, layer: Layer, il: int, cfg: ModelConfig, cache: KVCache, start: int, cos, sin, neox):
+def attention_block(x, layer: Layer, il: int, cfg: ModelConfig, cache: KVCache, start: int, cos, sin, neox,
+                    gemm: Gemm | None):
     n = x.shape[0]
     hd = cfg.head_dim
     h = _norm(x, layer.attn_norm, cfg.rms_eps)
-    q = _linear(h, layer.wq, layer.bq).reshape(n, cfg.n_head, hd)
-    k = _linear(h, layer.wk, layer.bk).reshape(n, cfg.n_head_kv, hd)
-    v = _linear(h, layer.wv, layer.bv).reshape(n, cfg.n_head_kv, hd)
+    q, k, v = _linears(h, gemm, layer.wq, layer.wk, layer.wv)
+    for t, bias in ((q, layer.bq), (k, layer.bk), (v, layer.bv)):
+        if bias is not None:
+            t += bias
+    q = q.reshape(n, cfg.n_head, hd)
+    k = k.reshape(n, cfg.n_head_kv, hd)
+    v = v.reshape(n, cfg.n_head_kv, hd)
     if layer.q_norm is not None:  # qwen3: RMSNorm over each head before rope
         rms_norm(q.reshape(-1, hd), layer.q_norm, cfg.rms_eps, q.reshape(-1, hd))
         rms_norm(k.reshape(-1, hd), layer.k_norm, cfg.rms_eps, k.reshape(-1, hd))
     apply_rope(q, cos, sin, neox)
     apply_rope(k, cos, sin, neox)
-    cache.k[il, start:start + n] = k
-    cache.v[il, start:start + n] = v
+    cache.k[il, :, :, start:start + n] = k.transpose(1, 2, 0)
+    cache.v[il, :, :, start:start + n] = v.transpose(1, 2, 0)
     out = np.empty_like(q)
     attention(q, cache.k[il], cache.v[il], start, np.float32(1.0 / math.sqrt(hd)), out)
-    return _linear(out.reshape(n, -1), layer.wo)
+    return _linears(out.reshape(n, -1), gemm, layer.wo)[0]
 
 
-def mlp_block(x, layer: Layer, cfg: ModelConfig):
+def mlp_block(x, layer: Layer, cfg: ModelConfig, gemm: Gemm | None):
     h = _norm(x, layer.ffn_norm, cfg.rms_eps)
-    gate = _linear(h, layer.w_gate)
-    up = _linear(h, layer.w_up)
+    gate, up = _linears(h, gemm, layer.w_gate, layer.w_up)
     swiglu(gate, up, gate)
-    return _linear(gate, layer.w_down)
+    return _linears(gate, gemm, layer.w_down)[0]
 
 
 def forward(w: Weights, cfg: ModelConfig, rope: Rope, tokens: np.ndarray, cache: KVCache,
-            all_logits: bool) -> np.ndarray:
+            all_logits: bool, gemm: Gemm | None = None) -> np.ndarray:
     """Run `tokens` (n,) int64 at positions cache.n_past .. +n-1, append their keys and
     values to the cache, and return logits (n, n_vocab) if all_logits else (1, n_vocab)
-    for the last token. The caller checks the tokens are < n_vocab and fit in the cache."""
+    for the last token. The caller checks the tokens are < n_vocab and fit in the cache.
+    gemm: run long prompt chunks' matmuls through BLAS (inside gemm.session())."""
     n = tokens.shape[0]
     start = cache.n_past
     x = np.empty((n, cfg.n_embd), np.float32)
     get_rows(w.token_embd.data, w.token_embd.ggml_type, tokens, x)
     cos, sin = rope.tables(np.arange(start, start + n), w.rope_freqs)
     for il, layer in enumerate(w.layers):
-        x += attention_block(x, layer, il, cfg, cache, start, cos, sin, rope.neox)
-        x += mlp_block(x, layer, cfg)
+        x += attention_block(x, layer, il, cfg, cache, start, cos, sin, rope.neox, gemm)
+        x += mlp_block(x, layer, cfg, gemm)
     cache.n_past = start + n
     if not all_logits:
         x = x[-1:]
-    return _linear(_norm(x, w.output_norm, cfg.rms_eps), w.output)
+    return _linears(_norm(x, w.output_norm, cfg.rms_eps), gemm, w.output)[0]

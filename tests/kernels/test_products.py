@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import cpuq
-from cpuq.kernels.matmul import get_rows, matmul
-from cpuq.kernels.matvec import matvec
+from cpuq.kernels.matmul import dequantize_rows, get_rows, matmul
+from cpuq.kernels.matvec import matvec, matvec_many
 
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 
@@ -45,3 +45,29 @@ def test_get_rows(qtype):
     out = np.empty((3, 256), np.float32)
     get_rows(data, int(t.ggml_type), np.array([0, 39, 7]), out)
     np.testing.assert_array_equal(out, dense[[0, 39, 7]].astype(np.float32))
+
+
+def test_matvec_many_mixed_types_in_one_region():
+    """q/k/v-style: three matrices of different types and row counts, one x."""
+    k = 512
+    x = np.random.default_rng(2).standard_normal(k, dtype=np.float32)
+    mats = [_weights(q, m, k, seed=i) for i, (q, m) in enumerate([("Q5_0", 70), ("Q8_0", 9), ("Q6_K", 33)])]
+    outs = matvec_many(x, [(data, int(t.ggml_type)) for t, data, _ in mats])
+    for (_, _, dense), out in zip(mats, outs):
+        ref = dense @ x.astype(np.float64)
+        assert out.shape == ref.shape
+        assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_dequantize_rows_equals_dequantize(qtype):
+    """The prompt path's tile decoder (vector IR for block types) is bit-equal to
+    cpuq.dequantize (itself bit-equal to gguf-py), from any starting row."""
+    t, data, dense = _weights(qtype, 19, 512)
+    out = np.full((8, 512), np.nan, np.float32)
+    dequantize_rows(data, int(t.ggml_type), 5, out)
+    np.testing.assert_array_equal(out, dense[5:13].astype(np.float32))
+    short = np.full((8, 512), np.nan, np.float32)  # rows past the end are left alone
+    dequantize_rows(data, int(t.ggml_type), 15, short)
+    np.testing.assert_array_equal(short[:4], dense[15:19].astype(np.float32))
+    assert np.isnan(short[4:]).all()

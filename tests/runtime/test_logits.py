@@ -55,6 +55,22 @@ def test_f32_logits_match_transformers(name, golden, sources, tmp_path):
 
 
 @pytest.mark.parametrize("name", CASES)
+def test_f32_logits_through_blas_match_transformers(name, golden, sources, tmp_path, monkeypatch):
+    """The same bar for the prompt path through BLAS (runtime.gemm), which these 20-token
+    prompts would not take by default."""
+    import cpuq.runtime.forward
+    import cpuq.runtime.model
+    for module in (cpuq.runtime.model, cpuq.runtime.forward):
+        monkeypatch.setattr(module, "MIN_TOKENS", 2)
+    path = cpuq.convert(sources[name], tmp_path / "m.gguf", "f32")
+    with cpuq.load(path, n_ctx=64) as m:
+        got = m.logits(IDS)
+    err = _rel_rms(got[:, golden[f"{name}/columns"]], golden[f"{name}/hf"])
+    assert err <= 1e-4, f"relative RMS vs HF {err:.2e}"
+    assert np.array_equal(got.argmax(1), golden[f"{name}/hf_top1"])
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_f16_logits_as_close_as_llama_cpp(name, golden, sources, tmp_path):
     path = cpuq.convert(sources[name], tmp_path / "m.gguf", "f16")
     with cpuq.load(path, n_ctx=64) as m:
