@@ -276,5 +276,57 @@ def chat(
             err.print(_speed_line(m) + note, style="dim", highlight=False)
 
 
+def _markdown_table(headers: list[str], rows: list[list[str]], right: set[str]) -> str:
+    """A Markdown table padded to line up in a terminal, as llama-bench prints it."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "| " + " | ".join(c.rjust(w) if h in right else c.ljust(w)
+                                 for c, w, h in zip(cells, widths, headers)) + " |"
+    rule = "| " + " | ".join("-" * (w - 1) + ":" if h in right else "-" * w for w, h in zip(widths, headers)) + " |"
+    return "\n".join([line(headers), rule, *map(line, rows)])
+
+
+@app.command()
+@_clean_errors
+def bench(
+    model: Path = typer.Argument(..., help="GGUF model file."),
+    n_prompt: int = typer.Option(512, "--prompt", "-p", help="Prompt tokens, evaluated in one call (test ppN)."),
+    n_gen: int = typer.Option(128, "--gen", "-n", help="Tokens generated one at a time after the prompt "
+                                                       "(test tgN)."),
+    repeat: int = typer.Option(3, "--repeat", "-r", help="Timed repetitions, after one untimed warm-up."),
+    threads: Optional[int] = _THREADS,
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per test."),
+) -> None:
+    """Measure prompt (ppN) and generation (tgN) speed in tokens/s, mean ± std over repetitions, like llama-bench.
+
+    One untimed warm-up repetition first. The prompt is seeded random ordinary tokens; tgN
+    feeds back the top token and runs after the ppN prompt (llama-bench's "tg128 @ d512").
+    """
+    from .eval.bench import bench as run_bench
+    from .info import summarize
+
+    with err.status(f"{model.name}: loading", spinner="dots") as status:
+        def progress(test: str, rep: int, n: int) -> None:
+            status.update(f"{model.name}: {test}, " + (f"repetition {rep}/{n}" if rep else "warm-up"))
+
+        results = run_bench(model, n_prompt=n_prompt, n_gen=n_gen, repeat=repeat, n_threads=threads,
+                            progress=progress)
+    s = summarize(model)
+    types = ", ".join(s["tensor_types"])
+    if as_json:
+        info = {"model": model.name, "model_path": str(model), "model_size": s["tensor_bytes"],
+                "model_n_params": s["parameters"], "types": s["tensor_types"]}
+        sys.stdout.write(json.dumps([{**info, **r.to_dict()} for r in results], indent=2) + "\n")
+        return
+    rows = [[model.name, _human_bytes(s["tensor_bytes"]), _human_count(s["parameters"]), types, r.test,
+             f"{r.mean_tokens_per_second:.2f} ± {r.std_tokens_per_second:.2f}"] for r in results]
+    sys.stdout.write(_markdown_table(["model", "size", "params", "types", "test", "t/s"], rows,
+                                     right={"size", "params", "test", "t/s"}) + "\n")
+    n_threads = results[0].n_threads
+    err.print(f"{n_threads} thread{'s' * (n_threads != 1)}, {repeat} repetition{'s' * (repeat != 1)} after a "
+              f"warm-up; tg{n_gen} runs after the pp{n_prompt} prompt", style="dim", highlight=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -27,12 +27,13 @@ from ..arch import ModelConfig
 from ..errors import InputError
 from ..gguf_io import open_gguf
 from .forward import KVCache, Rope, forward
+from .gemm import MIN_TOKENS, Gemm
 from .sampling import Sampler, SamplingParams
 from .template import ChatTemplate
 from .tokenizer import Tokenizer
 from .weights import load_weights
 
-N_BATCH = 256  # prompt tokens per forward call: bounds activation memory, keeps matmuls wide
+N_BATCH = 512  # prompt tokens per forward call: bounds activation memory, keeps matmuls wide
 
 
 def physical_cores() -> int:
@@ -106,6 +107,7 @@ class Model:
         self.n_threads = n_threads
         self._rope = Rope.from_config(self.config)
         self._cache = KVCache(self.config, self.n_ctx)
+        self._gemm = Gemm(n_threads)  # prompt chunks' matmuls (threads start on first use)
         self._tokens: list[int] = []  # what the cache holds, position by position
         self.finish_reason: str | None = None  # of the last generate/chat: "stop", "eos", "length", "n_ctx"
         self.timings = Timings()
@@ -136,7 +138,7 @@ class Model:
         arr = self._check_ids(ids)
         numba.set_num_threads(self.n_threads)
         cache = KVCache(self.config, arr.size)
-        parts = [forward(self.weights, self.config, self._rope, arr[i:i + N_BATCH], cache, True)
+        parts = [self._forward(arr[i:i + N_BATCH], cache, True)
                  for i in range(0, arr.size, N_BATCH)]
         return np.concatenate(parts)
 
@@ -161,9 +163,26 @@ class Model:
         self.timings = Timings(prompt_tokens=len(ids) - keep)
         for i in range(keep, len(ids), N_BATCH):
             chunk = arr[i:i + N_BATCH]
-            logits = forward(self.weights, self.config, self._rope, chunk, self._cache, False)
+            logits = self._forward(chunk, self._cache, False)
             self._tokens.extend(int(t) for t in chunk)
         self.timings.prompt_seconds = time.perf_counter() - start
+        return logits[0]
+
+    def eval(self, ids: Sequence[int]) -> np.ndarray:
+        """Evaluate `ids` after the tokens the context already holds (nothing is re-evaluated
+        or reused, as llama.cpp's llama_decode) and return float32 (n_vocab,): the logits
+        after the last one. InputError if they do not fit in n_ctx; `reset()` empties the
+        context. The same forward pass generate/chat run; `cpuq bench` times it."""
+        arr = self._check_ids(ids)
+        if len(self._tokens) + arr.size > self.n_ctx:
+            raise InputError(f"{arr.size} more tokens do not fit: the context holds {len(self._tokens)} of "
+                             f"{self.n_ctx} (reset(), or load with a larger n_ctx)")
+        self._cache.n_past = len(self._tokens)  # as _ingest: the token list is the truth
+        numba.set_num_threads(self.n_threads)
+        for i in range(0, arr.size, N_BATCH):
+            chunk = arr[i:i + N_BATCH]
+            logits = self._forward(chunk, self._cache, False)
+            self._tokens.extend(int(t) for t in chunk)
         return logits[0]
 
     def reset(self) -> None:
@@ -246,11 +265,18 @@ class Model:
 
     def _step(self, token: int) -> np.ndarray:
         numba.set_num_threads(self.n_threads)
-        logits = forward(self.weights, self.config, self._rope, np.array([token], np.int64), self._cache, False)
+        logits = self._forward(np.array([token], np.int64), self._cache, False)
         self._tokens.append(token)
         return logits[0]
 
+    def _forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
+        if tokens.size < MIN_TOKENS:
+            return forward(self.weights, self.config, self._rope, tokens, cache, all_logits)
+        with self._gemm.session():
+            return forward(self.weights, self.config, self._rope, tokens, cache, all_logits, self._gemm)
+
     def close(self) -> None:
+        self._gemm.close()
         self._file.close()
 
     def __enter__(self) -> "Model":

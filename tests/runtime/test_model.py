@@ -67,6 +67,22 @@ def test_context_limit(demo):
         assert "".join(m.chat(QUESTION, temperature=0, max_tokens=3)) == "The capital of"  # room again
 
 
+def test_eval_appends_to_the_context(model):
+    """eval continues the context where it is, and gives what logits() gives at the same
+    positions. Tolerance: float32 summation order (batched vs one-token kernels); measured
+    relative RMS ~4e-7."""
+    ids = model.tokenize("The capital of France is Paris. The capital of Germany is")
+    full = model.logits(ids)
+    model.reset()
+    got = [model.eval(ids[:5]), model.eval(ids[5:-1]), model.eval(ids[-1:])]
+    for g, ref in zip(got, [full[4], full[-2], full[-1]]):
+        assert np.sqrt(np.mean((g - ref) ** 2) / np.mean(ref ** 2)) <= 1e-5
+    assert model.detokenize([int(got[-1].argmax())]) == " Berlin"
+    with pytest.raises(InputError, match=f"the context holds {len(ids)} of {model.n_ctx}"):
+        model.eval([1] * (model.n_ctx - len(ids) + 1))
+    model.reset()
+
+
 def test_bad_arguments(model):
     with pytest.raises(InputError, match="outside the vocabulary"):
         model.logits([1, 2, 10**6])
