@@ -23,7 +23,6 @@ Imports numpy, numba and llvmlite only.
 """
 from __future__ import annotations
 
-import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -60,25 +59,12 @@ def _load(b: ir.IRBuilder, base, offset: int, ty):
     return b.load(_ptr(b, base, offset, ty), align=1)
 
 
-def _host_has_f16c() -> bool:
-    try:
-        return bool(llvm.get_host_cpu_features().get("f16c", False))
-    except Exception:  # features unknown on this platform: take the integer path
-        return False
-
-
-# With F16C, LLVM turns fpext half into one vcvtph2ps; without, it would call a runtime
-# helper the JIT may not find, so other CPUs convert with integer operations.
-_FPEXT_HALF = _host_has_f16c()
-
-
 def _half(b: ir.IRBuilder, base, offset: int):
-    """The little-endian fp16 at base + offset as float, exactly. Without F16C: the 15
-    magnitude bits shifted into a float's place scaled by 2^112 give every normal and
-    subnormal half; all exponent bits set (inf/NaN) map to the float inf/NaN with the same
-    mantissa."""
-    if _FPEXT_HALF:
-        return b.fpext(_load(b, base, offset, ir.HalfType()), F32)
+    """The little-endian fp16 at base + offset as float, exactly, with integer operations
+    (an fpext from half needs F16C or a runtime helper, and with F16C measured slower):
+    the 15 magnitude bits shifted into a float's place scaled by 2^112 give every normal
+    and subnormal half; all exponent bits set (inf/NaN) map to the float inf/NaN with the
+    same mantissa."""
     h = b.zext(_load(b, base, offset, I16), I32)
     mag = b.shl(b.and_(h, ir.Constant(I32, 0x7FFF)), ir.Constant(I32, 13))
     scaled = b.fmul(b.bitcast(mag, F32), ir.Constant(F32, 2.0 ** 112))
@@ -219,6 +205,152 @@ BLOCK_IR = {
 
 
 # ---------------------------------------------------------------------------------------------
+# One block -> its integer values for the int16-activation dot products: per 32-element
+# group (q <32 x i8>, scale, minimum) with value = scale * q - minimum; scale is a float, or
+# a <16 x float> per pair lane where the group's two halves have their own scales (Q6_K).
+
+def _ints_q8_0(b, w):
+    return [(_load(b, w, 2, V32B), _half(b, w, 0), None)]
+
+
+def _ints_q5_0(b, w):
+    lo, hi = _nibbles(b, _load(b, w, 6, V16B))
+    q = b.or_(_concat(b, lo, hi), _high_bits(b, _load(b, w, 2, I32), 4))
+    return [(b.sub(q, _vconst(V32B, 16)), _half(b, w, 0), None)]
+
+
+def _ints_q4_k(b, w):
+    d, dmin = _half(b, w, 0), _half(b, w, 2)
+    out = []
+    for pair in range(4):
+        lo, hi = _nibbles(b, _load(b, w, 16 + 32 * pair, V32B))
+        for j, q in ((2 * pair, lo), (2 * pair + 1, hi)):
+            scale, minimum = _k_scale_min(b, w, 4, j)
+            out.append((q, b.fmul(d, b.uitofp(scale, F32)), b.fmul(dmin, b.uitofp(minimum, F32))))
+    return out
+
+
+def _ints_q6_k(b, w):
+    d = _half(b, w, 208)
+    lanes_hi = ir.Constant(ir.VectorType(I1, 16), [j >= 8 for j in range(16)])  # pair lanes 8..15 = elements 16..31
+    out = []
+    for half in range(2):
+        ql_a, ql_b = _load(b, w, 64 * half, V32B), _load(b, w, 64 * half + 32, V32B)
+        qh = _load(b, w, 128 + 32 * half, V32B)
+        lo_a, hi_a = _nibbles(b, ql_a)
+        lo_b, hi_b = _nibbles(b, ql_b)
+        for quarter, nib in enumerate((lo_a, lo_b, hi_a, hi_b)):
+            top = b.and_(b.lshr(qh, _vconst(V32B, 2 * quarter)), _vconst(V32B, 3))
+            q = b.sub(b.or_(nib, b.shl(top, _vconst(V32B, 4))), _vconst(V32B, 32))
+            sc = 192 + 8 * half + 2 * quarter
+            s0 = b.fmul(d, b.sitofp(_load(b, w, sc, I8), F32))
+            s1 = b.fmul(d, b.sitofp(_load(b, w, sc + 1, I8), F32))
+            out.append((q, b.select(lanes_hi, _splat(b, s1, 16), _splat(b, s0, 16)), None))
+    return out
+
+
+# ggml type id -> integer-values builder, for the types decode steps spend their time in
+BLOCK_INTS = {8: _ints_q8_0, 6: _ints_q5_0, 12: _ints_q4_k, 14: _ints_q6_k}
+
+
+def _host_pmaddwd() -> int:
+    """Vector width (int16 lanes) of x86's multiply-add of int16 pairs on this host: 32
+    with AVX-512BW, 16 with AVX2, 0 elsewhere (then every type takes the float path)."""
+    try:
+        import llvmlite.binding as llvm
+        features = llvm.get_host_cpu_features()
+    except Exception:
+        return 0
+    if features.get("avx512bw"):
+        return 32
+    if features.get("avx2"):
+        return 16
+    return 0
+
+
+PMADDWD_LANES = _host_pmaddwd()
+V32S = ir.VectorType(I16, 32)
+V16I = ir.VectorType(I32, 16)
+V16F = ir.VectorType(F32, 16)
+
+
+def _pmaddwd(b: ir.IRBuilder, a, c):
+    """<32 x i16> a, c -> <16 x i32>: lane i = a[2i] c[2i] + a[2i+1] c[2i+1] (exact; the
+    x86 instruction, which LLVM does not form from the generic multiply-add pattern)."""
+    if PMADDWD_LANES == 32:
+        return b.call(_intrinsic_fn(b.module, "llvm.x86.avx512.pmaddw.d.512", V16I, [V32S, V32S]), [a, c])
+    v16s, v8i = ir.VectorType(I16, 16), ir.VectorType(I32, 8)
+    fn = _intrinsic_fn(b.module, "llvm.x86.avx2.pmadd.wd", v8i, [v16s, v16s])
+    halves = []
+    for lo in (0, 16):
+        idx = ir.Constant(ir.VectorType(I32, 16), list(range(lo, lo + 16)))
+        halves.append(b.call(fn, [b.shuffle_vector(a, a, idx), b.shuffle_vector(c, c, idx)]))
+    return _concat(b, *halves)
+
+
+def _intrinsic_fn(module: ir.Module, name: str, ret, args) -> ir.Function:
+    try:
+        return module.get_global(name)
+    except KeyError:
+        return ir.Function(module, ir.FunctionType(ret, args), name)
+
+
+def _build_dot_i16_fn(module: ir.Module, name: str, ggml_type: int) -> ir.Function:
+    """float name(i16* xq, float* dx, float* xsum, i8* w, i64 nb): the dot product of nb
+    blocks with x given per 32-element group g as xq[32g:32g+32] * dx[g] (int16, see
+    matvec's quantize_x) and xsum[g] = the group's float sum (for the minimum terms)."""
+    qk, nbytes, _ = BLOCK_IR[ggml_type]
+    groups = qk // 32
+    fnty = ir.FunctionType(F32, [I16.as_pointer(), F32.as_pointer(), F32.as_pointer(), I8.as_pointer(), I64])
+    fn = ir.Function(module, fnty, name)
+    fn.linkage = "internal"
+    xq, dx, xsum, w, nb = fn.args
+    entry, loop, done = fn.append_basic_block("entry"), fn.append_basic_block("loop"), fn.append_basic_block("done")
+    b = ir.IRBuilder(entry)
+    zero, fzero = ir.Constant(V16F, None), ir.Constant(F32, 0.0)
+    b.cbranch(b.icmp_signed(">", nb, ir.Constant(I64, 0)), loop, done)
+    b.position_at_end(loop)
+    i = b.phi(I64)
+    i.add_incoming(ir.Constant(I64, 0), entry)
+    acc = b.phi(V16F)
+    acc.add_incoming(zero, entry)
+    macc = b.phi(F32)
+    macc.add_incoming(fzero, entry)
+    blk = b.gep(w, [b.mul(i, ir.Constant(I64, nbytes))])
+    g0 = b.mul(i, ir.Constant(I64, groups))
+    new, mnew = acc, macc
+    for g, (q, scale, minimum) in enumerate(BLOCK_INTS[ggml_type](b, blk)):
+        gi = b.add(g0, ir.Constant(I64, g))
+        xv = b.load(b.bitcast(b.gep(xq, [b.mul(gi, ir.Constant(I64, 32))]), V32S.as_pointer()), align=2)
+        p = b.sitofp(_pmaddwd(b, b.sext(q, V32S), xv), V16F)
+        d = b.load(b.gep(dx, [gi]))
+        s = b.fmul(scale, _splat(b, d, 16)) if isinstance(scale.type, ir.VectorType) else _splat(b, b.fmul(scale, d), 16)
+        t = b.fmul(p, s)
+        new = b.fadd(new, t)
+        t.flags.extend(_FAST)
+        new.flags.extend(_FAST)
+        if minimum is not None:
+            mt = b.fmul(minimum, b.load(b.gep(xsum, [gi])))
+            mnew = b.fadd(mnew, mt)
+            mt.flags.extend(_FAST)
+            mnew.flags.extend(_FAST)
+    nxt = b.add(i, ir.Constant(I64, 1))
+    i.add_incoming(nxt, loop)
+    acc.add_incoming(new, loop)
+    macc.add_incoming(mnew, loop)
+    b.cbranch(b.icmp_signed("<", nxt, nb), loop, done)
+    b.position_at_end(done)
+    res = b.phi(V16F)
+    res.add_incoming(zero, entry)
+    res.add_incoming(new, loop)
+    mres = b.phi(F32)
+    mres.add_incoming(fzero, entry)
+    mres.add_incoming(mnew, loop)
+    b.ret(b.fsub(_reduce(b, res), mres))
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
 # The row loops.
 
 def _reduce(b: ir.IRBuilder, v):
@@ -326,5 +458,32 @@ def decode_row_fast(typingctx, ggml_type, w, r, dst, nb):
         da = context.make_array(signature.args[3])(context, builder, dv)
         builder.call(_row_fn(builder.module, t, False), [da.data, row, nbv])
         return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def dot_row_q(typingctx, ggml_type, x, xq, dx, xsum, w, r, nb):
+    """dot_row_q(TYPE, x, xq, dx, xsum, w, r, nb) -> float32: as dot_row, with x also given
+    as int16 groups (xq, dx, xsum from matvec.quantize_x). Types in BLOCK_INTS on a host
+    with pmaddwd (PMADDWD_LANES > 0) multiply in integers; others read x as dot_row does."""
+    if not isinstance(ggml_type, types.IntegerLiteral) or ggml_type.literal_value not in BLOCK_IR:
+        return None
+    t = ggml_type.literal_value
+    sig = types.float32(ggml_type, x, xq, dx, xsum, w, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        _, xv, xqv, dxv, xsv, wv, rv, nbv = args
+        data = [context.make_array(aty)(context, builder, v).data
+                for aty, v in zip(signature.args[1:5], (xv, xqv, dxv, xsv))]
+        row = _row_pointer(context, builder, signature.args[5], wv, rv)
+        if PMADDWD_LANES and t in BLOCK_INTS:
+            name = f"cpuq_dot_i16_row_{t}"
+            try:
+                fn = builder.module.get_global(name)
+            except KeyError:
+                fn = _build_dot_i16_fn(builder.module, name, t)
+            return builder.call(fn, [data[1], data[2], data[3], row, nbv])
+        return builder.call(_row_fn(builder.module, t, True), [data[0], row, nbv])
 
     return sig, codegen

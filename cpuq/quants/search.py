@@ -22,10 +22,9 @@ along one serial chain of float additions.
 
 Imports only numpy, numba and llvmlite (which numba brings); nothing from cpuq.
 
-Numba's on-disk cache does not see across files: kquants.py and legacy.py inline these
-functions into their own cached kernels, so after editing this file delete the
-cpuq/quants/__pycache__/{kquants,legacy,search}.*.nbi/.nbc entries (or set
-NUMBA_CACHE_DIR to a fresh directory), or the old code keeps running.
+Numba's on-disk cache does not see across files (kquants.py and legacy.py inline these
+functions into their own cached kernels); cpuq/__init__.py therefore keys its cache
+directory by a hash of every quants/ and kernels/ source, so an edit here starts afresh.
 """
 from __future__ import annotations
 

@@ -69,14 +69,15 @@ def test_context_limit(demo):
 
 def test_eval_appends_to_the_context(model):
     """eval continues the context where it is, and gives what logits() gives at the same
-    positions. Tolerance: float32 summation order (batched vs one-token kernels); measured
-    relative RMS ~4e-7."""
+    positions. Tolerance 1e-4 relative RMS: one-token products round x to int16 groups for
+    the demo's Q8_0 output matrix (kernels/matvec.py; measured 3.4e-5), the batched ones
+    do not."""
     ids = model.tokenize("The capital of France is Paris. The capital of Germany is")
     full = model.logits(ids)
     model.reset()
     got = [model.eval(ids[:5]), model.eval(ids[5:-1]), model.eval(ids[-1:])]
     for g, ref in zip(got, [full[4], full[-2], full[-1]]):
-        assert np.sqrt(np.mean((g - ref) ** 2) / np.mean(ref ** 2)) <= 1e-5
+        assert np.sqrt(np.mean((g - ref) ** 2) / np.mean(ref ** 2)) <= 1e-4
     assert model.detokenize([int(got[-1].argmax())]) == " Berlin"
     with pytest.raises(InputError, match=f"the context holds {len(ids)} of {model.n_ctx}"):
         model.eval([1] * (model.n_ctx - len(ids) + 1))

@@ -1,0 +1,66 @@
+"""Numba's compiled-kernel cache lives in the user's cache directory, keyed by the kernel
+sources, and works when the installed package cannot be written to."""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import cpuq
+
+# A kernel that is small to compile: dequantize a Q8_0 row (cache=True, cpuq.quants.decode).
+_RUN = ("import numpy as np, cpuq; w = np.ones((1, 64), np.float32); "
+        "print(cpuq.dequantize(cpuq.quantize(w, 'q8_0'), 'q8_0', (1, 64)).sum())")
+
+
+def _run(site: Path, cache: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(PYTHONPATH=str(site), XDG_CACHE_HOME=str(cache), NUMBA_DEBUG_CACHE="1")
+    return subprocess.run([sys.executable, "-c", _RUN], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=site)
+
+
+def test_cache_in_user_dir_with_read_only_package(tmp_path):
+    site = tmp_path / "site"
+    shutil.copytree(Path(cpuq.__file__).parent, site / "cpuq",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for p in [site, *site.rglob("*")]:  # read-only for everyone (root still could write; checked below)
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        first = _run(site, tmp_path / "cache")
+        assert first.returncode == 0, first.stderr[-2000:]
+        assert first.stdout.split()[-1] == "63.996094"  # 64 x 1.0 through Q8_0 (d = 1/127 in f16)
+        assert "index saved to" in first.stdout  # compiled, then cached ...
+        saved = list((tmp_path / "cache" / "cpuq" / "numba").rglob("*.nbi"))
+        assert saved, "no cache index under the user cache directory"
+        assert not [p for p in site.rglob("*") if p.suffix in (".nbi", ".nbc")], "cache written into the package"
+        second = _run(site, tmp_path / "cache")
+        assert second.returncode == 0, second.stderr[-2000:]
+        assert "data loaded from" in second.stdout and "index saved to" not in second.stdout  # ... and reused
+    finally:
+        for p in [site, *site.rglob("*")]:
+            p.chmod(p.stat().st_mode | stat.S_IWUSR)
+
+
+def test_cache_dir_follows_the_kernel_sources(tmp_path):
+    """Editing a kernel file (here: appending a comment) moves the cache to a new directory."""
+    site = tmp_path / "site"
+    shutil.copytree(Path(cpuq.__file__).parent, site / "cpuq", ignore=shutil.ignore_patterns("__pycache__"))
+    code = "import os, cpuq; print(os.environ['NUMBA_CACHE_DIR'])"
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(PYTHONPATH=str(site), XDG_CACHE_HOME=str(tmp_path / "cache"))
+
+    def cache_dir():
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=site)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    before = cache_dir()
+    assert before.startswith(str(tmp_path / "cache" / "cpuq" / "numba"))
+    assert cache_dir() == before
+    with open(site / "cpuq" / "kernels" / "attention.py", "a") as f:
+        f.write("\n# edited\n")
+    assert cache_dir() != before
