@@ -20,6 +20,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import gguf
+from numba import njit
 from gguf import GGMLQuantizationType, GGUFValueType
 from gguf.gguf_writer import WriterState
 
@@ -113,26 +114,41 @@ class _CheckedReader(gguf.GGUFReader):
 _VALUE_TYPE_IDS = {int(t) for t in GGUFValueType}
 
 
-def _string_array_extents(data: np.ndarray, start: int, n: int, path: Path) -> tuple[np.ndarray, np.ndarray, int]:
-    """(start offset of each string's bytes, each length, end offset) of n length-prefixed
-    strings at `start`; FormatError if they run past the end of the file."""
-    size = len(data)
-    if n > (size - start) // 8:
-        raise FormatError(f"{path}: a string array claims {n} items, more than the file can hold")
-    buf = memoryview(data)
-    starts = np.empty(n, dtype=np.int64)
-    lengths = np.empty(n, dtype=np.int64)
+@njit(cache=True)
+def _scan_strings(data, start, n, starts, lengths):
+    """Walk n (uint64 length, bytes) strings from `start`: fill starts/lengths and return
+    (end offset, -1), or (offset reached, index of the first string that does not fit)."""
+    size = data.shape[0]
     pos = start
     for i in range(n):
         if pos + 8 > size:
-            raise FormatError(f"{path}: truncated inside a string array (item {i} of {n})")
-        length = int.from_bytes(buf[pos:pos + 8], "little")
+            return pos, i
+        length = np.uint64(0)
+        for b in range(8):
+            length |= np.uint64(data[pos + b]) << np.uint64(8 * b)
         pos += 8
-        if length > size - pos:
-            raise FormatError(f"{path}: string {i} of an array at offset {start} runs past the end of the file")
+        if length > np.uint64(size - pos):
+            return pos, i
         starts[i] = pos
-        lengths[i] = length
-        pos += length
+        lengths[i] = np.int64(length)
+        pos += np.int64(length)
+    return pos, -1
+
+
+def _string_array_extents(data: np.ndarray, start: int, n: int, path: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    """(start offset of each string's bytes, each length, end offset) of n length-prefixed
+    strings at `start`; FormatError if they run past the end of the file. (A Numba loop:
+    a vocabulary's 150k tokens and merges took 0.17 s in Python, at every model load.)"""
+    size = len(data)
+    if n > (size - start) // 8:
+        raise FormatError(f"{path}: a string array claims {n} items, more than the file can hold")
+    starts = np.empty(n, dtype=np.int64)
+    lengths = np.empty(n, dtype=np.int64)
+    pos, bad = _scan_strings(np.asarray(data, dtype=np.uint8), start, n, starts, lengths)
+    if bad >= 0:
+        if pos + 8 > size:
+            raise FormatError(f"{path}: truncated inside a string array (item {bad} of {n})")
+        raise FormatError(f"{path}: string {bad} of an array at offset {start} runs past the end of the file")
     return starts, lengths, pos
 
 

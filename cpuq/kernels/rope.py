@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 
 def _yarn_corr_dim(n_rot: int, n_ctx_orig: int, n_rotations: float, base: float) -> float:
@@ -44,14 +44,14 @@ def rope_tables(positions: np.ndarray, n_rot: int, base: float, freq_scale: floa
     return (np.cos(theta) * mscale).astype(np.float32), (np.sin(theta) * mscale).astype(np.float32)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True)
 def apply_rope(x, cos, sin, neox):
     """x: (n, heads, head_dim) f32, rotated in place over its first 2 * cos.shape[1]
     dimensions; cos, sin: (n, n_rot/2) f32; neox: pair i with i + n_rot/2 (else 2i, 2i+1)."""
     n = min(x.shape[0], cos.shape[0], sin.shape[0])
     heads = x.shape[1]
     half = min(cos.shape[1], sin.shape[1], x.shape[2] // 2)
-    for t in prange(n):
+    for t in range(n):
         for h in range(heads):
             for i in range(half):
                 if neox:

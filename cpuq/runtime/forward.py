@@ -16,7 +16,7 @@ import numpy as np
 
 from ..arch import ModelConfig
 from ..kernels.activations import swiglu
-from ..kernels.attention import attention
+from ..kernels.attention import attention, attention_serial, store_kv
 from ..kernels.matmul import get_rows, matmul
 from ..kernels.matvec import matvec_many
 from ..kernels.norms import rms_norm
@@ -27,12 +27,14 @@ from .weights import Layer, Matrix, Weights
 
 class KVCache:
     """Keys and values of every layer for positions 0 .. n_past-1; float32
-    (n_layer, n_head_kv, head_dim, n_ctx): transposed, as kernels.attention reads them
-    along the positions. np.zeros maps untouched pages lazily, so memory grows with the
-    positions used, not with n_ctx."""
+    (n_layer, n_blocks, n_head_kv, head_dim, BLOCK) in kernels.attention's layout
+    (transposed, in blocks of BLOCK positions). np.zeros maps untouched pages lazily, so
+    memory grows with the positions used, not with n_ctx."""
+
+    BLOCK = 64
 
     def __init__(self, cfg: ModelConfig, n_ctx: int):
-        shape = (cfg.n_layer, cfg.n_head_kv, cfg.head_dim, n_ctx)
+        shape = (cfg.n_layer, -(-n_ctx // self.BLOCK), cfg.n_head_kv, cfg.head_dim, self.BLOCK)
         self.k = np.zeros(shape, np.float32)
         self.v = np.zeros(shape, np.float32)
         self.n_ctx = n_ctx
@@ -85,9 +87,17 @@ def _linears(x: np.ndarray, gemm: Gemm | None, *ws: Matrix) -> list[np.ndarray]:
     return outs
 
 
-def _norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+def _rows(gemm: Gemm | None, n: int, fn) -> None:
+    """fn(lo, hi) over rows [0, n): in gemm's workers for a prompt chunk that uses them."""
+    if gemm is None or n < MIN_TOKENS:
+        fn(0, n)
+    else:
+        gemm.split(n, fn)
+
+
+def _norm(x: np.ndarray, weight: np.ndarray, eps: float, gemm: Gemm | None = None) -> np.ndarray:
     out = np.empty_like(x)
-    rms_norm(x, weight, eps, out)
+    _rows(gemm, x.shape[0], lambda lo, hi: rms_norm(x[lo:hi], weight, eps, out[lo:hi]))
     return out
 
 
@@ -95,7 +105,7 @@ def attention_block(x, layer: Layer, il: int, cfg: ModelConfig, cache: KVCache, 
                     gemm: Gemm | None):
     n = x.shape[0]
     hd = cfg.head_dim
-    h = _norm(x, layer.attn_norm, cfg.rms_eps)
+    h = _norm(x, layer.attn_norm, cfg.rms_eps, gemm)
     q, k, v = _linears(h, gemm, layer.wq, layer.wk, layer.wv)
     for t, bias in ((q, layer.bq), (k, layer.bk), (v, layer.bv)):
         if bias is not None:
@@ -103,22 +113,31 @@ def attention_block(x, layer: Layer, il: int, cfg: ModelConfig, cache: KVCache, 
     q = q.reshape(n, cfg.n_head, hd)
     k = k.reshape(n, cfg.n_head_kv, hd)
     v = v.reshape(n, cfg.n_head_kv, hd)
-    if layer.q_norm is not None:  # qwen3: RMSNorm over each head before rope
-        rms_norm(q.reshape(-1, hd), layer.q_norm, cfg.rms_eps, q.reshape(-1, hd))
-        rms_norm(k.reshape(-1, hd), layer.k_norm, cfg.rms_eps, k.reshape(-1, hd))
-    apply_rope(q, cos, sin, neox)
-    apply_rope(k, cos, sin, neox)
-    cache.k[il, :, :, start:start + n] = k.transpose(1, 2, 0)
-    cache.v[il, :, :, start:start + n] = v.transpose(1, 2, 0)
+
+    def qk_rows(lo, hi):
+        if layer.q_norm is not None:  # qwen3: RMSNorm over each head before rope
+            rms_norm(q[lo:hi].reshape(-1, hd), layer.q_norm, cfg.rms_eps, q[lo:hi].reshape(-1, hd))
+            rms_norm(k[lo:hi].reshape(-1, hd), layer.k_norm, cfg.rms_eps, k[lo:hi].reshape(-1, hd))
+        apply_rope(q[lo:hi], cos[lo:hi], sin[lo:hi], neox)
+        apply_rope(k[lo:hi], cos[lo:hi], sin[lo:hi], neox)
+
+    _rows(gemm, n, qk_rows)
+    store_kv(cache.k[il], k, start)
+    store_kv(cache.v[il], v, start)
     out = np.empty_like(q)
-    attention(q, cache.k[il], cache.v[il], start, np.float32(1.0 / math.sqrt(hd)), out)
+    scale = np.float32(1.0 / math.sqrt(hd))
+    if gemm is None or n < MIN_TOKENS:
+        attention(q, cache.k[il], cache.v[il], start, scale, out)
+    else:
+        gemm.split(n, lambda lo, hi: attention_serial(q[lo:hi], cache.k[il], cache.v[il], start + lo, scale,
+                                                      out[lo:hi]), causal_start=start)
     return _linears(out.reshape(n, -1), gemm, layer.wo)[0]
 
 
 def mlp_block(x, layer: Layer, cfg: ModelConfig, gemm: Gemm | None):
-    h = _norm(x, layer.ffn_norm, cfg.rms_eps)
+    h = _norm(x, layer.ffn_norm, cfg.rms_eps, gemm)
     gate, up = _linears(h, gemm, layer.w_gate, layer.w_up)
-    swiglu(gate, up, gate)
+    _rows(gemm, x.shape[0], lambda lo, hi: swiglu(gate[lo:hi], up[lo:hi], gate[lo:hi]))
     return _linears(gate, gemm, layer.w_down)[0]
 
 
@@ -139,4 +158,4 @@ def forward(w: Weights, cfg: ModelConfig, rope: Rope, tokens: np.ndarray, cache:
     cache.n_past = start + n
     if not all_logits:
         x = x[-1:]
-    return _linears(_norm(x, w.output_norm, cfg.rms_eps), gemm, w.output)[0]
+    return _linears(_norm(x, w.output_norm, cfg.rms_eps, gemm), gemm, w.output)[0]

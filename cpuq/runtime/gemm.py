@@ -36,8 +36,10 @@ def _blas_controller() -> ThreadpoolController:
 
 
 class Gemm:
-    """A pool of `n_threads` workers for prompt matmuls. Use `with gemm.session():` around
-    a prompt chunk's forward pass, then `gemm.linear(x, [(w, ggml_type), ...])`."""
+    """A pool of `n_threads` workers for a prompt chunk's forward pass: its matmuls
+    (`linear`) and its row-wise kernels (`split`, so that no Numba parallel region, whose
+    OpenMP threads would then spin against these workers, runs during the chunk). Use
+    `with gemm.session():` around the chunk."""
 
     def __init__(self, n_threads: int):
         self.n_threads = n_threads
@@ -72,6 +74,20 @@ class Gemm:
         for _ in self._pool.map(run, tasks):  # re-raises a worker's exception here
             pass
         return outs
+
+    def split(self, n: int, fn, causal_start: int | None = None) -> None:
+        """fn(lo, hi) for n_threads ranges covering rows [0, n), in the workers. With
+        causal_start, the rows are attention queries at positions causal_start.., whose
+        cost grows with the position: the ranges then have equal total cost."""
+        if causal_start is None:
+            bounds = np.linspace(0, n, self.n_threads + 1).astype(int)
+        else:
+            cost = np.cumsum(np.arange(causal_start + 1, causal_start + n + 1, dtype=np.float64))
+            cuts = np.searchsorted(cost, cost[-1] * np.arange(1, self.n_threads) / self.n_threads)
+            bounds = np.concatenate([[0], cuts, [n]]).astype(int)
+        ranges = [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+        for _ in self._pool.map(lambda r: fn(*r), ranges):
+            pass
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
