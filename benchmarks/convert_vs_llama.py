@@ -7,7 +7,8 @@ Needs the llama.cpp peer (tools/peer_env.sh): llama-cpp-python in $CPUQ_PEER_VEN
 (default ~/.cache/cpuq-peer/hf-venv) and the vendored llama.cpp source for
 convert_hf_to_gguf.py. The input is a checkpoint with the exact shapes of Qwen2.5-0.5B
 (494M parameters, random N(0, 0.02) bf16 weights, the real Qwen2 tokenizer), built once by
-tools/make_tiny_checkpoint.py into ~/.cache/cpuq-bench/ ($CPUQ_BENCH_HOME) and reused.
+tools/make_tiny_checkpoint.py into ~/.cache/cpuq-bench/ ($CPUQ_BENCH_HOME) and reused
+(benchmarks/peer_inputs.py, which also holds the peer's paths and the commands below).
 
 Compared, each as its own process:
   cpuq       `cpuq convert SRC -o OUT.gguf --type q4_k_m --force`       (NUMBA_NUM_THREADS=threads)
@@ -32,37 +33,17 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PEER = Path(os.environ.get("CPUQ_PEER_HOME", Path.home() / ".cache" / "cpuq-peer"))
-LLAMA_CPP = PEER / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
-HF_PYTHON = Path(os.environ.get("CPUQ_HF_VENV", PEER / "hf-venv")) / "bin" / "python"
-PEER_PYTHON = Path(os.environ.get("CPUQ_PEER_VENV", PEER / "venv")) / "bin" / "python"
-BENCH_HOME = Path(os.environ.get("CPUQ_BENCH_HOME", Path.home() / ".cache" / "cpuq-bench"))
+from peer_inputs import (BENCH_HOME, CONVERT_HF, HF_PYTHON, LLAMA_CPP, PEER_PYTHON, ROOT, check_peer, checkpoint_dir,
+                         convert_hf_cmd, cpuq_convert_cmd, ensure_checkpoint, probe, quantize_cmd)
+
 MIB = 1024 * 1024
-
-# Qwen/Qwen2.5-0.5B config.json, the keys that differ from make_tiny_checkpoint's qwen2 defaults
-# (which already carry rope_theta 1e6, max_position_embeddings 32768, rms_norm_eps 1e-6,
-# vocab 151936 and q/k/v biases); tied embeddings are the builder's `tied` default.
-QWEN25_05B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-              "num_attention_heads": 14, "num_key_value_heads": 2, "max_window_layers": 24}
-CHECKPOINT_SEED = 0
-
-# llama-quantize's default Q4_K_M mix (not --pure), as tests/convert/test_convert_peer.py calls it.
-_QUANTIZE = """\
-import sys, llama_cpp
-src, dst, nthread = sys.argv[1], sys.argv[2], int(sys.argv[3])
-p = llama_cpp.llama_model_quantize_default_params()
-p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-p.nthread = nthread
-sys.exit(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), p))
-"""
+SHAPE = "qwen2.5-0.5b"
 
 
 @dataclass
@@ -110,27 +91,6 @@ def measure(cmd: list[str], env: dict[str, str], log: Path) -> Run:
 
 # the input ----------------------------------------------------------------------
 
-def ensure_checkpoint(out_dir: Path) -> Path:
-    """The Qwen2.5-0.5B-shaped checkpoint, built once (about 15 s, 3 GiB) in a subprocess."""
-    stamp_text = json.dumps({"arch": "qwen2", "dtype": "bf16", "seed": CHECKPOINT_SEED, **QWEN25_05B}, sort_keys=True)
-    stamp = out_dir / ".cpuq-bench-complete"
-    if stamp.exists() and stamp.read_text() == stamp_text:
-        return out_dir
-    # Built under a temporary name and renamed, so an interrupted build is never reused.
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    cmd = [sys.executable, str(ROOT / "tools" / "make_tiny_checkpoint.py"), str(tmp), "--arch", "qwen2",
-           "--dtype", "bf16", "--seed", str(CHECKPOINT_SEED)]
-    for key, value in QWEN25_05B.items():
-        cmd += ["--set", f"{key}={json.dumps(value)}"]
-    print(f"building {out_dir} (Qwen2.5-0.5B shapes, random bf16) ...", file=sys.stderr)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    (tmp / stamp.name).write_text(stamp_text)
-    tmp.rename(out_dir)
-    return out_dir
-
-
 def n_parameters(src: Path) -> int:
     """Sum of tensor sizes from the safetensors headers (nothing else is read)."""
     total = 0
@@ -158,11 +118,6 @@ def warm_page_cache(src: Path) -> float:
 
 
 # context ------------------------------------------------------------------------
-
-def probe(python: Path, code: str) -> str:
-    r = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
-    return r.stdout.strip() if r.returncode == 0 else f"? ({r.stderr.strip().splitlines()[-1:]})"
-
 
 def versions(threads: int) -> dict[str, str]:
     from importlib.metadata import version
@@ -218,33 +173,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3, help="runs of each tool; time is the best of them")
     ap.add_argument("--threads", type=int, default=2, help="cpuq's Numba threads and llama-quantize's nthread")
-    ap.add_argument("--checkpoint", type=Path, default=BENCH_HOME / "qwen2.5-0.5b-shape")
+    ap.add_argument("--checkpoint", type=Path, default=checkpoint_dir(SHAPE))
     ap.add_argument("--workdir", type=Path, default=BENCH_HOME / "work", help="outputs and logs (overwritten)")
     ap.add_argument("--cpuq", type=Path, default=ROOT / ".venv" / "bin" / "cpuq")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
-    convert_py = LLAMA_CPP / "convert_hf_to_gguf.py"
-    for path, what in [(args.cpuq, "cpuq CLI: pip install -e ."), (HF_PYTHON, "torch venv, tools/peer_env.sh"),
-                       (PEER_PYTHON, "llama-cpp-python venv, tools/peer_env.sh"),
-                       (convert_py, "llama.cpp source, tools/peer_env.sh")]:
-        if not path.exists():
-            raise SystemExit(f"{path} missing ({what})")
+    if not args.cpuq.exists():
+        raise SystemExit(f"{args.cpuq} missing (cpuq CLI: pip install -e .)")
+    check_peer(HF_PYTHON, PEER_PYTHON, CONVERT_HF)
 
-    src = ensure_checkpoint(args.checkpoint)
+    src = ensure_checkpoint(SHAPE, args.checkpoint)
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     f16 = work / "llama-f16.gguf"
-    cpuq_step = Step("cpuq convert", [str(args.cpuq), "convert", str(src), "-o", str(work / "cpuq-q4_k_m.gguf"),
-                                      "--type", "q4_k_m", "--force"],
-                     {"NUMBA_NUM_THREADS": str(args.threads)}, work / "cpuq-q4_k_m.gguf")
+    cpuq_out = work / "cpuq-q4_k_m.gguf"
+    cpuq_step = Step("cpuq convert", *cpuq_convert_cmd(src, cpuq_out, "q4_k_m", args.threads, args.cpuq), cpuq_out)
     llama_steps = [
-        Step("llama.cpp 1: convert_hf_to_gguf.py -> F16",
-             [str(HF_PYTHON), str(convert_py), str(src), "--outtype", "f16", "--outfile", str(f16)],
-             {"PYTHONPATH": str(LLAMA_CPP / "gguf-py")}, f16),
+        Step("llama.cpp 1: convert_hf_to_gguf.py -> F16", *convert_hf_cmd(src, f16), f16),
         Step("llama.cpp 2: llama-quantize F16 -> Q4_K_M",
-             [str(PEER_PYTHON), "-c", _QUANTIZE, str(f16), str(work / "llama-q4_k_m.gguf"), str(args.threads)],
-             {}, work / "llama-q4_k_m.gguf"),
+             *quantize_cmd(f16, work / "llama-q4_k_m.gguf", "q4_k_m", args.threads), work / "llama-q4_k_m.gguf"),
     ]
     steps = [cpuq_step, *llama_steps]
 

@@ -30,15 +30,18 @@ import json, sys, time
 import numpy as np, llama_cpp
 path, ids, n_gen, threads, repeat = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 llm = llama_cpp.Llama(path, n_ctx=len(ids) + n_gen + 8, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+# Llama.scores is only written with logits_all=True (and has n_batch rows, so scores[n_tokens - 1]
+# is out of range past 512 tokens): read the last token's logits from the context instead.
+last_logits = lambda: np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 best_p = best_d = float("inf")
 for r in range(repeat + 1):
     llm.reset()
     t = time.perf_counter(); llm.eval(ids); p = time.perf_counter() - t
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = int(np.argmax(last_logits()))
     t = time.perf_counter()
     for _ in range(n_gen):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits()))
     d = time.perf_counter() - t
     if r:
         best_p, best_d = min(best_p, p), min(best_d, d)
