@@ -1,4 +1,7 @@
-"""Causal grouped-query attention over a KV cache."""
+"""Causal grouped-query attention over a KV cache: the whole of it for decode steps
+(`attention`), and the pieces of the BLAS path for prompt chunks (runtime/gemm.py):
+`causal_softmax` between its two matrix products, `gather_kv` to lay keys out for them,
+`store_kv` to append to the cache."""
 from __future__ import annotations
 
 import numpy as np
@@ -20,14 +23,19 @@ def _attend(q, k_cache, v_cache, start, scale, out, job):
     h = job % n_head
     kvh = min(h // group, n_head_kv - 1)
     n_keys = min(start + t + 1, n_ctx)
+    full = n_keys // block
     scores = np.zeros(n_keys, np.float32)
+    # Whole blocks, then the partial last one, indexing the cache directly: a slice per
+    # (block, dimension) cost more than the multiply-adds at a 4k context.
     for d in range(hd):
         qd = q[t, h, d] * scale
-        for b0 in range(0, n_keys, block):
-            krow = k_cache[b0 // block, kvh, d]
-            part = scores[b0:min(n_keys, b0 + block)]
-            for j in range(part.shape[0]):
-                part[j] += qd * krow[j]
+        for blk in range(full):
+            b0 = blk * block
+            for j in range(block):
+                scores[b0 + j] += qd * k_cache[blk, kvh, d, j]
+        b0 = full * block
+        for j in range(n_keys - b0):
+            scores[b0 + j] += qd * k_cache[full, kvh, d, j]
     best = scores.max()
     total = np.float32(0.0)
     for j in range(n_keys):
@@ -37,11 +45,13 @@ def _attend(q, k_cache, v_cache, start, scale, out, job):
     inv = np.float32(1.0) / total
     for d in range(hd):
         acc = np.float32(0.0)
-        for b0 in range(0, n_keys, block):
-            vrow = v_cache[b0 // block, kvh, d]
-            part = scores[b0:min(n_keys, b0 + block)]
-            for j in range(part.shape[0]):
-                acc += part[j] * vrow[j]
+        for blk in range(full):
+            b0 = blk * block
+            for j in range(block):
+                acc += scores[b0 + j] * v_cache[blk, kvh, d, j]
+        b0 = full * block
+        for j in range(n_keys - b0):
+            acc += scores[b0 + j] * v_cache[full, kvh, d, j]
         out[t, h, d] = acc * inv
 
 
@@ -57,14 +67,6 @@ def attention(q, k_cache, v_cache, start, scale, out):
     positions keep the memory touched proportional to the positions used.
     Dot products and sums may be reassociated (no NaN/inf assumptions)."""
     for job in prange(q.shape[0] * q.shape[1]):
-        _attend(q, k_cache, v_cache, start, scale, out, job)
-
-
-@njit(cache=True, nogil=True, fastmath=_FAST)
-def attention_serial(q, k_cache, v_cache, start, scale, out):
-    """attention on the calling thread, without the GIL (callers split the queries by
-    position over their own threads: q[lo:hi] with start + lo, out[lo:hi])."""
-    for job in range(q.shape[0] * q.shape[1]):
         _attend(q, k_cache, v_cache, start, scale, out, job)
 
 
@@ -84,3 +86,42 @@ def store_kv(cache, x, start):
         for g in range(n_head_kv):
             for d in range(hd):
                 cache[b, g, d, o] = x[t, g, d]
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def causal_softmax(scores, group, first_keys):
+    """scores: (n * group, n_keys) f32, row r the query of token r // group, which sees keys
+    0 .. first_keys + r // group - 1 -> in place: softmax over those keys, 0 for the rest
+    (prompt-chunk attention through BLAS: scores = Q K^T before, P V after)."""
+    rows, n_keys = scores.shape
+    for r in range(rows):
+        seen = max(0, min(n_keys, first_keys + r // max(1, group)))
+        row = scores[r]
+        if seen == 0:
+            row[:] = 0.0
+            continue
+        best = row[0]
+        for j in range(1, seen):
+            best = max(best, row[j])
+        total = np.float32(0.0)
+        for j in range(seen):
+            e = np.exp(row[j] - best)
+            row[j] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for j in range(seen):
+            row[j] *= inv
+        row[seen:] = 0.0
+
+
+@njit(cache=True, nogil=True)
+def gather_kv(cache, g, n_keys, out):
+    """cache: (n_blocks, n_head_kv, hd, block) in attention's layout -> out: (n_keys, hd)
+    f32, the first n_keys positions of kv head g, one row per position."""
+    n_blocks, _, hd, block = cache.shape
+    n_keys = min(n_keys, n_blocks * block, out.shape[0])
+    hd = min(hd, out.shape[1])
+    for p in range(n_keys):
+        b, o = p // block, p % block
+        for d in range(hd):
+            out[p, d] = cache[b, g, d, o]

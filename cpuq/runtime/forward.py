@@ -16,7 +16,7 @@ import numpy as np
 
 from ..arch import ModelConfig
 from ..kernels.activations import swiglu
-from ..kernels.attention import attention, attention_serial, store_kv
+from ..kernels.attention import attention, store_kv
 from ..kernels.matmul import get_rows, matmul
 from ..kernels.matvec import matvec_many
 from ..kernels.norms import rms_norm
@@ -129,8 +129,7 @@ def attention_block(x, layer: Layer, il: int, cfg: ModelConfig, cache: KVCache, 
     if gemm is None or n < MIN_TOKENS:
         attention(q, cache.k[il], cache.v[il], start, scale, out)
     else:
-        gemm.split(n, lambda lo, hi: attention_serial(q[lo:hi], cache.k[il], cache.v[il], start + lo, scale,
-                                                      out[lo:hi]), causal_start=start)
+        gemm.attention(q, cache.k[il], cache.v[il], start, scale, out)
     return _linears(out.reshape(n, -1), gemm, layer.wo)[0]
 
 

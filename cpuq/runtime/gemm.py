@@ -20,9 +20,11 @@ from typing import Sequence
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from ..kernels.attention import causal_softmax, gather_kv
 from ..kernels.matmul import dequantize_rows
 
 TILE_BYTES = 8 << 20  # float32 weights per task at most: a few hundred rows or more, as sgemm likes
+SCORES_BYTES = 16 << 20  # attention scores per kv head in flight, at most
 MIN_TOKENS = 32  # below this, the fused per-row kernels beat decoding tiles (measured, 0.5B shapes)
 
 _controller: ThreadpoolController | None = None
@@ -69,22 +71,44 @@ class Gemm:
             w, ggml_type = weights[i]
             tile = np.empty((r1 - r0, k), np.float32)
             dequantize_rows(w, ggml_type, r0, tile)
-            outs[i][:, r0:r1] = x @ tile.T
+            np.matmul(x, tile.T, out=outs[i][:, r0:r1])  # a column block: sgemm writes it in place (ldc)
 
         for _ in self._pool.map(run, tasks):  # re-raises a worker's exception here
             pass
         return outs
 
-    def split(self, n: int, fn, causal_start: int | None = None) -> None:
-        """fn(lo, hi) for n_threads ranges covering rows [0, n), in the workers. With
-        causal_start, the rows are attention queries at positions causal_start.., whose
-        cost grows with the position: the ranges then have equal total cost."""
-        if causal_start is None:
-            bounds = np.linspace(0, n, self.n_threads + 1).astype(int)
-        else:
-            cost = np.cumsum(np.arange(causal_start + 1, causal_start + n + 1, dtype=np.float64))
-            cuts = np.searchsorted(cost, cost[-1] * np.arange(1, self.n_threads) / self.n_threads)
-            bounds = np.concatenate([[0], cuts, [n]]).astype(int)
+    def attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, scale: float,
+                  out: np.ndarray) -> None:
+        """kernels.attention for a prompt chunk through BLAS: per kv head, the scores of all
+        its query heads' rows at once (Q K^T), kernels.attention.causal_softmax, then P V;
+        the kv heads spread over the workers, query rows in parts that bound the scores'
+        memory. q: (n, n_head, hd) at positions start..; caches in attention's layout."""
+        n, n_head, hd = q.shape
+        n_head_kv = k_cache.shape[1]
+        group = n_head // n_head_kv
+        n_keys = start + n
+        rows_per_part = max(group, (SCORES_BYTES // (4 * n_keys)) // group * group)
+
+        def run(g):
+            keys = np.empty((n_keys, hd), np.float32)
+            values = np.empty((n_keys, hd), np.float32)
+            gather_kv(k_cache, g, n_keys, keys)
+            gather_kv(v_cache, g, n_keys, values)
+            qg = q[:, g * group:(g + 1) * group].reshape(n * group, hd) * np.float32(scale)
+            og = np.empty((n * group, hd), np.float32)
+            for r0 in range(0, n * group, rows_per_part):
+                r1 = min(n * group, r0 + rows_per_part)
+                scores = qg[r0:r1] @ keys.T
+                causal_softmax(scores, group, start + 1 + r0 // group)
+                np.matmul(scores, values, out=og[r0:r1])
+            out[:, g * group:(g + 1) * group] = og.reshape(n, group, hd)
+
+        for _ in self._pool.map(run, range(n_head_kv)):
+            pass
+
+    def split(self, n: int, fn) -> None:
+        """fn(lo, hi) for n_threads equal ranges covering rows [0, n), in the workers."""
+        bounds = np.linspace(0, n, self.n_threads + 1).astype(int)
         ranges = [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
         for _ in self._pool.map(lambda r: fn(*r), ranges):
             pass

@@ -34,3 +34,28 @@ def test_linear_many_matrices_many_tiles(monkeypatch, n_threads):
         ref = x.astype(np.float64) @ dense.T
         assert out.shape == ref.shape
         assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("start", [0, 37])
+def test_attention_through_blas_matches_the_kernel(monkeypatch, start):
+    """Prompt-chunk attention (Q K^T, causal softmax, P V per kv head) against the decode
+    kernel, after `start` cached positions, with the scores split in several parts."""
+    import cpuq.runtime.gemm as G
+    from cpuq.kernels.attention import attention, store_kv
+    monkeypatch.setattr(G, "SCORES_BYTES", 4 * 7 * 90)  # a few query rows per part
+    rng = np.random.default_rng(3)
+    n, n_head, n_kv, hd, block = 40, 14, 2, 16, 8
+    k_cache = np.zeros((-(-(start + n) // block), n_kv, hd, block), np.float32)
+    v_cache = np.zeros_like(k_cache)
+    for cache in (k_cache, v_cache):
+        store_kv(cache, rng.standard_normal((start + n, n_kv, hd), dtype=np.float32), 0)
+    q = rng.standard_normal((n, n_head, hd), dtype=np.float32)
+    ref, got = np.empty_like(q), np.empty_like(q)
+    attention(q, k_cache, v_cache, start, np.float32(0.25), ref)
+    g = Gemm(2)
+    try:
+        with g.session():
+            g.attention(q, k_cache, v_cache, start, 0.25, got)
+    finally:
+        g.close()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)  # float32 sums in other orders; values ~1
