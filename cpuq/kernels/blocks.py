@@ -205,34 +205,66 @@ BLOCK_IR = {
 
 
 # ---------------------------------------------------------------------------------------------
-# One block -> its integer values for the int16-activation dot products: per 32-element
-# group (q <32 x i8>, scale, minimum) with value = scale * q - minimum; scale is a float, or
-# a <16 x float> per pair lane where the group's two halves have their own scales (Q6_K).
+# One block -> its integer values for the int16-activation dot products. Each builder gets
+# the block (w) and x's group scales and sums for it (dx, xsum: float* at the block's first
+# 32-element group) and returns ([(q <32 x i8>, scale) per group], minimum): the block's
+# dot product is sum over groups of pmaddwd(q, xq) * scale (scale includes dx: a float,
+# or a <16 x float> with one per pmaddwd lane, a lane holding elements 2i and 2i+1, when
+# a group's halves have their own scales) minus `minimum`, a <8 x float> whose sum is the
+# K-quants' min terms (or None).
 
-def _ints_q8_0(b, w):
-    return [(_load(b, w, 2, V32B), _half(b, w, 0), None)]
 
 
-def _ints_q5_0(b, w):
+def _ints_q8_0(b, w, dx, xsum):
+    return [(_load(b, w, 2, V32B), _splat(b, b.fmul(_half(b, w, 0), b.load(dx)), 16))], None
+
+
+def _ints_q5_0(b, w, dx, xsum):
     lo, hi = _nibbles(b, _load(b, w, 6, V16B))
     q = b.or_(_concat(b, lo, hi), _high_bits(b, _load(b, w, 2, I32), 4))
-    return [(b.sub(q, _vconst(V32B, 16)), _half(b, w, 0), None)]
+    return [(b.sub(q, _vconst(V32B, 16)), _splat(b, b.fmul(_half(b, w, 0), b.load(dx)), 16))], None
 
 
-def _ints_q4_k(b, w):
+def _pick(b, v, idx):
+    return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, len(idx)), idx))
+
+
+def _ints_q4_k(b, w, dx, xsum):
     d, dmin = _half(b, w, 0), _half(b, w, 2)
+    # The 8 6-bit (scale, min) pairs from the 12 bytes at w + 4, all at once (as
+    # _k_scale_min, lane j = sub-block j); the 16-byte load ends inside the block.
+    v8b = ir.VectorType(I8, 8)
+    raw = _load(b, w, 4, V16B)
+    first = ir.Constant(ir.VectorType(I1, 8), [j < 4 for j in range(8)])
+    lows = _pick(b, raw, [0, 1, 2, 3, 8, 9, 10, 11])    # scale bits: b[j] (j < 4), b[j + 4]
+    tops = _pick(b, raw, [0, 0, 0, 0, 0, 1, 2, 3])      # b[j - 4]: scale bits 4-5 for j >= 4
+    mins = _pick(b, raw, [4, 5, 6, 7, 8, 9, 10, 11])    # min bits: b[j + 4]
+    mtops = _pick(b, raw, [0, 0, 0, 0, 4, 5, 6, 7])     # b[j]: min bits 4-5 for j >= 4
+    c = lambda v: _vconst(v8b, v)  # noqa: E731
+    scale = b.select(first, b.and_(lows, c(63)),
+                     b.or_(b.and_(lows, c(15)), b.shl(b.lshr(tops, c(6)), c(4))))
+    minimum = b.select(first, b.and_(mins, c(63)),
+                       b.or_(b.lshr(mins, c(4)), b.shl(b.lshr(mtops, c(6)), c(4))))
+    v8f = ir.VectorType(F32, 8)
+    dx8 = b.load(b.bitcast(dx, v8f.as_pointer()), align=4)
+    xsum8 = b.load(b.bitcast(xsum, v8f.as_pointer()), align=4)
+    sdx = b.fmul(b.fmul(_splat(b, d, 8), b.uitofp(scale, v8f)), dx8)
+    mterm = b.fmul(b.fmul(_splat(b, dmin, 8), b.uitofp(minimum, v8f)), xsum8)
     out = []
     for pair in range(4):
         lo, hi = _nibbles(b, _load(b, w, 16 + 32 * pair, V32B))
         for j, q in ((2 * pair, lo), (2 * pair + 1, hi)):
-            scale, minimum = _k_scale_min(b, w, 4, j)
-            out.append((q, b.fmul(d, b.uitofp(scale, F32)), b.fmul(dmin, b.uitofp(minimum, F32))))
-    return out
+            out.append((q, b.extract_element(sdx, ir.Constant(I32, j))))
+    return out, mterm
 
 
-def _ints_q6_k(b, w):
+def _ints_q6_k(b, w, dx, xsum):
     d = _half(b, w, 208)
-    lanes_hi = ir.Constant(ir.VectorType(I1, 16), [j >= 8 for j in range(16)])  # pair lanes 8..15 = elements 16..31
+    v16f = ir.VectorType(F32, 16)
+    dx8 = b.load(b.bitcast(dx, ir.VectorType(F32, 8).as_pointer()), align=4)
+    # scale byte 2g + k belongs to group g's elements 16k .. 16k+15 (pmaddwd lanes 8k ..)
+    sdx = b.fmul(b.fmul(_splat(b, d, 16), b.sitofp(_load(b, w, 192, V16B), v16f)),
+                 _pick(b, dx8, [g // 2 for g in range(16)]))
     out = []
     for half in range(2):
         ql_a, ql_b = _load(b, w, 64 * half, V32B), _load(b, w, 64 * half + 32, V32B)
@@ -242,15 +274,16 @@ def _ints_q6_k(b, w):
         for quarter, nib in enumerate((lo_a, lo_b, hi_a, hi_b)):
             top = b.and_(b.lshr(qh, _vconst(V32B, 2 * quarter)), _vconst(V32B, 3))
             q = b.sub(b.or_(nib, b.shl(top, _vconst(V32B, 4))), _vconst(V32B, 32))
-            sc = 192 + 8 * half + 2 * quarter
-            s0 = b.fmul(d, b.sitofp(_load(b, w, sc, I8), F32))
-            s1 = b.fmul(d, b.sitofp(_load(b, w, sc + 1, I8), F32))
-            out.append((q, b.select(lanes_hi, _splat(b, s1, 16), _splat(b, s0, 16)), None))
-    return out
+            g = 4 * half + quarter
+            out.append((q, _pick(b, sdx, [2 * g] * 8 + [2 * g + 1] * 8)))
+    return out, None
 
 
 # ggml type id -> integer-values builder, for the types decode steps spend their time in
 BLOCK_INTS = {8: _ints_q8_0, 6: _ints_q5_0, 12: _ints_q4_k, 14: _ints_q6_k}
+# Types whose group scales are <16 x float>; Q4_K's are floats: its 8 groups add their
+# lanes' halves before converting (measured faster there, slower for one-group blocks).
+LANE_SCALED = {8, 6, 14}
 
 
 def _host_pmaddwd() -> int:
@@ -272,6 +305,7 @@ PMADDWD_LANES = _host_pmaddwd()
 V32S = ir.VectorType(I16, 32)
 V16I = ir.VectorType(I32, 16)
 V16F = ir.VectorType(F32, 16)
+V8F = ir.VectorType(F32, 8)
 
 
 def _pmaddwd(b: ir.IRBuilder, a, c):
@@ -307,46 +341,60 @@ def _build_dot_i16_fn(module: ir.Module, name: str, ggml_type: int) -> ir.Functi
     xq, dx, xsum, w, nb = fn.args
     entry, loop, done = fn.append_basic_block("entry"), fn.append_basic_block("loop"), fn.append_basic_block("done")
     b = ir.IRBuilder(entry)
-    zero, fzero = ir.Constant(V16F, None), ir.Constant(F32, 0.0)
+    zero, mzero = ir.Constant(V16F, None), ir.Constant(V8F, None)
     b.cbranch(b.icmp_signed(">", nb, ir.Constant(I64, 0)), loop, done)
     b.position_at_end(loop)
     i = b.phi(I64)
     i.add_incoming(ir.Constant(I64, 0), entry)
-    acc = b.phi(V16F)
-    acc.add_incoming(zero, entry)
-    macc = b.phi(F32)
-    macc.add_incoming(fzero, entry)
+    # Several accumulators: a K-quant block's 8 groups would otherwise be one chain of 8
+    # dependent adds (4 cycles each), longer than the work they wait on.
+    n_acc = min(groups, 4)
+    acc_type = V16F if ggml_type in LANE_SCALED else V8F
+    zero = ir.Constant(acc_type, None)
+    accs = [b.phi(acc_type) for _ in range(n_acc)]
+    for a in accs:
+        a.add_incoming(zero, entry)
+    macc = b.phi(V8F)
+    macc.add_incoming(mzero, entry)
     blk = b.gep(w, [b.mul(i, ir.Constant(I64, nbytes))])
     g0 = b.mul(i, ir.Constant(I64, groups))
-    new, mnew = acc, macc
-    for g, (q, scale, minimum) in enumerate(BLOCK_INTS[ggml_type](b, blk)):
+    groups_out, minimum = BLOCK_INTS[ggml_type](b, blk, b.gep(dx, [g0]), b.gep(xsum, [g0]))
+    new, mnew = list(accs), macc
+    for g, (q, scale) in enumerate(groups_out):
         gi = b.add(g0, ir.Constant(I64, g))
         xv = b.load(b.bitcast(b.gep(xq, [b.mul(gi, ir.Constant(I64, 32))]), V32S.as_pointer()), align=2)
-        p = b.sitofp(_pmaddwd(b, b.sext(q, V32S), xv), V16F)
-        d = b.load(b.gep(dx, [gi]))
-        s = b.fmul(scale, _splat(b, d, 16)) if isinstance(scale.type, ir.VectorType) else _splat(b, b.fmul(scale, d), 16)
-        t = b.fmul(p, s)
-        new = b.fadd(new, t)
+        p = _pmaddwd(b, b.sext(q, V32S), xv)
+        if isinstance(scale.type, ir.VectorType):
+            t = b.fmul(b.sitofp(p, V16F), scale)
+        else:  # one scale: add the 16 lanes' halves first, convert and scale 8 lanes (exact in int32)
+            p8 = b.add(_pick(b, p, list(range(8))), _pick(b, p, list(range(8, 16))))
+            t = b.fmul(b.sitofp(p8, V8F), _splat(b, scale, 8))
+        new[g % n_acc] = b.fadd(new[g % n_acc], t)
         t.flags.extend(_FAST)
-        new.flags.extend(_FAST)
-        if minimum is not None:
-            mt = b.fmul(minimum, b.load(b.gep(xsum, [gi])))
-            mnew = b.fadd(mnew, mt)
-            mt.flags.extend(_FAST)
-            mnew.flags.extend(_FAST)
+        new[g % n_acc].flags.extend(_FAST)
+    if minimum is not None:
+        mnew = b.fadd(mnew, minimum)
+        mnew.flags.extend(_FAST)
     nxt = b.add(i, ir.Constant(I64, 1))
     i.add_incoming(nxt, loop)
-    acc.add_incoming(new, loop)
+    for a, v in zip(accs, new):
+        a.add_incoming(v, loop)
     macc.add_incoming(mnew, loop)
     b.cbranch(b.icmp_signed("<", nxt, nb), loop, done)
     b.position_at_end(done)
-    res = b.phi(V16F)
-    res.add_incoming(zero, entry)
-    res.add_incoming(new, loop)
-    mres = b.phi(F32)
-    mres.add_incoming(fzero, entry)
+    results = []
+    for v in new:  # every phi first, as LLVM requires
+        r = b.phi(acc_type)
+        r.add_incoming(zero, entry)
+        r.add_incoming(v, loop)
+        results.append(r)
+    mres = b.phi(V8F)
+    mres.add_incoming(mzero, entry)
     mres.add_incoming(mnew, loop)
-    b.ret(b.fsub(_reduce(b, res), mres))
+    total = results[0]
+    for r in results[1:]:
+        total = b.fadd(total, r)
+    b.ret(b.fsub(_reduce(b, total), _reduce(b, mres)))
     return fn
 
 
