@@ -171,10 +171,9 @@ def _values_q5_k(b, w):  # [d | dmin | 12 scale bytes | qh 32 bytes | 128 nibble
     return out
 
 
-def _values_q6_k(b, w):  # [ql 128 | qh 64 | 16 int8 scales | d]; element groups of 16 share a scale
-    d = _half(b, w, 208)
-    lanes_hi = ir.Constant(ir.VectorType(I1, 32), [j >= 16 for j in range(32)])
-    out = []
+def _q6_k_groups(b, w):
+    """The 8 groups of 32 signed 6-bit values (q - 32) of a Q6_K block, in element order:
+    group 4 * half + quarter takes its low 4 bits from ql and bits 2*quarter.. of qh."""
     for half in range(2):
         ql_a, ql_b = _load(b, w, 64 * half, V32B), _load(b, w, 64 * half + 32, V32B)
         qh = _load(b, w, 128 + 32 * half, V32B)
@@ -182,12 +181,18 @@ def _values_q6_k(b, w):  # [ql 128 | qh 64 | 16 int8 scales | d]; element groups
         lo_b, hi_b = _nibbles(b, ql_b)
         for quarter, nib in enumerate((lo_a, lo_b, hi_a, hi_b)):
             top = b.and_(b.lshr(qh, _vconst(V32B, 2 * quarter)), _vconst(V32B, 3))
-            q = b.sub(b.or_(nib, b.shl(top, _vconst(V32B, 4))), _vconst(V32B, 32))
-            sc = 192 + 8 * half + 2 * quarter
-            s0 = b.fmul(d, b.sitofp(_load(b, w, sc, I8), F32))
-            s1 = b.fmul(d, b.sitofp(_load(b, w, sc + 1, I8), F32))
-            scale = b.select(lanes_hi, _splat(b, s1), _splat(b, s0))
-            out.append(b.fmul(_to_float(b, q, True), scale))
+            yield 4 * half + quarter, b.sub(b.or_(nib, b.shl(top, _vconst(V32B, 4))), _vconst(V32B, 32))
+
+
+def _values_q6_k(b, w):  # [ql 128 | qh 64 | 16 int8 scales | d]; element groups of 16 share a scale
+    d = _half(b, w, 208)
+    lanes_hi = ir.Constant(ir.VectorType(I1, 32), [j >= 16 for j in range(32)])
+    out = []
+    for g, q in _q6_k_groups(b, w):
+        s0 = b.fmul(d, b.sitofp(_load(b, w, 192 + 2 * g, I8), F32))
+        s1 = b.fmul(d, b.sitofp(_load(b, w, 192 + 2 * g + 1, I8), F32))
+        scale = b.select(lanes_hi, _splat(b, s1), _splat(b, s0))
+        out.append(b.fmul(_to_float(b, q, True), scale))
     return out
 
 
@@ -265,18 +270,7 @@ def _ints_q6_k(b, w, dx, xsum):
     # scale byte 2g + k belongs to group g's elements 16k .. 16k+15 (pmaddwd lanes 8k ..)
     sdx = b.fmul(b.fmul(_splat(b, d, 16), b.sitofp(_load(b, w, 192, V16B), v16f)),
                  _pick(b, dx8, [g // 2 for g in range(16)]))
-    out = []
-    for half in range(2):
-        ql_a, ql_b = _load(b, w, 64 * half, V32B), _load(b, w, 64 * half + 32, V32B)
-        qh = _load(b, w, 128 + 32 * half, V32B)
-        lo_a, hi_a = _nibbles(b, ql_a)
-        lo_b, hi_b = _nibbles(b, ql_b)
-        for quarter, nib in enumerate((lo_a, lo_b, hi_a, hi_b)):
-            top = b.and_(b.lshr(qh, _vconst(V32B, 2 * quarter)), _vconst(V32B, 3))
-            q = b.sub(b.or_(nib, b.shl(top, _vconst(V32B, 4))), _vconst(V32B, 32))
-            g = 4 * half + quarter
-            out.append((q, _pick(b, sdx, [2 * g] * 8 + [2 * g + 1] * 8)))
-    return out, None
+    return [(q, _pick(b, sdx, [2 * g] * 8 + [2 * g + 1] * 8)) for g, q in _q6_k_groups(b, w)], None
 
 
 # ggml type id -> integer-values builder, for the types decode steps spend their time in
