@@ -25,17 +25,19 @@ def _attend(q, k_cache, v_cache, start, scale, out, job):
     n_keys = min(start + t + 1, n_ctx)
     full = n_keys // block
     scores = np.zeros(n_keys, np.float32)
-    # Whole blocks, then the partial last one, indexing the cache directly: a slice per
-    # (block, dimension) cost more than the multiply-adds at a 4k context.
-    for d in range(hd):
-        qd = q[t, h, d] * scale
-        for blk in range(full):
-            b0 = blk * block
-            for j in range(block):
-                scores[b0 + j] += qd * k_cache[blk, kvh, d, j]
-        b0 = full * block
-        for j in range(n_keys - b0):
-            scores[b0 + j] += qd * k_cache[full, kvh, d, j]
+    # Block by block, one view of the block and of its scores, then all dimensions: views
+    # per (block, dimension) cost more than the multiply-adds at a 4k context.
+    for blk in range(full + 1):
+        b0 = blk * block
+        cnt = min(block, n_keys - b0)
+        if cnt <= 0:
+            break
+        kb = k_cache[blk, kvh]
+        sb = scores[b0:b0 + cnt]
+        for d in range(hd):
+            qd = q[t, h, d] * scale
+            for j in range(cnt):
+                sb[j] += qd * kb[d, j]
     best = scores.max()
     total = np.float32(0.0)
     for j in range(n_keys):
@@ -43,16 +45,21 @@ def _attend(q, k_cache, v_cache, start, scale, out, job):
         scores[j] = e
         total += e
     inv = np.float32(1.0) / total
+    acc = np.zeros(hd, np.float32)
+    for blk in range(full + 1):
+        b0 = blk * block
+        cnt = min(block, n_keys - b0)
+        if cnt <= 0:
+            break
+        vb = v_cache[blk, kvh]
+        sb = scores[b0:b0 + cnt]
+        for d in range(hd):
+            a = np.float32(0.0)
+            for j in range(cnt):
+                a += sb[j] * vb[d, j]
+            acc[d] += a
     for d in range(hd):
-        acc = np.float32(0.0)
-        for blk in range(full):
-            b0 = blk * block
-            for j in range(block):
-                acc += scores[b0 + j] * v_cache[blk, kvh, d, j]
-        b0 = full * block
-        for j in range(n_keys - b0):
-            acc += scores[b0 + j] * v_cache[full, kvh, d, j]
-        out[t, h, d] = acc * inv
+        out[t, h, d] = acc[d] * inv
 
 
 @njit(cache=True, parallel=True, fastmath=_FAST)
