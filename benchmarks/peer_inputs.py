@@ -167,15 +167,23 @@ def _build(dst: Path, cmd_for, what: str) -> Path:
     return dst
 
 
-def ensure_llama_gguf(shape: str, qtype: str, threads: int = 2, build: bool = True) -> Path:
-    """llama.cpp's `qtype` file ("f16" or a LLAMA_FTYPES key) of the shape's checkpoint."""
+def _gguf_target(shape: str, kind: str, build: bool) -> tuple[Path, Path, bool]:
+    """(checkpoint, the shape's `kind` GGUF file, whether it must be (re)built)."""
     src = ensure_checkpoint(shape, build=build)
-    out = BENCH_HOME / "gguf" / f"{shape}-llama-{qtype}.gguf"
+    out = BENCH_HOME / "gguf" / f"{shape}-{kind}.gguf"
     if _fresh(out, src):
-        return out
+        return src, out, False
     if not build:
         raise SystemExit(f"{out} missing or older than its checkpoint (run without --skip-build)")
     out.parent.mkdir(parents=True, exist_ok=True)
+    return src, out, True
+
+
+def ensure_llama_gguf(shape: str, qtype: str, threads: int = 2, build: bool = True) -> Path:
+    """llama.cpp's `qtype` file ("f16" or a LLAMA_FTYPES key) of the shape's checkpoint."""
+    src, out, stale = _gguf_target(shape, f"llama-{qtype}", build)
+    if not stale:
+        return out
     if qtype == "f16":
         check_peer(HF_PYTHON, CONVERT_HF)
         return _build(out, lambda tmp: convert_hf_cmd(src, tmp), "convert_hf_to_gguf.py --outtype f16")
@@ -186,11 +194,7 @@ def ensure_llama_gguf(shape: str, qtype: str, threads: int = 2, build: bool = Tr
 
 def ensure_cpuq_gguf(shape: str, qtype: str, threads: int = 2, build: bool = True) -> Path:
     """`cpuq convert`'s `qtype` file of the shape's checkpoint."""
-    src = ensure_checkpoint(shape, build=build)
-    out = BENCH_HOME / "gguf" / f"{shape}-cpuq-{qtype}.gguf"
-    if _fresh(out, src):
+    src, out, stale = _gguf_target(shape, f"cpuq-{qtype}", build)
+    if not stale:
         return out
-    if not build:
-        raise SystemExit(f"{out} missing or older than its checkpoint (run without --skip-build)")
-    out.parent.mkdir(parents=True, exist_ok=True)
     return _build(out, lambda tmp: cpuq_convert_cmd(src, tmp, qtype, threads), f"cpuq convert --type {qtype}")

@@ -12,6 +12,19 @@ _FAST = {"reassoc", "contract"}
 
 
 @njit(cache=True, fastmath=_FAST, inline="always")
+def _exp_shifted(row, n):
+    """row[:n] = exp(row[:n] - max(row[:n])) in place (n >= 1); returns their sum, the
+    softmax's denominator."""
+    best = row[:n].max()
+    total = np.float32(0.0)
+    for j in range(n):
+        e = np.exp(row[j] - best)
+        row[j] = e
+        total += e
+    return total
+
+
+@njit(cache=True, fastmath=_FAST, inline="always")
 def _attend(q, k_cache, v_cache, start, scale, out, job):
     """Query job = t * n_head + h of `attention`."""
     n, n_head, hd = q.shape
@@ -38,13 +51,7 @@ def _attend(q, k_cache, v_cache, start, scale, out, job):
             qd = q[t, h, d] * scale
             for j in range(cnt):
                 sb[j] += qd * kb[d, j]
-    best = scores.max()
-    total = np.float32(0.0)
-    for j in range(n_keys):
-        e = np.exp(scores[j] - best)
-        scores[j] = e
-        total += e
-    inv = np.float32(1.0) / total
+    inv = np.float32(1.0) / _exp_shifted(scores, n_keys)
     acc = np.zeros(hd, np.float32)
     for blk in range(full + 1):
         b0 = blk * block
@@ -107,15 +114,7 @@ def causal_softmax(scores, group, first_keys):
         if seen == 0:
             row[:] = 0.0
             continue
-        best = row[0]
-        for j in range(1, seen):
-            best = max(best, row[j])
-        total = np.float32(0.0)
-        for j in range(seen):
-            e = np.exp(row[j] - best)
-            row[j] = e
-            total += e
-        inv = np.float32(1.0) / total
+        inv = np.float32(1.0) / _exp_shifted(row, seen)
         for j in range(seen):
             row[j] *= inv
         row[seen:] = 0.0

@@ -1,5 +1,5 @@
 """GGML blocks as LLVM vector IR, for Numba kernels to call: one row's dot product with a
-float32 vector (`dot_row`) and one row's float32 values (`decode_row_fast`).
+vector (`dot_row_q`) and one row's float32 values (`decode_row_fast`).
 
 Why IR and not Numba Python: Numba types every integer operation on narrow ints as int64
 and wraps signed indices, so its unpacking of 4-, 5- and 6-bit values runs in 8 lanes of
@@ -8,8 +8,10 @@ the decode kernels written that way read 6-12 GB/s where the memory delivers ~30
 Here each type says, in a few vector instructions on <16 x i8> / <32 x i8> values, how
 one block becomes <32 x float> groups of values (`_values_<type>`); the row loop around
 it (`_build_row_fn`) accumulates x * values in a <32 x float> register or stores the
-values. The IR is target-independent (LLVM lowers it to AVX2, AVX-512, NEON...): no
-intrinsics of one ISA, no F16C (fp16 scales are converted with integer ops, exactly).
+values. That IR is target-independent (LLVM lowers it to AVX2, AVX-512, NEON...), with no
+F16C (fp16 scales are converted with integer ops, exactly). The one ISA-specific piece is
+the int16 path of `dot_row_q` (`_ints_<type>`, x86's pmaddwd), taken only where the host
+has it.
 
 Values equal quants.decode's (the same products of the same float32 factors, rounded
 once); dot products sum in a different order (fast-math 'reassoc' + 'contract' on the
@@ -34,6 +36,14 @@ V32F = ir.VectorType(F32, 32)
 V32B = ir.VectorType(I8, 32)
 V16B = ir.VectorType(I8, 16)
 _FAST = ("reassoc", "contract")  # on the accumulation only: it may be reordered and fused
+
+
+def _function(module: ir.Module, name: str, build) -> ir.Function:
+    """The module's function `name`, built by build(module, name) on first use."""
+    try:
+        return module.get_global(name)
+    except KeyError:
+        return build(module, name)
 
 
 def _vconst(ty: ir.VectorType, value) -> ir.Constant:
@@ -317,10 +327,7 @@ def _pmaddwd(b: ir.IRBuilder, a, c):
 
 
 def _intrinsic_fn(module: ir.Module, name: str, ret, args) -> ir.Function:
-    try:
-        return module.get_global(name)
-    except KeyError:
-        return ir.Function(module, ir.FunctionType(ret, args), name)
+    return _function(module, name, lambda m, n: ir.Function(m, ir.FunctionType(ret, args), n))
 
 
 def _build_dot_i16_fn(module: ir.Module, name: str, ggml_type: int) -> ir.Function:
@@ -451,11 +458,8 @@ def _build_row_fn(module: ir.Module, name: str, ggml_type: int, dot: bool) -> ir
 
 
 def _row_fn(module: ir.Module, ggml_type: int, dot: bool) -> ir.Function:
-    name = f"cpuq_{'dot' if dot else 'decode'}_row_{ggml_type}"
-    try:
-        return module.get_global(name)
-    except KeyError:
-        return _build_row_fn(module, name, ggml_type, dot)
+    return _function(module, f"cpuq_{'dot' if dot else 'decode'}_row_{ggml_type}",
+                     lambda m, name: _build_row_fn(m, name, ggml_type, dot))
 
 
 def _row_pointer(context, builder, aryty, ary, r):
@@ -464,25 +468,6 @@ def _row_pointer(context, builder, aryty, ary, r):
     stride0 = cgutils.unpack_tuple(builder, a.strides)[0]
     base = builder.bitcast(a.data, I8.as_pointer())
     return builder.gep(base, [builder.mul(r, stride0)])
-
-
-@intrinsic
-def dot_row(typingctx, ggml_type, x, w, r, nb):
-    """dot_row(TYPE, x, w, r, nb) -> float32: sum over the first nb blocks of row r of w
-    (uint8 (m, row_bytes), TYPE a literal ggml type id in BLOCK_IR) times x (f32, >= nb*QK).
-    The caller guarantees 0 <= r < m and nb within both arrays."""
-    if not isinstance(ggml_type, types.IntegerLiteral) or ggml_type.literal_value not in BLOCK_IR:
-        return None
-    t = ggml_type.literal_value
-    sig = types.float32(ggml_type, x, w, types.intp, types.intp)
-
-    def codegen(context, builder, signature, args):
-        _, xv, wv, rv, nbv = args
-        xa = context.make_array(signature.args[1])(context, builder, xv)
-        row = _row_pointer(context, builder, signature.args[2], wv, rv)
-        return builder.call(_row_fn(builder.module, t, True), [xa.data, row, nbv])
-
-    return sig, codegen
 
 
 @intrinsic
@@ -506,9 +491,12 @@ def decode_row_fast(typingctx, ggml_type, w, r, dst, nb):
 
 @intrinsic
 def dot_row_q(typingctx, ggml_type, x, xq, dx, xsum, w, r, nb):
-    """dot_row_q(TYPE, x, xq, dx, xsum, w, r, nb) -> float32: as dot_row, with x also given
-    as int16 groups (xq, dx, xsum from matvec.quantize_x). Types in BLOCK_INTS on a host
-    with pmaddwd (PMADDWD_LANES > 0) multiply in integers; others read x as dot_row does."""
+    """dot_row_q(TYPE, x, xq, dx, xsum, w, r, nb) -> float32: sum over the first nb blocks
+    of row r of w (uint8 (m, row_bytes), TYPE a literal ggml type id in BLOCK_IR) times x
+    (f32, >= nb*QK), which is also given as int16 groups (xq, dx, xsum from
+    matvec.quantize_x). Types in BLOCK_INTS on a host with pmaddwd (PMADDWD_LANES > 0)
+    multiply in integers; others multiply the float values with x. The caller guarantees
+    0 <= r < m and nb within both arrays."""
     if not isinstance(ggml_type, types.IntegerLiteral) or ggml_type.literal_value not in BLOCK_IR:
         return None
     t = ggml_type.literal_value
@@ -520,11 +508,7 @@ def dot_row_q(typingctx, ggml_type, x, xq, dx, xsum, w, r, nb):
                 for aty, v in zip(signature.args[1:5], (xv, xqv, dxv, xsv))]
         row = _row_pointer(context, builder, signature.args[5], wv, rv)
         if PMADDWD_LANES and t in BLOCK_INTS:
-            name = f"cpuq_dot_i16_row_{t}"
-            try:
-                fn = builder.module.get_global(name)
-            except KeyError:
-                fn = _build_dot_i16_fn(builder.module, name, t)
+            fn = _function(builder.module, f"cpuq_dot_i16_row_{t}", lambda m, name: _build_dot_i16_fn(m, name, t))
             return builder.call(fn, [data[1], data[2], data[3], row, nbv])
         return builder.call(_row_fn(builder.module, t, True), [data[0], row, nbv])
 

@@ -16,11 +16,18 @@ import numpy as np
 from numba import njit, prange
 
 from ..quants import decode as D
-from .blocks import decode_row_fast
+from .blocks import BLOCK_IR, decode_row_fast
 
 # GGML type ids (ggml.h enum ggml_type) that decode_row understands.
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
 SUPPORTED = (F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16)
+
+# Elements and bytes per block, indexed by type id, for the types with IR kernels
+# (blocks.BLOCK_IR); Numba freezes these arrays into the kernels as constants.
+BLOCK_ELEMS = np.ones(32, np.int64)
+BLOCK_BYTES = np.ones(32, np.int64)
+for _t, (_qk, _nbytes, _) in BLOCK_IR.items():
+    BLOCK_ELEMS[_t], BLOCK_BYTES[_t] = _qk, _nbytes
 
 _DOT = {"reassoc", "contract"}
 ROWS_PER_TILE = 16
@@ -104,6 +111,13 @@ def get_rows(w, ggml_type, ids, out):
             out[i, :] = 0.0
 
 
+@njit(cache=True, inline="always")
+def n_blocks(ggml_type, k, row_bytes):
+    """Whole blocks of a block type that both k values and a row_bytes row hold."""
+    t = min(max(ggml_type, 0), BLOCK_ELEMS.shape[0] - 1)
+    return min(k // BLOCK_ELEMS[t], row_bytes // BLOCK_BYTES[t])
+
+
 @njit(cache=True, nogil=True)
 def dequantize_rows(w, ggml_type, r0, out):
     """w: (m, row_bytes) uint8 rows of `ggml_type` -> out: (n, k) f32 = rows r0 .. r0+n-1
@@ -111,38 +125,30 @@ def dequantize_rows(w, ggml_type, r0, out):
     the GIL (callers run several at once). The block types go through
     blocks.decode_row_fast (vector IR), the float types through decode_row."""
     n = max(0, min(out.shape[0], w.shape[0] - r0))
-    k, row_bytes = out.shape[1], w.shape[1]
+    nb = n_blocks(ggml_type, out.shape[1], w.shape[1])
     # One literal type per loop: decode_row_fast inlines that type's IR.
     if ggml_type == Q8_0:
-        nb = min(k // 32, row_bytes // 34)
         for i in range(n):
             decode_row_fast(8, w, r0 + i, out[i], nb)
     elif ggml_type == Q5_0:
-        nb = min(k // 32, row_bytes // 22)
         for i in range(n):
             decode_row_fast(6, w, r0 + i, out[i], nb)
     elif ggml_type == Q4_K:
-        nb = min(k // 256, row_bytes // 144)
         for i in range(n):
             decode_row_fast(12, w, r0 + i, out[i], nb)
     elif ggml_type == Q6_K:
-        nb = min(k // 256, row_bytes // 210)
         for i in range(n):
             decode_row_fast(14, w, r0 + i, out[i], nb)
     elif ggml_type == Q4_0:
-        nb = min(k // 32, row_bytes // 18)
         for i in range(n):
             decode_row_fast(2, w, r0 + i, out[i], nb)
     elif ggml_type == Q4_1:
-        nb = min(k // 32, row_bytes // 20)
         for i in range(n):
             decode_row_fast(3, w, r0 + i, out[i], nb)
     elif ggml_type == Q5_1:
-        nb = min(k // 32, row_bytes // 24)
         for i in range(n):
             decode_row_fast(7, w, r0 + i, out[i], nb)
     elif ggml_type == Q5_K:
-        nb = min(k // 256, row_bytes // 176)
         for i in range(n):
             decode_row_fast(13, w, r0 + i, out[i], nb)
     else:

@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from .blocks import dot_row_q
-from .matmul import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, matmul
+from .matmul import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, matmul, n_blocks
 
 BLOCK_TYPES = (Q8_0, Q5_0, Q4_K, Q6_K, Q4_0, Q4_1, Q5_1, Q5_K)
 
@@ -59,23 +59,24 @@ def quantize_x(x, xq, dx, xsum):
 @njit(cache=True, inline="always")
 def _dot(ggml_type, x, xq, dx, xsum, w, r):
     """Row r of w (a type in BLOCK_TYPES) times x, over the whole blocks both hold."""
-    k, row_bytes = x.shape[0], w.shape[1]
+    nb = n_blocks(ggml_type, x.shape[0], w.shape[1])
+    # One literal type per call: dot_row_q inlines that type's IR.
     if ggml_type == Q5_0:
-        return dot_row_q(6, x, xq, dx, xsum, w, r, min(k // 32, row_bytes // 22))
+        return dot_row_q(6, x, xq, dx, xsum, w, r, nb)
     if ggml_type == Q8_0:
-        return dot_row_q(8, x, xq, dx, xsum, w, r, min(k // 32, row_bytes // 34))
+        return dot_row_q(8, x, xq, dx, xsum, w, r, nb)
     if ggml_type == Q4_K:
-        return dot_row_q(12, x, xq, dx, xsum, w, r, min(k // 256, row_bytes // 144))
+        return dot_row_q(12, x, xq, dx, xsum, w, r, nb)
     if ggml_type == Q6_K:
-        return dot_row_q(14, x, xq, dx, xsum, w, r, min(k // 256, row_bytes // 210))
+        return dot_row_q(14, x, xq, dx, xsum, w, r, nb)
     if ggml_type == Q4_0:
-        return dot_row_q(2, x, xq, dx, xsum, w, r, min(k // 32, row_bytes // 18))
+        return dot_row_q(2, x, xq, dx, xsum, w, r, nb)
     if ggml_type == Q4_1:
-        return dot_row_q(3, x, xq, dx, xsum, w, r, min(k // 32, row_bytes // 20))
+        return dot_row_q(3, x, xq, dx, xsum, w, r, nb)
     if ggml_type == Q5_1:
-        return dot_row_q(7, x, xq, dx, xsum, w, r, min(k // 32, row_bytes // 24))
+        return dot_row_q(7, x, xq, dx, xsum, w, r, nb)
     if ggml_type == Q5_K:
-        return dot_row_q(13, x, xq, dx, xsum, w, r, min(k // 256, row_bytes // 176))
+        return dot_row_q(13, x, xq, dx, xsum, w, r, nb)
     return np.float32(0.0)
 
 
