@@ -35,6 +35,7 @@ I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType
 V32F = ir.VectorType(F32, 32)
 V32B = ir.VectorType(I8, 32)
 V16B = ir.VectorType(I8, 16)
+V32S = ir.VectorType(I16, 32)
 _FAST = ("reassoc", "contract")  # on the accumulation only: it may be reordered and fused
 
 
@@ -231,23 +232,23 @@ BLOCK_IR = {
 
 
 def _ints_q8_0(b, w, dx, xsum):
-    return [(_load(b, w, 2, V32B), _splat(b, b.fmul(_half(b, w, 0), b.load(dx)), 16))], None
+    return _load(b, w, 2, V32B), _splat(b, b.fmul(_half(b, w, 0), b.load(dx)), 16)
 
 
 def _ints_q5_0(b, w, dx, xsum):
     lo, hi = _nibbles(b, _load(b, w, 6, V16B))
     q = b.or_(_concat(b, lo, hi), _high_bits(b, _load(b, w, 2, I32), 4))
-    return [(b.sub(q, _vconst(V32B, 16)), _splat(b, b.fmul(_half(b, w, 0), b.load(dx)), 16))], None
+    return b.sub(q, _vconst(V32B, 16)), _splat(b, b.fmul(_half(b, w, 0), b.load(dx)), 16)
 
 
 def _pick(b, v, idx):
     return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, len(idx)), idx))
 
 
-def _ints_q4_k(b, w, dx, xsum):
-    d, dmin = _half(b, w, 0), _half(b, w, 2)
-    # The 8 6-bit (scale, min) pairs from the 12 bytes at w + 4, all at once (as
-    # _k_scale_min, lane j = sub-block j); the 16-byte load ends inside the block.
+def _k_scales_mins(b, w):
+    """The 8 6-bit (scale, min) pairs of a Q4_K/Q5_K block from the 12 bytes at w + 4, all
+    at once (as quants' get_scale_min_k4; lane j = sub-block j) -> two <8 x i8>; the
+    16-byte load ends inside the block."""
     v8b = ir.VectorType(I8, 8)
     raw = _load(b, w, 4, V16B)
     first = ir.Constant(ir.VectorType(I1, 8), [j < 4 for j in range(8)])
@@ -260,34 +261,39 @@ def _ints_q4_k(b, w, dx, xsum):
                      b.or_(b.and_(lows, c(15)), b.shl(b.lshr(tops, c(6)), c(4))))
     minimum = b.select(first, b.and_(mins, c(63)),
                        b.or_(b.lshr(mins, c(4)), b.shl(b.lshr(mtops, c(6)), c(4))))
+    return scale, minimum
+
+
+def _ints_q4_k(b, w, xsum):
+    scale, minimum = _k_scales_mins(b, w)
     v8f = ir.VectorType(F32, 8)
-    dx8 = b.load(b.bitcast(dx, v8f.as_pointer()), align=4)
     xsum8 = b.load(b.bitcast(xsum, v8f.as_pointer()), align=4)
-    sdx = b.fmul(b.fmul(_splat(b, d, 8), b.uitofp(scale, v8f)), dx8)
-    mterm = b.fmul(b.fmul(_splat(b, dmin, 8), b.uitofp(minimum, v8f)), xsum8)
+    mterm = b.fmul(b.fmul(_splat(b, _half(b, w, 2), 8), b.uitofp(minimum, v8f)), xsum8)
+    sc16 = b.zext(scale, ir.VectorType(I16, 8))
     out = []
     for pair in range(4):
         lo, hi = _nibbles(b, _load(b, w, 16 + 32 * pair, V32B))
         for j, q in ((2 * pair, lo), (2 * pair + 1, hi)):
-            out.append((q, b.extract_element(sdx, ir.Constant(I32, j))))
-    return out, mterm
+            out.append(b.mul(b.zext(q, V32S), _pick(b, sc16, [j] * 32)))  # <= 15 * 63
+    return out, _half(b, w, 0), mterm
 
 
-def _ints_q6_k(b, w, dx, xsum):
-    d = _half(b, w, 208)
-    v16f = ir.VectorType(F32, 16)
-    dx8 = b.load(b.bitcast(dx, ir.VectorType(F32, 8).as_pointer()), align=4)
-    # scale byte 2g + k belongs to group g's elements 16k .. 16k+15 (pmaddwd lanes 8k ..)
-    sdx = b.fmul(b.fmul(_splat(b, d, 16), b.sitofp(_load(b, w, 192, V16B), v16f)),
-                 _pick(b, dx8, [g // 2 for g in range(16)]))
-    return [(q, _pick(b, sdx, [2 * g] * 8 + [2 * g + 1] * 8)) for g, q in _q6_k_groups(b, w)], None
+def _ints_q6_k(b, w, xsum):
+    sc16 = b.sext(_load(b, w, 192, V16B), ir.VectorType(I16, 16))
+    # scale byte 2g + k belongs to group g's elements 16k .. 16k+15
+    return ([b.mul(b.sext(q, V32S), _pick(b, sc16, [2 * g] * 16 + [2 * g + 1] * 16))  # |.| <= 32 * 128
+             for g, q in _q6_k_groups(b, w)], _half(b, w, 208), None)
 
 
-# ggml type id -> integer-values builder, for the types decode steps spend their time in
-BLOCK_INTS = {8: _ints_q8_0, 6: _ints_q5_0, 12: _ints_q4_k, 14: _ints_q6_k}
-# Types whose group scales are <16 x float>; Q4_K's are floats: its 8 groups add their
-# lanes' halves before converting (measured faster there, slower for one-group blocks).
-LANE_SCALED = {8, 6, 14}
+# ggml type id -> integer-values builder, for the types decode steps spend their time in.
+# Legacy blocks (one group): (w, dx, xsum) -> (q <32 x i8>, <16 x float> scale, dx included).
+BLOCK_INTS = {8: _ints_q8_0, 6: _ints_q5_0}
+# K-quant superblocks (8 groups with small integer scales): (w, xsum) -> ([<32 x i16> q * scale
+# per group], d, minimum terms or None). Their products with x's int16 sum in int32 over the
+# whole block (no overflow: 16 products per lane, each <= 32 * 128 * 32767 in magnitude,
+# sum < 2^31), converted once per block, when x's groups share one scale per 256 elements
+# (matvec.quantize_x gives that when k is a multiple of 256, as every K-quant row is).
+BLOCK_K_INTS = {12: _ints_q4_k, 14: _ints_q6_k}
 
 
 def _host_pmaddwd() -> int:
@@ -306,7 +312,6 @@ def _host_pmaddwd() -> int:
 
 
 PMADDWD_LANES = _host_pmaddwd()
-V32S = ir.VectorType(I16, 32)
 V16I = ir.VectorType(I32, 16)
 V16F = ir.VectorType(F32, 16)
 V8F = ir.VectorType(F32, 8)
@@ -342,60 +347,53 @@ def _build_dot_i16_fn(module: ir.Module, name: str, ggml_type: int) -> ir.Functi
     xq, dx, xsum, w, nb = fn.args
     entry, loop, done = fn.append_basic_block("entry"), fn.append_basic_block("loop"), fn.append_basic_block("done")
     b = ir.IRBuilder(entry)
-    zero, mzero = ir.Constant(V16F, None), ir.Constant(V8F, None)
+    zero, mzero, izero = ir.Constant(V16F, None), ir.Constant(V8F, None), ir.Constant(V16I, None)
     b.cbranch(b.icmp_signed(">", nb, ir.Constant(I64, 0)), loop, done)
     b.position_at_end(loop)
     i = b.phi(I64)
     i.add_incoming(ir.Constant(I64, 0), entry)
-    # Several accumulators: a K-quant block's 8 groups would otherwise be one chain of 8
-    # dependent adds (4 cycles each), longer than the work they wait on.
-    n_acc = min(groups, 4)
-    acc_type = V16F if ggml_type in LANE_SCALED else V8F
-    zero = ir.Constant(acc_type, None)
-    accs = [b.phi(acc_type) for _ in range(n_acc)]
-    for a in accs:
-        a.add_incoming(zero, entry)
+    acc = b.phi(V16F)
+    acc.add_incoming(zero, entry)
     macc = b.phi(V8F)
     macc.add_incoming(mzero, entry)
     blk = b.gep(w, [b.mul(i, ir.Constant(I64, nbytes))])
     g0 = b.mul(i, ir.Constant(I64, groups))
-    groups_out, minimum = BLOCK_INTS[ggml_type](b, blk, b.gep(dx, [g0]), b.gep(xsum, [g0]))
-    new, mnew = list(accs), macc
-    for g, (q, scale) in enumerate(groups_out):
-        gi = b.add(g0, ir.Constant(I64, g))
-        xv = b.load(b.bitcast(b.gep(xq, [b.mul(gi, ir.Constant(I64, 32))]), V32S.as_pointer()), align=2)
-        p = _pmaddwd(b, b.sext(q, V32S), xv)
-        if isinstance(scale.type, ir.VectorType):
-            t = b.fmul(b.sitofp(p, V16F), scale)
-        else:  # one scale: add the 16 lanes' halves first, convert and scale 8 lanes (exact in int32)
-            p8 = b.add(_pick(b, p, list(range(8))), _pick(b, p, list(range(8, 16))))
-            t = b.fmul(b.sitofp(p8, V8F), _splat(b, scale, 8))
-        new[g % n_acc] = b.fadd(new[g % n_acc], t)
-        t.flags.extend(_FAST)
-        new[g % n_acc].flags.extend(_FAST)
+
+    def x_group(g):
+        at = b.mul(b.add(g0, ir.Constant(I64, g)), ir.Constant(I64, 32))
+        return b.load(b.bitcast(b.gep(xq, [at]), V32S.as_pointer()), align=2)
+
+    minimum = None
+    if ggml_type in BLOCK_K_INTS:
+        qs, d, minimum = BLOCK_K_INTS[ggml_type](b, blk, b.gep(xsum, [g0]))
+        sums = [izero, izero]  # two chains of int32 adds (vpdpwssd with AVX512-VNNI)
+        for g, q in enumerate(qs):
+            sums[g % 2] = b.add(sums[g % 2], _pmaddwd(b, q, x_group(g)))
+        scale = _splat(b, b.fmul(d, b.load(b.gep(dx, [g0]))), 16)
+        t = b.fmul(b.sitofp(b.add(*sums), V16F), scale)
+    else:
+        q, scale = BLOCK_INTS[ggml_type](b, blk, b.gep(dx, [g0]), b.gep(xsum, [g0]))
+        t = b.fmul(b.sitofp(_pmaddwd(b, b.sext(q, V32S), x_group(0)), V16F), scale)
+    new = b.fadd(acc, t)
+    t.flags.extend(_FAST)
+    new.flags.extend(_FAST)
+    mnew = macc
     if minimum is not None:
-        mnew = b.fadd(mnew, minimum)
+        mnew = b.fadd(macc, minimum)
         mnew.flags.extend(_FAST)
     nxt = b.add(i, ir.Constant(I64, 1))
     i.add_incoming(nxt, loop)
-    for a, v in zip(accs, new):
-        a.add_incoming(v, loop)
+    acc.add_incoming(new, loop)
     macc.add_incoming(mnew, loop)
     b.cbranch(b.icmp_signed("<", nxt, nb), loop, done)
     b.position_at_end(done)
-    results = []
-    for v in new:  # every phi first, as LLVM requires
-        r = b.phi(acc_type)
-        r.add_incoming(zero, entry)
-        r.add_incoming(v, loop)
-        results.append(r)
+    res = b.phi(V16F)  # every phi first, as LLVM requires
+    res.add_incoming(zero, entry)
+    res.add_incoming(new, loop)
     mres = b.phi(V8F)
     mres.add_incoming(mzero, entry)
     mres.add_incoming(mnew, loop)
-    total = results[0]
-    for r in results[1:]:
-        total = b.fadd(total, r)
-    b.ret(b.fsub(_reduce(b, total), _reduce(b, mres)))
+    b.ret(b.fsub(_reduce(b, res), _reduce(b, mres)))
     return fn
 
 
@@ -507,7 +505,7 @@ def dot_row_q(typingctx, ggml_type, x, xq, dx, xsum, w, r, nb):
         data = [context.make_array(aty)(context, builder, v).data
                 for aty, v in zip(signature.args[1:5], (xv, xqv, dxv, xsv))]
         row = _row_pointer(context, builder, signature.args[5], wv, rv)
-        if PMADDWD_LANES and t in BLOCK_INTS:
+        if PMADDWD_LANES and (t in BLOCK_INTS or t in BLOCK_K_INTS):
             fn = _function(builder.module, f"cpuq_dot_i16_row_{t}", lambda m, name: _build_dot_i16_fn(m, name, t))
             return builder.call(fn, [data[1], data[2], data[3], row, nbv])
         return builder.call(_row_fn(builder.module, t, True), [data[0], row, nbv])

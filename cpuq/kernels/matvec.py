@@ -31,29 +31,35 @@ BLOCK_TYPES = (Q8_0, Q5_0, Q4_K, Q6_K, Q4_0, Q4_1, Q5_1, Q5_K)
 
 @njit(cache=True)
 def quantize_x(x, xq, dx, xsum):
-    """x: (k,) f32 -> per 32-element group g: dx[g] = max|x| / 32767, xq = round(x / dx)
-    int16, xsum[g] = sum of x (k a multiple of 32; a group holding NaN/inf gets dx = NaN,
-    so products with it are NaN, as in float)."""
-    for g in range(min(x.shape[0] // 32, dx.shape[0], xsum.shape[0], xq.shape[0] // 32)):
-        amax = np.float32(0.0)
+    """x: (k,) f32 (k a multiple of 32) -> xq: int16 and per 32-element group g: dx[g], the
+    scale of x[32g:32g+32] ~ xq * dx[g], and xsum[g], the group's float sum. Groups are
+    rounded in spans of 256 elements sharing one scale (max |x| / 32767 over the span) when
+    k is a multiple of 256, else of 32: K-quant blocks then sum their 8 groups' integer
+    products before converting them once. A span holding NaN/inf gets dx = NaN, so products
+    with it are NaN, as in float."""
+    n_groups = min(x.shape[0] // 32, dx.shape[0], xsum.shape[0], xq.shape[0] // 32)
+    span = 8 if x.shape[0] % 256 == 0 else 1
+    for g in range(n_groups):
         total = np.float32(0.0)
         for j in range(32):
-            v = x[g * 32 + j]
-            amax = max(amax, abs(v))
-            total += v
+            total += x[g * 32 + j]
         xsum[g] = total
-        if not np.isfinite(amax) or not np.isfinite(total):
-            dx[g] = np.nan
-            xq[g * 32:g * 32 + 32] = 0
-        elif amax == 0.0:
-            dx[g] = 0.0
-            xq[g * 32:g * 32 + 32] = 0
+    for s0 in range(0, n_groups, span):
+        s1 = min(n_groups, s0 + span)
+        amax = np.float32(0.0)
+        for j in range(s0 * 32, s1 * 32):
+            amax = max(amax, abs(x[j]))
+        if not np.isfinite(amax):
+            d = np.float32(np.nan)
         else:
             d = amax / np.float32(32767.0)
-            dx[g] = d
-            inv = np.float32(1.0) / d
-            for j in range(32):
-                xq[g * 32 + j] = np.int16(min(32767.0, max(-32767.0, np.rint(x[g * 32 + j] * inv))))
+        dx[s0:s1] = d
+        if not (d > 0.0):  # zero, or NaN
+            xq[s0 * 32:s1 * 32] = 0
+            continue
+        inv = np.float32(1.0) / d
+        for j in range(s0 * 32, s1 * 32):
+            xq[j] = np.int16(min(32767.0, max(-32767.0, np.rint(x[j] * inv))))
 
 
 @njit(cache=True, inline="always")

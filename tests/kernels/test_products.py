@@ -10,7 +10,7 @@ import pytest
 
 import cpuq
 from cpuq.kernels.matmul import dequantize_rows, get_rows, matmul
-from cpuq.kernels.blocks import BLOCK_INTS, PMADDWD_LANES
+from cpuq.kernels.blocks import BLOCK_INTS, BLOCK_K_INTS, PMADDWD_LANES
 from cpuq.kernels.matvec import matvec, matvec_many
 
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
@@ -25,8 +25,9 @@ def _weights(qtype, m, k, seed=0):
 
 
 def _int16_rounded(x):
-    """x as matvec.quantize_x hands it to the integer products, in float64."""
-    g = x.reshape(-1, 32)
+    """x as matvec.quantize_x hands it to the integer products (one scale per 256 values
+    when len(x) is a multiple of 256, else per 32), in float64."""
+    g = x.reshape(-1, 256 if x.size % 256 == 0 else 32)
     d = (np.abs(g).max(1) / np.float32(32767.0)).astype(np.float32)
     q = np.rint(g * (np.float32(1.0) / d)[:, None])
     return (q * d[:, None].astype(np.float64)).reshape(-1)
@@ -45,10 +46,10 @@ def test_matmul_and_matvec(qtype, n):
     if n == 1:
         v = np.empty(m, np.float32)
         matvec(x[0], data, int(t.ggml_type), v)
-        if int(t.ggml_type) in BLOCK_INTS and PMADDWD_LANES:
-            # x multiplied as int16 groups: exact against x so rounded (Q4_K's minimum
-            # terms use the float sums of x, so only the second check applies); against x
-            # itself, within 1e-4 (2^-16 of each group's max per element, ~2e-5 measured).
+        if (int(t.ggml_type) in BLOCK_INTS or int(t.ggml_type) in BLOCK_K_INTS) and PMADDWD_LANES:
+            # x multiplied as int16: exact against x so rounded (Q4_K's minimum terms use
+            # the float sums of x, so only the second check applies); against x itself,
+            # within 1e-4 (2^-16 of each span's max per element, ~2e-5 measured).
             if qtype != "Q4_K":
                 assert np.abs(v - _int16_rounded(x[0]) @ dense.T).max() <= 1e-5 * np.abs(ref).max()
             assert np.abs(v - ref[0]).max() <= 1e-4 * np.abs(ref).max()
