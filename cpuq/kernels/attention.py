@@ -1,11 +1,13 @@
 """Causal grouped-query attention over a KV cache: the whole of it for decode steps
 (`attention`), and the pieces of the BLAS path for prompt chunks (runtime/gemm.py):
-`causal_softmax` between its two matrix products, `gather_kv` to lay keys out for them,
-`store_kv` to append to the cache."""
+`causal_softmax` between its two matrix products, `gather_kv` to lay keys and values out
+for them, `store_kv` to append to the cache (fp16 as kernels.halves' uint16 bits, or float32)."""
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+
+from .halves import as_f32, stored
 
 
 _FAST = {"reassoc", "contract"}
@@ -26,80 +28,89 @@ def _exp_shifted(row, n):
 
 @njit(cache=True, fastmath=_FAST, inline="always")
 def _attend(q, k_cache, v_cache, start, scale, out, job):
-    """Query job = t * n_head + h of `attention`."""
+    """Token t = job // n_head_kv, kv head g = job % n_head_kv of `attention`: all the
+    query heads that read g, block by block, so each block of keys and values is read
+    from memory once for all of them."""
     n, n_head, hd = q.shape
     n_blocks, n_head_kv, _, block = k_cache.shape
     group = max(1, n_head // max(1, n_head_kv))
     n_ctx = min(n_blocks, v_cache.shape[0]) * block
-    hd = min(hd, k_cache.shape[2], v_cache.shape[2], out.shape[2])
-    t = job // n_head
-    h = job % n_head
-    kvh = min(h // group, n_head_kv - 1)
+    hd = min(hd, k_cache.shape[2], v_cache.shape[3], out.shape[2])
+    t = job // n_head_kv
+    g = job % n_head_kv
+    h0 = g * group
+    heads = max(0, min(group, n_head - h0))
     n_keys = min(start + t + 1, n_ctx)
-    full = n_keys // block
-    scores = np.zeros(n_keys, np.float32)
-    # Block by block, one view of the block and of its scores, then all dimensions: views
+    scores = np.zeros((heads, n_keys), np.float32)
+    qs = np.empty((heads, hd), np.float32)
+    for hh in range(heads):
+        for d in range(hd):
+            qs[hh, d] = q[t, h0 + hh, d] * scale
+    # Per block, one view of it and of each head's scores, then all head dimensions: views
     # per (block, dimension) cost more than the multiply-adds at a 4k context.
-    for blk in range(full + 1):
-        b0 = blk * block
+    for b0 in range(0, n_keys, block):
         cnt = min(block, n_keys - b0)
-        if cnt <= 0:
-            break
-        kb = k_cache[blk, kvh]
-        sb = scores[b0:b0 + cnt]
-        for d in range(hd):
-            qd = q[t, h, d] * scale
-            for j in range(cnt):
-                sb[j] += qd * kb[d, j]
-    inv = np.float32(1.0) / _exp_shifted(scores, n_keys)
-    acc = np.zeros(hd, np.float32)
-    for blk in range(full + 1):
-        b0 = blk * block
+        kb = k_cache[b0 // block, g]
+        for hh in range(heads):
+            sb = scores[hh, b0:b0 + cnt]
+            for d in range(hd):
+                qd = qs[hh, d]
+                for j in range(cnt):
+                    sb[j] += qd * as_f32(kb[d, j])
+    acc = np.zeros((heads, hd), np.float32)
+    inv = np.empty(heads, np.float32)
+    for hh in range(heads):
+        inv[hh] = np.float32(1.0) / _exp_shifted(scores[hh], n_keys)
+    for b0 in range(0, n_keys, block):
         cnt = min(block, n_keys - b0)
-        if cnt <= 0:
-            break
-        vb = v_cache[blk, kvh]
-        sb = scores[b0:b0 + cnt]
-        for d in range(hd):
-            a = np.float32(0.0)
+        vb = v_cache[b0 // block, g]
+        for hh in range(heads):
+            a = acc[hh]
             for j in range(cnt):
-                a += sb[j] * vb[d, j]
-            acc[d] += a
-    for d in range(hd):
-        out[t, h, d] = acc[d] * inv
+                p = scores[hh, b0 + j]
+                for d in range(hd):
+                    a[d] += p * as_f32(vb[j, d])
+    for hh in range(heads):
+        for d in range(hd):
+            out[t, h0 + hh, d] = acc[hh, d] * inv[hh]
 
 
 @njit(cache=True, parallel=True, fastmath=_FAST)
 def attention(q, k_cache, v_cache, start, scale, out):
-    """q: (n, n_head, hd) f32 for positions start .. start+n-1; k_cache, v_cache:
-    (n_blocks, n_head_kv, hd, block) f32, position p of kv head g at [p // block, g, :,
-    p % block], holding positions 0 .. start+n-1 -> out: (n, n_head, hd) f32.
-    Query head h reads kv head h // (n_head / n_head_kv); position p sees keys 0..p.
-    The cache is stored transposed so that both products run along the positions: the
-    scores as multiply-adds along each block's positions per head dimension, the output as
-    reductions along them, both vectorizing without a horizontal sum per key; blocks of
-    positions keep the memory touched proportional to the positions used.
+    """q: (n, n_head, hd) f32 for positions start .. start+n-1; k_cache: (n_blocks,
+    n_head_kv, hd, block) and v_cache: (n_blocks, n_head_kv, block, hd), both fp16 bits
+    (uint16, kernels.halves) or both float32, position p of kv head g at k_cache[p // block, g, :, p % block] and
+    v_cache[p // block, g, p % block, :], holding positions 0 .. start+n-1 -> out: (n,
+    n_head, hd) f32. Query head h reads kv head h // (n_head / n_head_kv); position p sees
+    keys 0..p.
+    Keys are stored transposed and values not, so that both products run along contiguous
+    memory without a horizontal sum per key: the scores as multiply-adds along each block's
+    positions per head dimension, the output as multiply-adds along the head dimensions per
+    position. Blocks of positions keep the memory touched proportional to the positions
+    used; fp16 (as llama.cpp's default cache) halves what a step reads.
     Dot products and sums may be reassociated (no NaN/inf assumptions)."""
-    for job in prange(q.shape[0] * q.shape[1]):
+    for job in prange(q.shape[0] * k_cache.shape[1]):
         _attend(q, k_cache, v_cache, start, scale, out, job)
 
 
 @njit(cache=True, nogil=True)
-def store_kv(cache, x, start):
-    """x: (n, n_head_kv, hd) f32 for positions start .. start+n-1 -> cache (n_blocks,
-    n_head_kv, hd, block) in attention's layout; positions past the cache are dropped
-    (callers check the context first)."""
-    n_blocks, n_head_kv, hd, block = cache.shape
-    n_head_kv = min(n_head_kv, x.shape[1])
-    hd = min(hd, x.shape[2])
-    for t in range(x.shape[0]):
+def store_kv(k_cache, v_cache, k, v, start):
+    """k, v: (n, n_head_kv, hd) f32 for positions start .. start+n-1 -> the caches in
+    attention's layouts (rounded to fp16 for uint16 caches); positions past the caches are dropped (callers
+    check the context first)."""
+    n_blocks, n_head_kv, hd, block = k_cache.shape
+    n_blocks = min(n_blocks, v_cache.shape[0])
+    n_head_kv = min(n_head_kv, v_cache.shape[1], k.shape[1], v.shape[1])
+    hd = min(hd, v_cache.shape[3], k.shape[2], v.shape[2])
+    for t in range(min(k.shape[0], v.shape[0])):
         p = start + t
         if p < 0 or p >= n_blocks * block:
             continue
         b, o = p // block, p % block
         for g in range(n_head_kv):
             for d in range(hd):
-                cache[b, g, d, o] = x[t, g, d]
+                k_cache[b, g, d, o] = stored(k_cache, k[t, g, d])
+                v_cache[b, g, o, d] = stored(v_cache, v[t, g, d])
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
@@ -121,13 +132,14 @@ def causal_softmax(scores, group, first_keys):
 
 
 @njit(cache=True, nogil=True)
-def gather_kv(cache, g, n_keys, out):
-    """cache: (n_blocks, n_head_kv, hd, block) in attention's layout -> out: (n_keys, hd)
-    f32, the first n_keys positions of kv head g, one row per position."""
-    n_blocks, _, hd, block = cache.shape
-    n_keys = min(n_keys, n_blocks * block, out.shape[0])
-    hd = min(hd, out.shape[1])
+def gather_kv(k_cache, v_cache, g, n_keys, keys, values):
+    """The caches in attention's layouts -> keys, values: (n_keys, hd) f32, the first
+    n_keys positions of kv head g, one row per position."""
+    n_blocks, _, hd, block = k_cache.shape
+    n_keys = min(n_keys, min(n_blocks, v_cache.shape[0]) * block, keys.shape[0], values.shape[0])
+    hd = min(hd, v_cache.shape[3], keys.shape[1], values.shape[1])
     for p in range(n_keys):
         b, o = p // block, p % block
         for d in range(hd):
-            out[p, d] = cache[b, g, d, o]
+            keys[p, d] = as_f32(k_cache[b, g, d, o])
+            values[p, d] = as_f32(v_cache[b, g, o, d])

@@ -26,17 +26,21 @@ from .weights import Layer, Matrix, Weights
 
 
 class KVCache:
-    """Keys and values of every layer for positions 0 .. n_past-1; float32
-    (n_layer, n_blocks, n_head_kv, head_dim, BLOCK) in kernels.attention's layout
-    (transposed, in blocks of BLOCK positions). np.zeros maps untouched pages lazily, so
-    memory grows with the positions used, not with n_ctx."""
+    """Keys and values of every layer for positions 0 .. n_past-1 in kernels.attention's
+    layouts, blocks of BLOCK positions: keys (n_layer, n_blocks, n_head_kv, head_dim,
+    BLOCK), values (n_layer, n_blocks, n_head_kv, BLOCK, head_dim). kv_type "f16" (fp16
+    as uint16 bits, kernels.halves; llama.cpp's default cache type) reads and holds half of
+    "f32". np.zeros maps untouched pages lazily, so memory grows with the positions used,
+    not with n_ctx."""
 
     BLOCK = 64
+    TYPES = {"f16": np.uint16, "f32": np.float32}
 
-    def __init__(self, cfg: ModelConfig, n_ctx: int):
-        shape = (cfg.n_layer, -(-n_ctx // self.BLOCK), cfg.n_head_kv, cfg.head_dim, self.BLOCK)
-        self.k = np.zeros(shape, np.float32)
-        self.v = np.zeros(shape, np.float32)
+    def __init__(self, cfg: ModelConfig, n_ctx: int, kv_type: str = "f16"):
+        n_blocks = -(-n_ctx // self.BLOCK)
+        dtype = self.TYPES[kv_type]
+        self.k = np.zeros((cfg.n_layer, n_blocks, cfg.n_head_kv, cfg.head_dim, self.BLOCK), dtype)
+        self.v = np.zeros((cfg.n_layer, n_blocks, cfg.n_head_kv, self.BLOCK, cfg.head_dim), dtype)
         self.n_ctx = n_ctx
         self.n_past = 0
 
@@ -122,8 +126,7 @@ def attention_block(x, layer: Layer, il: int, cfg: ModelConfig, cache: KVCache, 
         apply_rope(k[lo:hi], cos[lo:hi], sin[lo:hi], neox)
 
     _rows(gemm, n, qk_rows)
-    store_kv(cache.k[il], k, start)
-    store_kv(cache.v[il], v, start)
+    store_kv(cache.k[il], cache.v[il], k, v, start)
     out = np.empty_like(q)
     scale = np.float32(1.0 / math.sqrt(hd))
     if gemm is None or n < MIN_TOKENS:

@@ -92,8 +92,7 @@ class Gemm:
         def run(g):
             keys = np.empty((n_keys, hd), np.float32)
             values = np.empty((n_keys, hd), np.float32)
-            gather_kv(k_cache, g, n_keys, keys)
-            gather_kv(v_cache, g, n_keys, values)
+            gather_kv(k_cache, v_cache, g, n_keys, keys, values)
             qg = q[:, g * group:(g + 1) * group].reshape(n * group, hd) * np.float32(scale)
             og = np.empty((n * group, hd), np.float32)
             for r0 in range(0, n * group, rows_per_part):

@@ -76,11 +76,13 @@ class Model:
     """A loaded GGUF model. See cpuq.load."""
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None,
-                 gpu_layers: int = 0):
+                 gpu_layers: int = 0, kv_type: str = "f16"):
         if gpu_layers:
             raise InputError("gpu_layers: GPU offload is not available yet (issue 7); use gpu_layers=0")
         if not isinstance(n_ctx, int) or n_ctx < 1:
             raise InputError(f"n_ctx must be a positive integer, not {n_ctx!r}")
+        if kv_type not in KVCache.TYPES:
+            raise InputError(f"kv_type must be one of {', '.join(KVCache.TYPES)}, not {kv_type!r}")
         max_threads = numba.config.NUMBA_NUM_THREADS
         if n_threads is None:
             n_threads = min(physical_cores(), max_threads)
@@ -106,7 +108,8 @@ class Model:
         self.n_ctx = min(n_ctx, self.config.context_length) if n_ctx == 4096 else n_ctx
         self.n_threads = n_threads
         self._rope = Rope.from_config(self.config)
-        self._cache = KVCache(self.config, self.n_ctx)
+        self.kv_type = kv_type
+        self._cache = KVCache(self.config, self.n_ctx, kv_type)
         self._gemm = Gemm(n_threads)  # prompt chunks' matmuls (threads start on first use)
         self._tokens: list[int] = []  # what the cache holds, position by position
         self.finish_reason: str | None = None  # of the last generate/chat: "stop", "eos", "length", "n_ctx"
@@ -137,7 +140,7 @@ class Model:
         (the chat cache is left as it was)."""
         arr = self._check_ids(ids)
         numba.set_num_threads(self.n_threads)
-        cache = KVCache(self.config, arr.size)
+        cache = KVCache(self.config, arr.size, self.kv_type)
         parts = [self._forward(arr[i:i + N_BATCH], cache, True)
                  for i in range(0, arr.size, N_BATCH)]
         return np.concatenate(parts)
@@ -286,9 +289,12 @@ class Model:
         self.close()
 
 
-def load(path: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None, gpu_layers: int = 0) -> Model:
+def load(path: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None, gpu_layers: int = 0,
+         kv_type: str = "f16") -> Model:
     """Load a GGUF model (qwen2, qwen3 or llama; F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/
     Q5_K/Q6_K tensors). Weights stay memory-mapped; nothing is dequantized up front.
     n_ctx: context length in tokens (default 4096, or the model's trained context if
-    smaller); n_threads: default the number of physical cores."""
-    return Model(path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers)
+    smaller); n_threads: default the number of physical cores; kv_type: the KV cache's
+    element type, "f16" (default, as llama.cpp's) or "f32" (twice the memory, no rounding
+    of keys and values)."""
+    return Model(path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers, kv_type=kv_type)

@@ -45,10 +45,11 @@ def test_attention_through_blas_matches_the_kernel(monkeypatch, start):
     monkeypatch.setattr(G, "SCORES_BYTES", 4 * 7 * 90)  # a few query rows per part
     rng = np.random.default_rng(3)
     n, n_head, n_kv, hd, block = 40, 14, 2, 16, 8
-    k_cache = np.zeros((-(-(start + n) // block), n_kv, hd, block), np.float32)
-    v_cache = np.zeros_like(k_cache)
-    for cache in (k_cache, v_cache):
-        store_kv(cache, rng.standard_normal((start + n, n_kv, hd), dtype=np.float32), 0)
+    n_blocks = -(-(start + n) // block)
+    k_cache = np.zeros((n_blocks, n_kv, hd, block), np.uint16)
+    v_cache = np.zeros((n_blocks, n_kv, block, hd), np.uint16)
+    k, v = rng.standard_normal((2, start + n, n_kv, hd), dtype=np.float32)
+    store_kv(k_cache, v_cache, k, v, 0)
     q = rng.standard_normal((n, n_head, hd), dtype=np.float32)
     ref, got = np.empty_like(q), np.empty_like(q)
     attention(q, k_cache, v_cache, start, np.float32(0.25), ref)

@@ -4,11 +4,14 @@ with YaRN rope scaling; llama.cpp on the F16 GGUF of each). The checkpoints are 
 here from the same deterministic seeds and converted by cpuq.
 
 Tolerances:
-* F32 GGUF vs HF: relative RMS error <= 1e-4 (the issue's bar). Both compute the same
-  float32 function; only summation order differs. Measured: ~3e-7.
-* F16 GGUF vs HF: no worse than 1.5x llama.cpp's own error on the same F16 file (llama.cpp
-  rounds activations to f16 and keeps an f16 KV cache, cpuq keeps float32, so cpuq is
-  expected to be closer; 1.5x leaves room for summation-order noise on these tiny models).
+* F32 GGUF with a float32 KV cache vs HF: relative RMS error <= 1e-4 (the issue's bar).
+  Both compute the same float32 function; only summation order differs. Measured: ~3e-7.
+* F32 GGUF with the default fp16 KV cache vs HF: no worse than llama.cpp's own error on
+  the F16 file (which rounds weights, activations and the cache to fp16; cpuq here rounds
+  only the cache the same way).
+* F16 GGUF vs HF: no worse than 1.5x llama.cpp's own error on the same F16 file (both keep
+  an fp16 KV cache; llama.cpp also rounds activations to f16, so cpuq is expected to be
+  closer; 1.5x leaves room for summation-order noise on these tiny models).
 """
 from __future__ import annotations
 
@@ -46,12 +49,17 @@ CASES = ["qwen2", "qwen3", "llama", "qwen2_yarn"]
 @pytest.mark.parametrize("name", CASES)
 def test_f32_logits_match_transformers(name, golden, sources, tmp_path):
     path = cpuq.convert(sources[name], tmp_path / "m.gguf", "f32")
-    with cpuq.load(path, n_ctx=64) as m:
+    with cpuq.load(path, n_ctx=64, kv_type="f32") as m:
         got = m.logits(IDS)
     cols = golden[f"{name}/columns"]
     err = _rel_rms(got[:, cols], golden[f"{name}/hf"])
     assert err <= 1e-4, f"relative RMS vs HF {err:.2e}"
     assert np.array_equal(got.argmax(1), golden[f"{name}/hf_top1"])
+    with cpuq.load(path, n_ctx=64) as m:  # fp16 cache
+        got16 = m.logits(IDS)
+    ours = _rel_rms(got16[:, cols], golden[f"{name}/hf"])
+    theirs = _rel_rms(golden[f"{name}/llama_f16"], golden[f"{name}/hf"])
+    assert ours <= theirs, f"fp16 cache: cpuq {ours:.2e} vs llama.cpp F16 {theirs:.2e} (relative RMS vs HF)"
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -63,7 +71,7 @@ def test_f32_logits_through_blas_match_transformers(name, golden, sources, tmp_p
     for module in (cpuq.runtime.model, cpuq.runtime.forward):
         monkeypatch.setattr(module, "MIN_TOKENS", 2)
     path = cpuq.convert(sources[name], tmp_path / "m.gguf", "f32")
-    with cpuq.load(path, n_ctx=64) as m:
+    with cpuq.load(path, n_ctx=64, kv_type="f32") as m:
         got = m.logits(IDS)
     err = _rel_rms(got[:, golden[f"{name}/columns"]], golden[f"{name}/hf"])
     assert err <= 1e-4, f"relative RMS vs HF {err:.2e}"
@@ -91,7 +99,7 @@ def test_yarn_is_applied(golden, sources, tmp_path):
     config = json.loads((src / "config.json").read_text())
     config.pop("rope_scaling")
     (src / "config.json").write_text(json.dumps(config))
-    with cpuq.load(cpuq.convert(src, tmp_path / "m.gguf", "f32"), n_ctx=64) as m:
+    with cpuq.load(cpuq.convert(src, tmp_path / "m.gguf", "f32"), n_ctx=64, kv_type="f32") as m:
         got = m.logits(IDS)
     cols = golden["qwen2_yarn/columns"]
     assert _rel_rms(got[:, cols], golden["qwen2_yarn/hf"]) > 1e-3

@@ -1,0 +1,77 @@
+"""Decode attention over the fp16 KV cache against float64 attention computed by numpy on
+the same fp16-rounded keys and values (numpy's own float16 rounding), and the fp16
+conversions against numpy's.
+
+Tolerance 1e-5 absolute on outputs of magnitude ~1: both sides see the same fp16 values,
+so only float32 sums (in another order) and float32 exp separate them (~4e-7 measured);
+a layout mistake (a key from the wrong position or head) moves outputs by ~1e-1."""
+import numpy as np
+import pytest
+from numba import njit
+
+from cpuq.kernels.attention import attention, gather_kv, store_kv
+from cpuq.kernels.halves import f16_to_f32, f32_to_f16
+
+
+@njit(cache=False)
+def _to_f32(bits, out):
+    for i in range(bits.shape[0]):
+        out[i] = f16_to_f32(bits[i])
+
+
+@njit(cache=False)
+def _to_f16(x, out):
+    for i in range(x.shape[0]):
+        out[i] = f32_to_f16(x[i])
+
+
+def test_fp16_conversions_equal_numpy():
+    bits = np.arange(65536, dtype=np.uint16)
+    got = np.empty(65536, np.float32)
+    _to_f32(bits, got)
+    ref = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(ref)
+    np.testing.assert_array_equal(got.view(np.uint32)[~nan], ref.view(np.uint32)[~nan])
+    assert np.isnan(got[nan]).all()
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(200_000) * 10.0 ** rng.integers(-9, 6, 200_000)).astype(np.float32)
+    x = np.concatenate([x, np.float32([65519.99, 65520.0, 1e9, -1e9, 2 ** -25, 1.5 * 2 ** -24, np.inf, -0.0])])
+    out = np.empty(x.size, np.uint16)
+    _to_f16(x, out)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(out, x.astype(np.float16).view(np.uint16))
+
+
+@pytest.mark.parametrize("n_head,n_kv,hd,block,start,n", [
+    (14, 2, 64, 64, 0, 1),      # Qwen2.5-0.5B heads, first token
+    (14, 2, 64, 64, 200, 1),    # a partial last block
+    (16, 8, 128, 64, 63, 3),    # Qwen3-0.6B heads, several tokens across a block edge
+    (4, 4, 24, 8, 17, 5),       # no grouping, a head size that is not a multiple of 16
+])
+def test_attention_matches_numpy_on_fp16_cache(n_head, n_kv, hd, block, start, n):
+    rng = np.random.default_rng(n_head + start)
+    total = start + n
+    n_blocks = -(-total // block) + 1  # one spare block: never read
+    k_cache = np.zeros((n_blocks, n_kv, hd, block), np.uint16)
+    v_cache = np.zeros((n_blocks, n_kv, block, hd), np.uint16)
+    k, v = rng.standard_normal((2, total, n_kv, hd), dtype=np.float32)
+    store_kv(k_cache, v_cache, k, v, 0)
+    q = rng.standard_normal((n, n_head, hd), dtype=np.float32)
+    out = np.empty_like(q)
+    scale = np.float32(hd ** -0.5)
+    attention(q, k_cache, v_cache, start, scale, out)
+
+    k16, v16 = k.astype(np.float16).astype(np.float64), v.astype(np.float16).astype(np.float64)
+    group = n_head // n_kv
+    for t in range(n):
+        seen = start + t + 1
+        for h in range(n_head):
+            s = k16[:seen, h // group] @ q[t, h].astype(np.float64) * float(scale)
+            p = np.exp(s - s.max())
+            ref = (p / p.sum()) @ v16[:seen, h // group]
+            np.testing.assert_allclose(out[t, h], ref, rtol=0, atol=1e-5)
+
+    keys, values = np.empty((total, hd), np.float32), np.empty((total, hd), np.float32)
+    gather_kv(k_cache, v_cache, n_kv - 1, total, keys, values)
+    np.testing.assert_array_equal(keys, k16[:, n_kv - 1])
+    np.testing.assert_array_equal(values, v16[:, n_kv - 1])
