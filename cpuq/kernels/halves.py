@@ -1,5 +1,5 @@
-"""IEEE half-precision (fp16) <-> float32 conversions for Numba kernels, which have no
-float16 type: fp16 values live in uint16 arrays, and these intrinsics are LLVM's fpext /
+"""Bit-level float conversions for Numba kernels: IEEE half-precision (fp16) <-> float32,
+and float32 from its bits. Numba has no float16 type: fp16 values live in uint16 arrays, and these intrinsics are LLVM's fpext /
 fptrunc on them (one vcvtph2ps / vcvtps2ph with F16C, native on ARM; loops over them
 vectorize). Rounding to fp16 is to nearest, ties to even, as numpy's astype(np.float16)
 and ggml's fp32 -> fp16. `as_f32` / `stored` let one kernel serve arrays of either
@@ -64,3 +64,19 @@ def stored(typingctx, array, value):
     if array.dtype == types.float32:
         return types.float32(array, value), _same
     return None
+
+
+@intrinsic
+def f32_from_bits(typingctx, bits):
+    """The float32 whose IEEE bits are the low 32 bits of the integer `bits` (a bitcast;
+    Numba widens int32 arithmetic to int64)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        if v.type.width > 32:
+            v = builder.trunc(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(bits), codegen
