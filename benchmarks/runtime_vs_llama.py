@@ -397,7 +397,7 @@ def report(rows: list[dict], args, info: dict, identical: dict[str, bool], floor
            f"at the start, {info['load_end']:.2f} at the end (other work on the machine skews every number)",
            f"- threads: {args.threads} for both (cpuq n_threads and NUMBA_NUM_THREADS; llama.cpp n_threads and "
            f"n_threads_batch); llama.cpp n_batch = n_ubatch = {N_BATCH}, flash attention "
-           f"{'on' if args.flash_attn else 'off'}, KV cache f16; cpuq KV cache f32",
+           f"{'on' if args.flash_attn else 'off'}, KV cache f16; cpuq KV cache f16 (its default)",
            f"- tests: pp{p} = {p} prompt tokens in one call from an empty context; tg{g} @ dN = {g} greedy "
            f"single-token steps after N prompt tokens; mean ± sample std of tok/s over {args.repeat} "
            f"repetition{'s' * (args.repeat != 1)}, the runtimes alternated test by test, after one warm-up",
