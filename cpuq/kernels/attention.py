@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .halves import as_f32, f32_from_bits, stored
+from .halves import BLOCK_POSITIONS, as_f32, block_scores, block_values, f32_from_bits, stored
 
 
 _FAST = {"reassoc", "contract"}
@@ -69,11 +69,16 @@ def _attend(q, k_cache, v_cache, start, scale, out, job):
             qs[hh, d] = q[t, h0 + hh, d] * scale
     # Per block, one view of it and of each head's scores, then all head dimensions: views
     # per (block, dimension) cost more than the multiply-adds at a 4k context.
+    vector_keys = block == BLOCK_POSITIONS and k_cache.shape[2] == hd  # block_scores' shapes
+    vector_values = hd % 16 == 0 and v_cache.shape[3] == hd  # block_values' shapes
     for b0 in range(0, n_keys, block):
         cnt = min(block, n_keys - b0)
         kb = k_cache[b0 // block, g]
         for hh in range(heads):
             sb = scores[hh, b0:b0 + cnt]
+            if vector_keys and cnt == block:
+                block_scores(qs[hh], kb, sb)
+                continue
             for d in range(hd):
                 qd = qs[hh, d]
                 for j in range(cnt):
@@ -88,6 +93,9 @@ def _attend(q, k_cache, v_cache, start, scale, out, job):
         for hh in range(heads):
             a = acc[hh]
             sb = scores[hh, b0:b0 + cnt]
+            if vector_values:
+                block_values(sb, vb, cnt, a)
+                continue
             for j in range(cnt):
                 p = sb[j]
                 vj = vb[j]

@@ -80,3 +80,157 @@ def f32_from_bits(typingctx, bits):
         return builder.bitcast(v, ir.FloatType())
 
     return types.float32(bits), codegen
+
+
+# ---------------------------------------------------------------------------------------------
+# The two products of decode attention over a block of BLOCK_POSITIONS cached positions, as
+# vector IR with the accumulators in registers (Numba's loops keep them in memory, re-loaded
+# and stored per head dimension / per position). Arrays hold fp16 bits (uint16) or float32.
+
+BLOCK_POSITIONS = 64
+
+
+def _vec_loader(b, dtype, n: int):
+    """ptr (to uint16 or float32 elements), element offset -> <n x float>."""
+    def load(ptr, offset):
+        if dtype == types.uint16:
+            vt = ir.VectorType(ir.IntType(16), n)
+            v = b.load(b.bitcast(b.gep(ptr, [offset]), vt.as_pointer()), align=2)
+            return b.fpext(b.bitcast(v, ir.VectorType(ir.HalfType(), n)), ir.VectorType(ir.FloatType(), n))
+        vt = ir.VectorType(ir.FloatType(), n)
+        return b.load(b.bitcast(b.gep(ptr, [offset]), vt.as_pointer()), align=4)
+    return load
+
+
+def _splat(b, value, n: int):
+    v = b.insert_element(ir.Constant(ir.VectorType(value.type, n), ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), [0] * n))
+
+
+def _fma(b, a, x, y):
+    t = b.fmul(x, y)
+    s = b.fadd(a, t)
+    t.flags.append("contract")
+    s.flags.extend(("contract", "reassoc"))
+    return s
+
+
+def _counted_loop(b, fn, count, body, state):
+    """for i in range(count): state = body(i, state) (count > 0 checked); -> final state."""
+    i64 = ir.IntType(64)
+    pre = b.block
+    loop, done = fn.append_basic_block("loop"), fn.append_basic_block("done")
+    b.cbranch(b.icmp_signed(">", count, ir.Constant(i64, 0)), loop, done)
+    b.position_at_end(loop)
+    i = b.phi(i64)
+    i.add_incoming(ir.Constant(i64, 0), pre)
+    phis = [b.phi(s.type) for s in state]
+    for p, s in zip(phis, state):
+        p.add_incoming(s, pre)
+    new = body(i, phis)
+    nxt = b.add(i, ir.Constant(i64, 1))
+    end = b.block
+    i.add_incoming(nxt, end)
+    for p, s in zip(phis, new):
+        p.add_incoming(s, end)
+    b.cbranch(b.icmp_signed("<", nxt, count), loop, done)
+    b.position_at_end(done)
+    out = []
+    for s0, s1 in zip(state, new):
+        r = b.phi(s0.type)
+        r.add_incoming(s0, pre)
+        r.add_incoming(s1, end)
+        out.append(r)
+    return out
+
+
+def _data(context, builder, aryty, ary):
+    return context.make_array(aryty)(context, builder, ary).data
+
+
+@intrinsic
+def block_scores(typingctx, q, kb, out):
+    """block_scores(q, kb, out): out[j] += sum_d q[d] * kb[d, j] for all j < 64, with q:
+    (hd,) f32, kb: (hd, 64) keys (uint16 fp16 bits or float32, C-contiguous), out: >= 64
+    f32. The caller guarantees those shapes."""
+    if not (isinstance(kb, types.Array) and kb.dtype in (types.uint16, types.float32) and kb.layout == "C"
+            and kb.ndim == 2):
+        return None
+    sig = types.void(q, kb, out)
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        qp, kp, op = (_data(context, b, t, a) for t, a in zip(signature.args, args))
+        hd = context.make_array(signature.args[1])(context, b, args[1]).shape
+        hd = b.extract_value(hd, 0)
+        v16 = ir.VectorType(ir.FloatType(), 16)
+        load = _vec_loader(b, kb.dtype, 16)
+        fn = b.function
+        zero = ir.Constant(v16, None)
+
+        def body(d, accs):
+            qd = _splat(b, b.load(b.gep(qp, [d])), 16)
+            row = b.mul(d, ir.Constant(ir.IntType(64), BLOCK_POSITIONS))
+            return [_fma(b, a, qd, load(kp, b.add(row, ir.Constant(ir.IntType(64), 16 * c))))
+                    for c, a in enumerate(accs)]
+
+        accs = _counted_loop(b, fn, hd, body, [zero] * 4)
+        for c, a in enumerate(accs):
+            ptr = b.bitcast(b.gep(op, [ir.Constant(ir.IntType(64), 16 * c)]), v16.as_pointer())
+            b.store(b.fadd(b.load(ptr, align=4), a), ptr, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def block_values(typingctx, p, vb, cnt, acc):
+    """block_values(p, vb, cnt, acc): acc[d] += sum_{j < cnt} p[j] * vb[j, d] for all d,
+    with p: >= cnt f32, vb: (>= cnt, hd) values (uint16 fp16 bits or float32,
+    C-contiguous), acc: (hd,) f32, hd a multiple of 16. The caller guarantees those."""
+    if not (isinstance(vb, types.Array) and vb.dtype in (types.uint16, types.float32) and vb.layout == "C"
+            and vb.ndim == 2):
+        return None
+    sig = types.void(p, vb, types.intp, acc)
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        i64 = ir.IntType(64)
+        pp, vp = _data(context, b, signature.args[0], args[0]), _data(context, b, signature.args[1], args[1])
+        ap = _data(context, b, signature.args[3], args[3])
+        hd = b.extract_value(context.make_array(signature.args[1])(context, b, args[1]).shape, 1)
+        cnt = args[2]
+        v16 = ir.VectorType(ir.FloatType(), 16)
+        load = _vec_loader(b, vb.dtype, 16)
+        fn = b.function
+        # Chunks of 64 head dimensions (4 accumulators), then of 16 for the rest.
+        wide = b.sdiv(hd, ir.Constant(i64, 64))
+        rest = b.sdiv(b.srem(hd, ir.Constant(i64, 64)), ir.Constant(i64, 16))
+
+        def chunk_pass(base, width):
+            ptrs = [b.bitcast(b.gep(ap, [b.add(base, ir.Constant(i64, 16 * c))]), v16.as_pointer())
+                    for c in range(width)]
+            start = [b.load(x, align=4) for x in ptrs]
+
+            def body(j, accs):
+                pj = _splat(b, b.load(b.gep(pp, [j])), 16)
+                row = b.add(b.mul(j, hd), base)
+                return [_fma(b, a, pj, load(vp, b.add(row, ir.Constant(i64, 16 * c)))) for c, a in enumerate(accs)]
+
+            for x, a in zip(ptrs, _counted_loop(b, fn, cnt, body, start)):
+                b.store(a, x, align=4)
+
+        def wide_body(c, state):
+            chunk_pass(b.mul(c, ir.Constant(i64, 64)), 4)
+            return state
+
+        _counted_loop(b, fn, wide, wide_body, [ir.Constant(i64, 0)])
+
+        def rest_body(c, state):
+            chunk_pass(b.add(b.mul(wide, ir.Constant(i64, 64)), b.mul(c, ir.Constant(i64, 16))), 1)
+            return state
+
+        _counted_loop(b, fn, rest, rest_body, [ir.Constant(i64, 0)])
+        return context.get_dummy_value()
+
+    return sig, codegen

@@ -5,11 +5,13 @@ f32. Each row is one call of blocks.dot_row_q (the block unpacking and the multi
 in LLVM vector IR, accumulators in registers), rows spread over the threads.
 
 x in integers: for the types decode spends its time in (Q8_0, Q5_0, Q4_K, Q6_K), on x86
-hosts, x is rounded once per product to int16 per 32-element group (scale = max|x| / 32767)
-and each block's integers are multiplied with it by pmaddwd: half the vector instructions
-of converting every weight to float, Q5_0 16 -> 23 GB/s. The rounding error is 2^-16 of a
-group's largest |x| at most, ~2e-5 of a product's range measured (llama.cpp rounds x to
-int8: 2^-8). Other types, and other hosts, multiply in float32.
+hosts, x is rounded once per product to int16 per span of 256 elements (of 32 when k is
+not a multiple of 256; scale = max|x| / 32767) and each block's integers are multiplied
+with it by pmaddwd: half the vector instructions of converting every weight to float,
+Q5_0 16 -> 23 GB/s; K-quant blocks also fold their 6-bit scales into the integers and sum
+in int32 (vpdpwssd with AVX512-VNNI). The rounding error is 2^-16 of a span's largest |x|
+at most, ~2e-5 of a product's range measured (llama.cpp rounds x to int8: 2^-8). Other
+types, and other hosts, multiply in float32.
 Up to three matrices that multiply the same x (q, k, v; gate, up) share one parallel
 region: a decode step runs ~100 of them, and each costs a thread wake-up and a dispatch.
 Values are decoded exactly as quants.decode does; the sum's order differs, as any BLAS's.

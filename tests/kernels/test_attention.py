@@ -65,15 +65,19 @@ def test_fp16_conversions_equal_numpy():
 @pytest.mark.parametrize("n_head,n_kv,hd,block,start,n", [
     (14, 2, 64, 64, 0, 1),      # Qwen2.5-0.5B heads, first token
     (14, 2, 64, 64, 200, 1),    # a partial last block
+    (16, 8, 128, 64, 255, 1),   # full blocks only
     (16, 8, 128, 64, 63, 3),    # Qwen3-0.6B heads, several tokens across a block edge
     (4, 4, 24, 8, 17, 5),       # no grouping, a head size that is not a multiple of 16
 ])
-def test_attention_matches_numpy_on_fp16_cache(n_head, n_kv, hd, block, start, n):
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])  # fp16 bits (default), or kv_type="f32"
+def test_attention_matches_numpy_on_fp16_cache(n_head, n_kv, hd, block, start, n, dtype):
+    """Block size 64 with head sizes 64/128 take the vector-IR block products
+    (halves.block_scores / block_values); the last case, Numba's loops."""
     rng = np.random.default_rng(n_head + start)
     total = start + n
     n_blocks = -(-total // block) + 1  # one spare block: never read
-    k_cache = np.zeros((n_blocks, n_kv, hd, block), np.uint16)
-    v_cache = np.zeros((n_blocks, n_kv, block, hd), np.uint16)
+    k_cache = np.zeros((n_blocks, n_kv, hd, block), dtype)
+    v_cache = np.zeros((n_blocks, n_kv, block, hd), dtype)
     k, v = rng.standard_normal((2, total, n_kv, hd), dtype=np.float32)
     store_kv(k_cache, v_cache, k, v, 0)
     q = rng.standard_normal((n, n_head, hd), dtype=np.float32)
@@ -81,7 +85,8 @@ def test_attention_matches_numpy_on_fp16_cache(n_head, n_kv, hd, block, start, n
     scale = np.float32(hd ** -0.5)
     attention(q, k_cache, v_cache, start, scale, out)
 
-    k16, v16 = k.astype(np.float16).astype(np.float64), v.astype(np.float16).astype(np.float64)
+    stored = (lambda a: a.astype(np.float16)) if dtype == np.uint16 else (lambda a: a)
+    k16, v16 = stored(k).astype(np.float64), stored(v).astype(np.float64)
     group = n_head // n_kv
     for t in range(n):
         seen = start + t + 1
