@@ -85,6 +85,35 @@ def _half(b: ir.IRBuilder, base, offset: int):
     return b.bitcast(b.or_(bits, sign), F32)
 
 
+def _loop(b: ir.IRBuilder, count, body, state):
+    """for i in range(count): state = body(i, state), at the builder's position (nothing
+    runs when count <= 0) -> the final state; state: a list of LLVM values (phis)."""
+    pre = b.block
+    loop, done = b.append_basic_block("loop"), b.append_basic_block("done")
+    b.cbranch(b.icmp_signed(">", count, ir.Constant(count.type, 0)), loop, done)
+    b.position_at_end(loop)
+    i = b.phi(count.type)
+    i.add_incoming(ir.Constant(count.type, 0), pre)
+    phis = [b.phi(v.type) for v in state]
+    for phi, v in zip(phis, state):
+        phi.add_incoming(v, pre)
+    new = body(i, phis)
+    nxt = b.add(i, ir.Constant(count.type, 1))
+    end = b.block
+    i.add_incoming(nxt, end)
+    for phi, v in zip(phis, new):
+        phi.add_incoming(v, end)
+    b.cbranch(b.icmp_signed("<", nxt, count), loop, done)
+    b.position_at_end(done)
+    final = []
+    for v0, v1 in zip(state, new):  # every phi first, as LLVM requires
+        r = b.phi(v0.type)
+        r.add_incoming(v0, pre)
+        r.add_incoming(v1, end)
+        final.append(r)
+    return final
+
+
 def _byte(b: ir.IRBuilder, base, offset: int):
     return b.zext(_load(b, base, offset, I8), I32)
 
@@ -345,54 +374,38 @@ def _build_dot_i16_fn(module: ir.Module, name: str, ggml_type: int) -> ir.Functi
     fn = ir.Function(module, fnty, name)
     fn.linkage = "internal"
     xq, dx, xsum, w, nb = fn.args
-    entry, loop, done = fn.append_basic_block("entry"), fn.append_basic_block("loop"), fn.append_basic_block("done")
-    b = ir.IRBuilder(entry)
-    zero, mzero, izero = ir.Constant(V16F, None), ir.Constant(V8F, None), ir.Constant(V16I, None)
-    b.cbranch(b.icmp_signed(">", nb, ir.Constant(I64, 0)), loop, done)
-    b.position_at_end(loop)
-    i = b.phi(I64)
-    i.add_incoming(ir.Constant(I64, 0), entry)
-    acc = b.phi(V16F)
-    acc.add_incoming(zero, entry)
-    macc = b.phi(V8F)
-    macc.add_incoming(mzero, entry)
-    blk = b.gep(w, [b.mul(i, ir.Constant(I64, nbytes))])
-    g0 = b.mul(i, ir.Constant(I64, groups))
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    izero = ir.Constant(V16I, None)
 
-    def x_group(g):
-        at = b.mul(b.add(g0, ir.Constant(I64, g)), ir.Constant(I64, 32))
-        return b.load(b.bitcast(b.gep(xq, [at]), V32S.as_pointer()), align=2)
+    def block(i, state):
+        acc, macc = state
+        blk = b.gep(w, [b.mul(i, ir.Constant(I64, nbytes))])
+        g0 = b.mul(i, ir.Constant(I64, groups))
 
-    minimum = None
-    if ggml_type in BLOCK_K_INTS:
-        qs, d, minimum = BLOCK_K_INTS[ggml_type](b, blk, b.gep(xsum, [g0]))
-        sums = [izero, izero]  # two chains of int32 adds (vpdpwssd with AVX512-VNNI)
-        for g, q in enumerate(qs):
-            sums[g % 2] = b.add(sums[g % 2], _pmaddwd(b, q, x_group(g)))
-        scale = _splat(b, b.fmul(d, b.load(b.gep(dx, [g0]))), 16)
-        t = b.fmul(b.sitofp(b.add(*sums), V16F), scale)
-    else:
-        q, scale = BLOCK_INTS[ggml_type](b, blk, b.gep(dx, [g0]), b.gep(xsum, [g0]))
-        t = b.fmul(b.sitofp(_pmaddwd(b, b.sext(q, V32S), x_group(0)), V16F), scale)
-    new = b.fadd(acc, t)
-    t.flags.extend(_FAST)
-    new.flags.extend(_FAST)
-    mnew = macc
-    if minimum is not None:
-        mnew = b.fadd(macc, minimum)
-        mnew.flags.extend(_FAST)
-    nxt = b.add(i, ir.Constant(I64, 1))
-    i.add_incoming(nxt, loop)
-    acc.add_incoming(new, loop)
-    macc.add_incoming(mnew, loop)
-    b.cbranch(b.icmp_signed("<", nxt, nb), loop, done)
-    b.position_at_end(done)
-    res = b.phi(V16F)  # every phi first, as LLVM requires
-    res.add_incoming(zero, entry)
-    res.add_incoming(new, loop)
-    mres = b.phi(V8F)
-    mres.add_incoming(mzero, entry)
-    mres.add_incoming(mnew, loop)
+        def x_group(g):
+            at = b.mul(b.add(g0, ir.Constant(I64, g)), ir.Constant(I64, 32))
+            return b.load(b.bitcast(b.gep(xq, [at]), V32S.as_pointer()), align=2)
+
+        if ggml_type in BLOCK_K_INTS:
+            qs, d, minimum = BLOCK_K_INTS[ggml_type](b, blk, b.gep(xsum, [g0]))
+            sums = [izero, izero]  # two chains of int32 adds (vpdpwssd with AVX512-VNNI)
+            for g, q in enumerate(qs):
+                sums[g % 2] = b.add(sums[g % 2], _pmaddwd(b, q, x_group(g)))
+            scale = _splat(b, b.fmul(d, b.load(b.gep(dx, [g0]))), 16)
+            t = b.fmul(b.sitofp(b.add(*sums), V16F), scale)
+        else:
+            q, scale = BLOCK_INTS[ggml_type](b, blk, b.gep(dx, [g0]), b.gep(xsum, [g0]))
+            t = b.fmul(b.sitofp(_pmaddwd(b, b.sext(q, V32S), x_group(0)), V16F), scale)
+            minimum = None
+        new = b.fadd(acc, t)
+        t.flags.extend(_FAST)
+        new.flags.extend(_FAST)
+        if minimum is not None:
+            macc = b.fadd(macc, minimum)
+            macc.flags.extend(_FAST)
+        return [new, macc]
+
+    res, mres = _loop(b, nb, block, [ir.Constant(V16F, None), ir.Constant(V8F, None)])
     b.ret(b.fsub(_reduce(b, res), _reduce(b, mres)))
     return fn
 
@@ -419,35 +432,24 @@ def _build_row_fn(module: ir.Module, name: str, ggml_type: int, dot: bool) -> ir
     fn = ir.Function(module, fnty, name)
     fn.linkage = "internal"
     xs, w, nb = fn.args
-    entry, loop, done = fn.append_basic_block("entry"), fn.append_basic_block("loop"), fn.append_basic_block("done")
-    b = ir.IRBuilder(entry)
-    zero = ir.Constant(V32F, None)
-    b.cbranch(b.icmp_signed(">", nb, ir.Constant(I64, 0)), loop, done)
-    b.position_at_end(loop)
-    i = b.phi(I64)
-    i.add_incoming(ir.Constant(I64, 0), entry)
-    acc = b.phi(V32F)
-    acc.add_incoming(zero, entry)
-    blk = b.gep(w, [b.mul(i, ir.Constant(I64, nbytes))])
-    xb = b.gep(xs, [b.mul(i, ir.Constant(I64, qk))])
-    new = acc
-    for g, v in enumerate(values(b, blk)):
-        p = b.bitcast(b.gep(xb, [ir.Constant(I64, 32 * g)]), V32F.as_pointer())
-        if dot:
-            t = b.fmul(b.load(p, align=4), v)
-            new = b.fadd(new, t)
-            t.flags.extend(_FAST)
-            new.flags.extend(_FAST)
-        else:
-            b.store(v, p, align=4)
-    nxt = b.add(i, ir.Constant(I64, 1))
-    i.add_incoming(nxt, loop)
-    acc.add_incoming(new, loop)
-    b.cbranch(b.icmp_signed("<", nxt, nb), loop, done)
-    b.position_at_end(done)
-    res = b.phi(V32F)
-    res.add_incoming(zero, entry)
-    res.add_incoming(new, loop)
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+
+    def block(i, state):
+        acc, = state
+        blk = b.gep(w, [b.mul(i, ir.Constant(I64, nbytes))])
+        xb = b.gep(xs, [b.mul(i, ir.Constant(I64, qk))])
+        for g, v in enumerate(values(b, blk)):
+            p = b.bitcast(b.gep(xb, [ir.Constant(I64, 32 * g)]), V32F.as_pointer())
+            if dot:
+                t = b.fmul(b.load(p, align=4), v)
+                acc = b.fadd(acc, t)
+                t.flags.extend(_FAST)
+                acc.flags.extend(_FAST)
+            else:
+                b.store(v, p, align=4)
+        return [acc]
+
+    res, = _loop(b, nb, block, [ir.Constant(V32F, None)])
     if dot:
         b.ret(_reduce(b, res))
     else:
@@ -468,20 +470,56 @@ def _row_pointer(context, builder, aryty, ary, r):
     return builder.gep(base, [builder.mul(r, stride0)])
 
 
+def _by_type(builder: ir.IRBuilder, ggml_type, emit, ret_type=None):
+    """emit(t) for the literal ggml type t, or, for a type known only at run time, an LLVM
+    switch over every type in BLOCK_IR (other values: nothing, or 0 for ret_type)."""
+    if isinstance(ggml_type, int):
+        return emit(ggml_type)
+    other, done = builder.append_basic_block("type_other"), builder.append_basic_block("type_done")
+    switch = builder.switch(ggml_type, other)
+    results = []
+    for t in BLOCK_IR:
+        case = builder.append_basic_block(f"type_{t}")
+        switch.add_case(ir.Constant(ggml_type.type, t), case)
+        builder.position_at_end(case)
+        value = emit(t)
+        results.append((value, builder.block))
+        builder.branch(done)
+    builder.position_at_end(other)
+    builder.branch(done)
+    builder.position_at_end(done)
+    if ret_type is None:
+        return None
+    phi = builder.phi(ret_type)
+    for value, block in results:
+        phi.add_incoming(value, block)
+    phi.add_incoming(ir.Constant(ret_type, 0), other)
+    return phi
+
+
+def _type_arg(ggml_type):
+    """The intrinsics' type argument: a literal in BLOCK_IR, or any integer (switch)."""
+    if isinstance(ggml_type, types.IntegerLiteral):
+        return ggml_type.literal_value in BLOCK_IR
+    return isinstance(ggml_type, types.Integer)
+
+
 @intrinsic
 def decode_row_fast(typingctx, ggml_type, w, r, dst, nb):
-    """decode_row_fast(TYPE, w, r, dst, nb): dst[:nb*QK] = values of the first nb blocks of
-    row r of w. The caller guarantees 0 <= r < m and nb within both arrays."""
-    if not isinstance(ggml_type, types.IntegerLiteral) or ggml_type.literal_value not in BLOCK_IR:
+    """decode_row_fast(ggml_type, w, r, dst, nb): dst[:nb*QK] = values of the first nb
+    blocks of row r of w (a type in BLOCK_IR; others leave dst alone). The caller
+    guarantees 0 <= r < m and nb within both arrays."""
+    if not _type_arg(ggml_type):
         return None
-    t = ggml_type.literal_value
+    literal = getattr(ggml_type, "literal_value", None)
     sig = types.void(ggml_type, w, types.intp, dst, types.intp)
 
     def codegen(context, builder, signature, args):
-        _, wv, rv, dv, nbv = args
+        tv, wv, rv, dv, nbv = args
         row = _row_pointer(context, builder, signature.args[1], wv, rv)
         da = context.make_array(signature.args[3])(context, builder, dv)
-        builder.call(_row_fn(builder.module, t, False), [da.data, row, nbv])
+        _by_type(builder, tv if literal is None else literal,
+                 lambda t: builder.call(_row_fn(builder.module, t, False), [da.data, row, nbv]))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -489,25 +527,29 @@ def decode_row_fast(typingctx, ggml_type, w, r, dst, nb):
 
 @intrinsic
 def dot_row_q(typingctx, ggml_type, x, xq, dx, xsum, w, r, nb):
-    """dot_row_q(TYPE, x, xq, dx, xsum, w, r, nb) -> float32: sum over the first nb blocks
-    of row r of w (uint8 (m, row_bytes), TYPE a literal ggml type id in BLOCK_IR) times x
-    (f32, >= nb*QK), which is also given as int16 groups (xq, dx, xsum from
-    matvec.quantize_x). Types in BLOCK_INTS on a host with pmaddwd (PMADDWD_LANES > 0)
-    multiply in integers; others multiply the float values with x. The caller guarantees
-    0 <= r < m and nb within both arrays."""
-    if not isinstance(ggml_type, types.IntegerLiteral) or ggml_type.literal_value not in BLOCK_IR:
+    """dot_row_q(ggml_type, x, xq, dx, xsum, w, r, nb) -> float32: sum over the first nb
+    blocks of row r of w (uint8 (m, row_bytes) of a type in BLOCK_IR; others give 0) times
+    x (f32, >= nb*QK), which is also given as int16 groups (xq, dx, xsum from
+    matvec.quantize_x). Types in BLOCK_INTS / BLOCK_K_INTS on a host with pmaddwd
+    (PMADDWD_LANES > 0) multiply in integers; others multiply the float values with x. The
+    caller guarantees 0 <= r < m and nb within both arrays."""
+    if not _type_arg(ggml_type):
         return None
-    t = ggml_type.literal_value
+    literal = getattr(ggml_type, "literal_value", None)
     sig = types.float32(ggml_type, x, xq, dx, xsum, w, types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
-        _, xv, xqv, dxv, xsv, wv, rv, nbv = args
+        tv, xv, xqv, dxv, xsv, wv, rv, nbv = args
         data = [context.make_array(aty)(context, builder, v).data
                 for aty, v in zip(signature.args[1:5], (xv, xqv, dxv, xsv))]
         row = _row_pointer(context, builder, signature.args[5], wv, rv)
-        if PMADDWD_LANES and (t in BLOCK_INTS or t in BLOCK_K_INTS):
-            fn = _function(builder.module, f"cpuq_dot_i16_row_{t}", lambda m, name: _build_dot_i16_fn(m, name, t))
-            return builder.call(fn, [data[1], data[2], data[3], row, nbv])
-        return builder.call(_row_fn(builder.module, t, True), [data[0], row, nbv])
+
+        def emit(t):
+            if PMADDWD_LANES and (t in BLOCK_INTS or t in BLOCK_K_INTS):
+                fn = _function(builder.module, f"cpuq_dot_i16_row_{t}", lambda m, name: _build_dot_i16_fn(m, name, t))
+                return builder.call(fn, [data[1], data[2], data[3], row, nbv])
+            return builder.call(_row_fn(builder.module, t, True), [data[0], row, nbv])
+
+        return _by_type(builder, tv if literal is None else literal, emit, F32)
 
     return sig, codegen

@@ -5,13 +5,15 @@ vectorize). Rounding to fp16 is to nearest, ties to even, as numpy's astype(np.f
 and ggml's fp32 -> fp16. `as_f32` / `stored` let one kernel serve arrays of either
 storage, uint16 fp16 bits or float32 (Numba compiles one version per array type).
 
-Imports numba and llvmlite only.
+Imports numba, llvmlite and kernels.blocks' IR helpers.
 """
 from __future__ import annotations
 
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
+
+from .blocks import _loop, _splat
 
 
 def _fpext(context, builder, signature, args):
@@ -102,46 +104,12 @@ def _vec_loader(b, dtype, n: int):
     return load
 
 
-def _splat(b, value, n: int):
-    v = b.insert_element(ir.Constant(ir.VectorType(value.type, n), ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
-    return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), [0] * n))
-
-
 def _fma(b, a, x, y):
     t = b.fmul(x, y)
     s = b.fadd(a, t)
     t.flags.append("contract")
     s.flags.extend(("contract", "reassoc"))
     return s
-
-
-def _counted_loop(b, fn, count, body, state):
-    """for i in range(count): state = body(i, state) (count > 0 checked); -> final state."""
-    i64 = ir.IntType(64)
-    pre = b.block
-    loop, done = fn.append_basic_block("loop"), fn.append_basic_block("done")
-    b.cbranch(b.icmp_signed(">", count, ir.Constant(i64, 0)), loop, done)
-    b.position_at_end(loop)
-    i = b.phi(i64)
-    i.add_incoming(ir.Constant(i64, 0), pre)
-    phis = [b.phi(s.type) for s in state]
-    for p, s in zip(phis, state):
-        p.add_incoming(s, pre)
-    new = body(i, phis)
-    nxt = b.add(i, ir.Constant(i64, 1))
-    end = b.block
-    i.add_incoming(nxt, end)
-    for p, s in zip(phis, new):
-        p.add_incoming(s, end)
-    b.cbranch(b.icmp_signed("<", nxt, count), loop, done)
-    b.position_at_end(done)
-    out = []
-    for s0, s1 in zip(state, new):
-        r = b.phi(s0.type)
-        r.add_incoming(s0, pre)
-        r.add_incoming(s1, end)
-        out.append(r)
-    return out
 
 
 def _data(context, builder, aryty, ary):
@@ -165,7 +133,6 @@ def block_scores(typingctx, q, kb, out):
         hd = b.extract_value(hd, 0)
         v16 = ir.VectorType(ir.FloatType(), 16)
         load = _vec_loader(b, kb.dtype, 16)
-        fn = b.function
         zero = ir.Constant(v16, None)
 
         def body(d, accs):
@@ -174,7 +141,7 @@ def block_scores(typingctx, q, kb, out):
             return [_fma(b, a, qd, load(kp, b.add(row, ir.Constant(ir.IntType(64), 16 * c))))
                     for c, a in enumerate(accs)]
 
-        accs = _counted_loop(b, fn, hd, body, [zero] * 4)
+        accs = _loop(b, hd, body, [zero] * 4)
         for c, a in enumerate(accs):
             ptr = b.bitcast(b.gep(op, [ir.Constant(ir.IntType(64), 16 * c)]), v16.as_pointer())
             b.store(b.fadd(b.load(ptr, align=4), a), ptr, align=4)
@@ -202,7 +169,6 @@ def block_values(typingctx, p, vb, cnt, acc):
         cnt = args[2]
         v16 = ir.VectorType(ir.FloatType(), 16)
         load = _vec_loader(b, vb.dtype, 16)
-        fn = b.function
         # Chunks of 64 head dimensions (4 accumulators), then of 16 for the rest.
         wide = b.sdiv(hd, ir.Constant(i64, 64))
         rest = b.sdiv(b.srem(hd, ir.Constant(i64, 64)), ir.Constant(i64, 16))
@@ -217,20 +183,20 @@ def block_values(typingctx, p, vb, cnt, acc):
                 row = b.add(b.mul(j, hd), base)
                 return [_fma(b, a, pj, load(vp, b.add(row, ir.Constant(i64, 16 * c)))) for c, a in enumerate(accs)]
 
-            for x, a in zip(ptrs, _counted_loop(b, fn, cnt, body, start)):
+            for x, a in zip(ptrs, _loop(b, cnt, body, start)):
                 b.store(a, x, align=4)
 
         def wide_body(c, state):
             chunk_pass(b.mul(c, ir.Constant(i64, 64)), 4)
             return state
 
-        _counted_loop(b, fn, wide, wide_body, [ir.Constant(i64, 0)])
+        _loop(b, wide, wide_body, [])
 
         def rest_body(c, state):
             chunk_pass(b.add(b.mul(wide, ir.Constant(i64, 64)), b.mul(c, ir.Constant(i64, 16))), 1)
             return state
 
-        _counted_loop(b, fn, rest, rest_body, [ir.Constant(i64, 0)])
+        _loop(b, rest, rest_body, [])
         return context.get_dummy_value()
 
     return sig, codegen

@@ -28,6 +28,7 @@ BLOCK_ELEMS = np.ones(32, np.int64)
 BLOCK_BYTES = np.ones(32, np.int64)
 for _t, (_qk, _nbytes, _) in BLOCK_IR.items():
     BLOCK_ELEMS[_t], BLOCK_BYTES[_t] = _qk, _nbytes
+BLOCK_IR_TYPES = tuple(BLOCK_IR)
 
 _DOT = {"reassoc", "contract"}
 ROWS_PER_TILE = 16
@@ -123,34 +124,13 @@ def dequantize_rows(w, ggml_type, r0, out):
     """w: (m, row_bytes) uint8 rows of `ggml_type` -> out: (n, k) f32 = rows r0 .. r0+n-1
     (as many as both hold), decoded as quants.decode does, on the calling thread without
     the GIL (callers run several at once). The block types go through
-    blocks.decode_row_fast (vector IR), the float types through decode_row."""
+    blocks.decode_row_fast (vector IR, switching on the type per row), the float types
+    through decode_row."""
     n = max(0, min(out.shape[0], w.shape[0] - r0))
     nb = n_blocks(ggml_type, out.shape[1], w.shape[1])
-    # One literal type per loop: decode_row_fast inlines that type's IR.
-    if ggml_type == Q8_0:
+    if ggml_type in BLOCK_IR_TYPES:
         for i in range(n):
-            decode_row_fast(8, w, r0 + i, out[i], nb)
-    elif ggml_type == Q5_0:
-        for i in range(n):
-            decode_row_fast(6, w, r0 + i, out[i], nb)
-    elif ggml_type == Q4_K:
-        for i in range(n):
-            decode_row_fast(12, w, r0 + i, out[i], nb)
-    elif ggml_type == Q6_K:
-        for i in range(n):
-            decode_row_fast(14, w, r0 + i, out[i], nb)
-    elif ggml_type == Q4_0:
-        for i in range(n):
-            decode_row_fast(2, w, r0 + i, out[i], nb)
-    elif ggml_type == Q4_1:
-        for i in range(n):
-            decode_row_fast(3, w, r0 + i, out[i], nb)
-    elif ggml_type == Q5_1:
-        for i in range(n):
-            decode_row_fast(7, w, r0 + i, out[i], nb)
-    elif ggml_type == Q5_K:
-        for i in range(n):
-            decode_row_fast(13, w, r0 + i, out[i], nb)
+            decode_row_fast(ggml_type, w, r0 + i, out[i], nb)
     else:
         for i in range(n):
             decode_row(ggml_type, w[r0 + i], out[i])

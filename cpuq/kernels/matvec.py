@@ -67,25 +67,7 @@ def quantize_x(x, xq, dx, xsum):
 @njit(cache=True, inline="always")
 def _dot(ggml_type, x, xq, dx, xsum, w, r):
     """Row r of w (a type in BLOCK_TYPES) times x, over the whole blocks both hold."""
-    nb = n_blocks(ggml_type, x.shape[0], w.shape[1])
-    # One literal type per call: dot_row_q inlines that type's IR.
-    if ggml_type == Q5_0:
-        return dot_row_q(6, x, xq, dx, xsum, w, r, nb)
-    if ggml_type == Q8_0:
-        return dot_row_q(8, x, xq, dx, xsum, w, r, nb)
-    if ggml_type == Q4_K:
-        return dot_row_q(12, x, xq, dx, xsum, w, r, nb)
-    if ggml_type == Q6_K:
-        return dot_row_q(14, x, xq, dx, xsum, w, r, nb)
-    if ggml_type == Q4_0:
-        return dot_row_q(2, x, xq, dx, xsum, w, r, nb)
-    if ggml_type == Q4_1:
-        return dot_row_q(3, x, xq, dx, xsum, w, r, nb)
-    if ggml_type == Q5_1:
-        return dot_row_q(7, x, xq, dx, xsum, w, r, nb)
-    if ggml_type == Q5_K:
-        return dot_row_q(13, x, xq, dx, xsum, w, r, nb)
-    return np.float32(0.0)
+    return dot_row_q(ggml_type, x, xq, dx, xsum, w, r, n_blocks(ggml_type, x.shape[0], w.shape[1]))
 
 
 @njit(cache=True, parallel=True)
