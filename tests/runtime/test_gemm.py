@@ -37,12 +37,17 @@ def test_linear_many_matrices_many_tiles(monkeypatch, n_threads):
 
 
 @pytest.mark.parametrize("start", [0, 37])
-def test_attention_through_blas_matches_the_kernel(monkeypatch, start):
+@pytest.mark.parametrize("parts_by", ["memory", "tokens"])
+def test_attention_through_blas_matches_the_kernel(monkeypatch, start, parts_by):
     """Prompt-chunk attention (Q K^T, causal softmax, P V per kv head) against the decode
-    kernel, after `start` cached positions, with the scores split in several parts."""
+    kernel, after `start` cached positions, with the query rows split in several parts
+    (each with only the keys its tokens see), by the scores' memory or by PART_TOKENS."""
     import cpuq.runtime.gemm as G
     from cpuq.kernels.attention import attention, store_kv
-    monkeypatch.setattr(G, "SCORES_BYTES", 4 * 7 * 90)  # a few query rows per part
+    if parts_by == "memory":
+        monkeypatch.setattr(G, "SCORES_BYTES", 4 * 7 * 90)  # a few query rows per part
+    else:
+        monkeypatch.setattr(G, "PART_TOKENS", 16)  # 40 tokens: parts of 16, 16, 8
     rng = np.random.default_rng(3)
     n, n_head, n_kv, hd, block = 40, 14, 2, 16, 8
     n_blocks = -(-(start + n) // block)
