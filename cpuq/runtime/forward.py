@@ -31,8 +31,8 @@ class KVCache:
     layouts, blocks of BLOCK positions: keys (n_layer, n_blocks, n_head_kv, head_dim,
     BLOCK), values (n_layer, n_blocks, n_head_kv, BLOCK, head_dim). kv_type "f16" (fp16
     as uint16 bits, kernels.halves; llama.cpp's default cache type) reads and holds half of
-    "f32". np.zeros maps untouched pages lazily, so memory grows with the positions used,
-    not with n_ctx (see _untouched_zeros)."""
+    "f32". Untouched pages are mapped lazily, so memory grows with the positions used, not
+    with n_ctx (see _untouched_zeros)."""
 
     BLOCK = 64
     TYPES = {"f16": np.uint16, "f32": np.float32}

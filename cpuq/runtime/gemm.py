@@ -91,7 +91,8 @@ class Gemm:
         """kernels.attention for a prompt chunk through BLAS: per kv head, the scores of all
         its query heads' rows at once (Q K^T), kernels.attention.causal_softmax, then P V;
         the kv heads spread over the workers, query rows in parts of PART_TOKENS tokens
-        (fewer where the scores' memory needs it), each with the keys its tokens see. q: (n, n_head, hd) at positions start..; caches in attention's layout."""
+        (fewer where the scores' memory needs it), each with the keys its tokens see.
+        q: (n, n_head, hd) at positions start..; caches in attention's layout."""
         n, n_head, hd = q.shape
         n_head_kv = k_cache.shape[1]
         group = n_head // n_head_kv
