@@ -90,12 +90,17 @@ class Rope:
                            self.attn_factor)
 
 
+def _batched(gemm: Gemm | None, n: int) -> bool:
+    """Whether n rows go through gemm's workers and BLAS (a long enough prompt chunk)."""
+    return gemm is not None and n >= MIN_TOKENS
+
+
 def _linears(x: np.ndarray, gemm: Gemm | None, *ws: Matrix) -> list[np.ndarray]:
     """x (n, k) @ W.T for each W (up to three). One token: the fused per-row kernels, all W
     in one parallel region; a long enough prompt chunk: BLAS, all W in one round of tasks."""
     if x.shape[0] == 1:
         return [o.reshape(1, -1) for o in matvec_many(x[0], [(w.data, w.ggml_type) for w in ws])]
-    if gemm is not None and x.shape[0] >= MIN_TOKENS:
+    if _batched(gemm, x.shape[0]):
         return gemm.linear(x, [(w.data, w.ggml_type) for w in ws])
     outs = [np.empty((x.shape[0], w.rows), np.float32) for w in ws]
     for w, out in zip(ws, outs):
@@ -105,7 +110,7 @@ def _linears(x: np.ndarray, gemm: Gemm | None, *ws: Matrix) -> list[np.ndarray]:
 
 def _rows(gemm: Gemm | None, n: int, fn) -> None:
     """fn(lo, hi) over rows [0, n): in gemm's workers for a prompt chunk that uses them."""
-    if gemm is None or n < MIN_TOKENS:
+    if not _batched(gemm, n):
         fn(0, n)
     else:
         gemm.split(n, fn)
@@ -141,7 +146,7 @@ def attention_block(x, layer: Layer, il: int, cfg: ModelConfig, cache: KVCache, 
     store_kv(cache.k[il], cache.v[il], k, v, start)
     out = np.empty_like(q)
     scale = np.float32(1.0 / math.sqrt(hd))
-    if gemm is None or n < MIN_TOKENS:
+    if not _batched(gemm, n):
         attention(q, cache.k[il], cache.v[il], start, scale, out)
     else:
         gemm.attention(q, cache.k[il], cache.v[il], start, scale, out)

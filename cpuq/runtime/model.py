@@ -160,16 +160,11 @@ class Model:
         keep = min(keep, len(ids) - 1)  # the last token is always evaluated, for its logits
         self._cache.n_past = keep
         del self._tokens[keep:]
-        numba.set_num_threads(self.n_threads)
-        logits = None
         start = time.perf_counter()
         self.timings = Timings(prompt_tokens=len(ids) - keep)
-        for i in range(keep, len(ids), N_BATCH):
-            chunk = arr[i:i + N_BATCH]
-            logits = self._forward(chunk, self._cache, False)
-            self._tokens.extend(int(t) for t in chunk)
+        logits = self._append(arr[keep:])
         self.timings.prompt_seconds = time.perf_counter() - start
-        return logits[0]
+        return logits
 
     def eval(self, ids: Sequence[int]) -> np.ndarray:
         """Evaluate `ids` after the tokens the context already holds (nothing is re-evaluated
@@ -181,6 +176,11 @@ class Model:
             raise InputError(f"{arr.size} more tokens do not fit: the context holds {len(self._tokens)} of "
                              f"{self.n_ctx} (reset(), or load with a larger n_ctx)")
         self._cache.n_past = len(self._tokens)  # as _ingest: the token list is the truth
+        return self._append(arr)
+
+    def _append(self, arr: np.ndarray) -> np.ndarray:
+        """Run the non-empty ids `arr` after the cache's tokens, N_BATCH at a time; the
+        logits after the last one."""
         numba.set_num_threads(self.n_threads)
         for i in range(0, arr.size, N_BATCH):
             chunk = arr[i:i + N_BATCH]
@@ -267,10 +267,7 @@ class Model:
             yield held
 
     def _step(self, token: int) -> np.ndarray:
-        numba.set_num_threads(self.n_threads)
-        logits = self._forward(np.array([token], np.int64), self._cache, False)
-        self._tokens.append(token)
-        return logits[0]
+        return self._append(np.array([token], np.int64))
 
     def _forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
         if tokens.size < MIN_TOKENS:
