@@ -1,6 +1,10 @@
-"""Products of a prompt chunk (many tokens) with quantized weight matrices, through BLAS:
-each weight tile is decoded to float32 once (kernels.matmul.dequantize_rows) and
-multiplied with all tokens by numpy's sgemm.
+"""Products of a prompt chunk (many tokens) with quantized weight matrices. On x86 hosts
+with AVX512-VNNI the block types go through kernels.qgemm: the chunk's activations are
+rounded to int8 once per matrix input (as llama.cpp does) and multiplied with the weights'
+integers, ~2.7x the multiply-adds per second of float32 (one thread, 512 tokens, k = 1024:
+Q4_K 129 against 47 GMAC/s). Elsewhere, and for float weights, each weight tile is
+decoded to float32 once (kernels.matmul.dequantize_rows) and multiplied with all tokens
+by numpy's sgemm.
 
 Why worker threads and a one-thread BLAS: Numba's OpenMP threads spin between parallel
 regions (decode depends on that: its ~200 small regions per token would otherwise pay a
@@ -9,7 +13,7 @@ pools then steal each other's cores (prefill ran at half speed). So here `n_thre
 Python threads each decode a tile and call sgemm limited to one thread (threadpoolctl,
 for the duration of a prompt chunk only); both release the GIL.
 
-Imports numpy, threadpoolctl and cpuq.kernels.matmul; nothing of models or files.
+Imports numpy, threadpoolctl and cpuq.kernels; nothing of models or files.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from threadpoolctl import ThreadpoolController
 
 from ..kernels.attention import causal_softmax, gather_kv
 from ..kernels.matmul import dequantize_rows
+from ..kernels.qgemm import HOST_VNNI, ROWS, TOKENS, TYPES as INT8_TYPES, qgemm_rows, quantize_tokens
 
 TILE_BYTES = 8 << 20  # float32 weights per task at most: a few hundred rows or more, as sgemm likes
 SCORES_BYTES = 16 << 20  # attention scores per kv head in flight, at most
@@ -49,8 +54,9 @@ class Gemm:
     OpenMP threads would then spin against these workers, runs during the chunk). Use
     `with gemm.session():` around the chunk."""
 
-    def __init__(self, n_threads: int):
+    def __init__(self, n_threads: int, int8: bool = HOST_VNNI):
         self.n_threads = n_threads
+        self.int8 = int8  # block types through kernels.qgemm (needs AVX512-VNNI)
         self._pool = ThreadPoolExecutor(n_threads, thread_name_prefix="cpuq-gemm")
 
     @contextlib.contextmanager
@@ -65,16 +71,25 @@ class Gemm:
         (q, k and v, or gate and up, in one go)."""
         n, k = x.shape
         outs = [np.empty((n, w.shape[0]), np.float32) for w, _ in weights]
+        int8 = [self.int8 and k % 32 == 0 and t in INT8_TYPES for _, t in weights]
+        xq = self._quantize(x) if any(int8) else None
         tasks = []
         for i, (w, _) in enumerate(weights):  # equal parts, a multiple of n_threads of them
             m = w.shape[0]
             parts = self.n_threads * max(1, -(-m * k * 4 // (self.n_threads * TILE_BYTES)))
-            bounds = np.linspace(0, m, min(m, parts) + 1).astype(int)
+            if int8[i]:  # whole strips
+                strips = -(-m // ROWS)
+                bounds = np.minimum(m, np.linspace(0, strips, min(strips, parts) + 1).astype(int) * ROWS)
+            else:
+                bounds = np.linspace(0, m, min(m, parts) + 1).astype(int)
             tasks += [(i, int(r0), int(r1)) for r0, r1 in zip(bounds[:-1], bounds[1:])]
 
         def run(task):
             i, r0, r1 = task
             w, ggml_type = weights[i]
+            if int8[i]:
+                qgemm_rows(*xq, w, ggml_type, r0, r1, outs[i])
+                return
             tile = np.empty((r1 - r0, k), np.float32)
             dequantize_rows(w, ggml_type, r0, tile)
             if n <= SMALL_BATCH:  # W x^T, then its transpose: OpenBLAS packs a few tokens better this way
@@ -85,6 +100,20 @@ class Gemm:
         for _ in self._pool.map(run, tasks):  # re-raises a worker's exception here
             pass
         return outs
+
+    def _quantize(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
+        """x (n, k) -> kernels.qgemm's (x8, d8, xs16, xs32), rows padded with zeros to a
+        multiple of TOKENS, the rows split over the workers."""
+        n, k = x.shape
+        n_pad = -(-n // TOKENS) * TOKENS
+        xq = (np.empty((n_pad, 2 * k), np.int8), np.empty((n_pad, k // 32), np.float32),
+              np.empty((n_pad, k // 16), np.float32), np.empty((n_pad, k // 32), np.float32))
+        for a in xq:
+            a[n:] = 0
+        x8, d8, xs16, xs32 = xq
+        self.split(n, lambda lo, hi: quantize_tokens(x[lo:hi], x8[lo:hi, :k], x8[lo:hi, k:], d8[lo:hi],
+                                                     xs16[lo:hi], xs32[lo:hi]))
+        return xq
 
     def attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, scale: float,
                   out: np.ndarray) -> None:

@@ -1,11 +1,14 @@
-"""The prompt path through BLAS (runtime.gemm) against the per-row kernels and float64.
+"""The prompt path (runtime.gemm: kernels.qgemm where the host has AVX512-VNNI, else BLAS)
+against the per-row kernels and float64.
 
 Tolerance 1e-5 of the result's range, as tests/kernels/test_products.py: the same decoded
-weights on both sides, only float32 summation order differs (~3e-7 measured)."""
+weights on both sides, only float32 summation order differs (~3e-7 measured); the int8 path
+adds its rounding bound of x."""
 import numpy as np
 import pytest
 
 import cpuq
+from cpuq.kernels.qgemm import HOST_VNNI, TYPES as INT8_TYPES
 from cpuq.runtime.gemm import MIN_TOKENS, Gemm
 
 
@@ -17,23 +20,29 @@ def _weights(qtype, m, k, seed):
     return data, int(t.ggml_type), cpuq.dequantize(data, qtype, (m, k)).astype(np.float64)
 
 
+@pytest.mark.parametrize("int8", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not HOST_VNNI, reason="needs AVX512-VNNI"))])
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
-def test_linear_many_matrices_many_tiles(monkeypatch, n_threads):
+def test_linear_many_matrices_many_tiles(monkeypatch, n_threads, int8):
+    """int8: the block types through kernels.qgemm, x rounded to 2^-16 / 127 of each 32
+    values' largest |x| (tests/kernels/test_qgemm.py): that bound is added to the tolerance."""
     import cpuq.runtime.gemm as G
     monkeypatch.setattr(G, "TILE_BYTES", 64 * 1024)  # several tiles per matrix, uneven splits
     k = 512
     mats = [_weights(q, m, k, i) for i, (q, m) in enumerate([("Q5_0", 101), ("Q8_0", 7), ("Q4_K", 64), ("F16", 33)])]
     x = np.random.default_rng(9).standard_normal((40, k), dtype=np.float32)
-    g = Gemm(n_threads)
+    half_step = np.repeat(np.abs(x).reshape(40, -1, 32).max(-1), 32, axis=1).astype(np.float64) / (127 * 256 * 2)
+    g = Gemm(n_threads, int8=int8)
     try:
         with g.session():
             outs = g.linear(x, [(d, t) for d, t, _ in mats])
     finally:
         g.close()
-    for (_, _, dense), out in zip(mats, outs):
+    for (_, t, dense), out in zip(mats, outs):
         ref = x.astype(np.float64) @ dense.T
         assert out.shape == ref.shape
-        assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+        rounding = half_step @ np.abs(dense).T if int8 and t in INT8_TYPES else 0.0
+        assert np.all(np.abs(out - ref) <= rounding + 1e-5 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("start", [0, 37])

@@ -12,10 +12,12 @@ checkpoint the file was made from ("hf"), and HF on the file's own weights ("hf_
 the checkpoint's parameters overwritten with the file's tensors as llama.cpp's gguf-py
 dequantizes them, so float32 HF computes exactly the function the file describes).
 
-* cpuq keeps activations float32, so with a float32 KV cache (kv_type="f32") it must
-  equal hf_file up to float32 summation order (measured 1.2e-6..1.5e-6 relative RMS on
-  all three files). Its default fp16 cache adds less error than llama.cpp's activation
-  rounding does.
+* cpuq's float path ("cpuq_float": prompt products in float32, as on hosts without
+  AVX512-VNNI) with a float32 KV cache (kv_type="f32") must equal hf_file up to float32
+  summation order (measured 1.2e-6..1.5e-6 relative RMS on all three files). Its default
+  int8 prompt products (kernels.qgemm: x in two int8 digits, rounded to 2^-16 / 127 of
+  each 32 values' largest |x|) and its default fp16 cache each add far less error than
+  llama.cpp's activation rounding does.
 * llama.cpp rounds the activations of every quantized matmul to Q8_0/Q8_1/Q8_K blocks (to
   f16 for F16 weights), so llama.cpp differs from hf_file by its own rounding, and "cpuq vs
   llama.cpp" is that same error (measured: equal to llama~hf_file to 3 digits). The
@@ -163,15 +165,18 @@ def hf_on_files(checkpoint, llama_files, f16_model) -> dict:
 @pytest.fixture(scope="module")
 def logits(checkpoint, llama_files, hf_logits, hf_on_files) -> dict[str, dict[str, np.ndarray]]:
     """Logits (n, n_vocab) of the 46-token prompt, {side: {file: ...}}: "cpuq" (float32 KV
-    cache, as llama.cpp's here), "cpuq_f16kv" (the default fp16 cache) and "llama" on each
+    cache, as llama.cpp's here), "cpuq_float" (the same with float32 prompt products), "cpuq_f16kv" (the default fp16 cache) and "llama" on each
     file, "hf_file" = HF on that file's weights, "hf" = HF on the f32 checkpoint."""
     _, ids_file = checkpoint
     ids = json.loads(ids_file.read_text())
     result = {"llama": llama_logits(ids_file, llama_files, ids_file.parent), "cpuq": {},
               "hf_file": hf_on_files["logits"], "hf": {q: hf_logits for q in FILES}, "cpuq_f16kv": {}}
+    result["cpuq_float"] = {}
     for q, path in llama_files.items():
         with cpuq.load(path, n_ctx=128, kv_type="f32") as m:
             result["cpuq"][q] = m.logits(ids)
+            m._gemm.int8 = False  # the float32 prompt path, as where the host lacks AVX512-VNNI
+            result["cpuq_float"][q] = m.logits(ids)
         with cpuq.load(path, n_ctx=128) as m:
             result["cpuq_f16kv"][q] = m.logits(ids)
     return result
@@ -180,6 +185,7 @@ def logits(checkpoint, llama_files, hf_logits, hf_on_files) -> dict[str, dict[st
 def _measure(logits, q: str) -> dict[str, tuple[float, float]]:
     """(rel RMS, top-1 agreement) of each pair, the second named the reference."""
     pairs = {"cpuq~llama": ("cpuq", "llama"), "cpuq~hf_file": ("cpuq", "hf_file"),
+             "cpuq_float~hf_file": ("cpuq_float", "hf_file"),
              "llama~hf_file": ("llama", "hf_file"), "cpuq~hf": ("cpuq", "hf"), "llama~hf": ("llama", "hf"),
              "cpuq_f16kv~hf_file": ("cpuq_f16kv", "hf_file")}
     return {name: (rel_rms(logits[a][q], logits[b][q]), top1_agreement(logits[b][q], logits[a][q]))
@@ -216,14 +222,19 @@ def test_file_types_are_what_llama_cpp_writes(llama_files):
 
 @pytest.mark.parametrize("q", FILES)
 def test_cpuq_computes_the_files_function(q, logits):
-    # The same float32 function on both sides, so the bar is test_logits.py's F32-vs-HF one:
-    # 1e-4, ~70x the measured 1.5e-6. Small errors land above it: measured on the f16 file,
-    # cpuq with rms_eps 1e-6 instead of the file's 1e-5 gives 3.6e-4; llama.cpp's f16
-    # activation rounding alone gives 9.3e-4 (llama~hf_file).
+    # The float path: the same float32 function on both sides, so the bar is test_logits.py's
+    # F32-vs-HF one: 1e-4, ~70x the measured 1.5e-6. Small errors land above it: measured on
+    # the f16 file, cpuq with rms_eps 1e-6 instead of the file's 1e-5 gives 3.6e-4; llama.cpp's
+    # f16 activation rounding alone gives 9.3e-4 (llama~hf_file).
+    # The default int8 prompt products add x's rounding: measured 1.9e-4 (q8_0), 2.1e-4
+    # (q4_k_m); f16 weights keep the float path. Bar 1e-3 (~5x that): ~35x below llama.cpp's
+    # own Q8 rounding on these files (3.5e-2, 4.9e-2), and top-1 still exact.
     m = _measure(logits, q)
     print(_fmt(q, m))
-    err, top1 = m["cpuq~hf_file"]
+    err, top1 = m["cpuq_float~hf_file"]
     assert err <= 1e-4 and top1 == 1.0, _fmt(q, m)
+    err, top1 = m["cpuq~hf_file"]
+    assert err <= (1e-4 if q == "f16" else 1e-3) and top1 == 1.0, _fmt(q, m)
 
 
 @pytest.mark.parametrize("q", FILES)
