@@ -4,14 +4,22 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .attention import _expf
+
 
 @njit(cache=True, nogil=True)
 def swiglu(gate, up, out):
     """gate, up: (n, f) f32 -> out: (n, f) f32 = silu(gate) * up, silu(g) = g / (1 + exp(-g)).
-    out may be gate or up."""
+    out may be gate or up. exp is attention._expf (within 3 ulp), in a loop of its own into
+    a fresh row, so that it vectorizes (np.exp is a libm call per element, and out aliasing
+    gate keeps one fused loop scalar): one token of Qwen3-0.6B's 3072, 13.6 -> 4.9 us."""
     n = min(gate.shape[0], up.shape[0], out.shape[0])
     f = min(gate.shape[1], up.shape[1], out.shape[1])
+    row = np.empty(f, np.float32)
     for i in range(n):
+        g, u = gate[i], up[i]
         for j in range(f):
-            g = gate[i, j]
-            out[i, j] = g / (np.float32(1.0) + np.exp(-g)) * up[i, j]
+            row[j] = _expf(-g[j])
+        for j in range(f):
+            row[j] = g[j] / (np.float32(1.0) + row[j]) * u[j]
+        out[i, :f] = row
