@@ -22,7 +22,7 @@ from ..kernels.matmul import get_rows, matmul
 from ..kernels.matvec import matvec_many
 from ..kernels.norms import rms_norm
 from ..kernels.rope import apply_rope, rope_tables
-from .gemm import MIN_TOKENS, Gemm
+from .gemm import Gemm
 from .weights import Layer, Matrix, Weights
 
 
@@ -91,13 +91,13 @@ class Rope:
 
 
 def _batched(gemm: Gemm | None, n: int) -> bool:
-    """Whether n rows go through gemm's workers and BLAS (a long enough prompt chunk)."""
-    return gemm is not None and n >= MIN_TOKENS
+    """Whether n rows go through gemm's workers (a prompt chunk of at least gemm.min_tokens)."""
+    return gemm is not None and n >= gemm.min_tokens
 
 
 def _linears(x: np.ndarray, gemm: Gemm | None, *ws: Matrix) -> list[np.ndarray]:
     """x (n, k) @ W.T for each W (up to three). One token: the fused per-row kernels, all W
-    in one parallel region; a long enough prompt chunk: BLAS, all W in one round of tasks."""
+    in one parallel region; a long enough prompt chunk: gemm (int8 or BLAS), all W in one round of tasks."""
     if x.shape[0] == 1:
         return [o.reshape(1, -1) for o in matvec_many(x[0], [(w.data, w.ggml_type) for w in ws])]
     if _batched(gemm, x.shape[0]):

@@ -34,6 +34,9 @@ SCORES_BYTES = 16 << 20  # attention scores per kv head in flight, at most
 # the masked-out triangle is mostly skipped (512-token prompt: 56% of the full products).
 PART_TOKENS = 64
 MIN_TOKENS = 32  # below this, the fused per-row kernels beat decoding tiles (measured, 0.5B shapes)
+# ... and beat the int8 products below this (Qwen3-0.6B Q4_K_M, 2 threads: 4 tokens 193 vs 213 ms,
+# 8: 240 vs 214, 16: 323 vs 242, 24: 452 vs 269)
+MIN_TOKENS_INT8 = 8
 # Up to this many tokens, tile @ x.T plus a transposed copy beats x @ tile.T written in place
 # (one-thread sgemm, k=1024, 1536 rows: 32 tokens 52 -> 83 GFLOP/s, 128: 81 -> 87; 512: 92 -> 84).
 SMALL_BATCH = 128
@@ -57,6 +60,7 @@ class Gemm:
     def __init__(self, n_threads: int, int8: bool = HOST_VNNI):
         self.n_threads = n_threads
         self.int8 = int8  # block types through kernels.qgemm (needs AVX512-VNNI)
+        self.min_tokens = MIN_TOKENS_INT8 if int8 else MIN_TOKENS  # shorter chunks: the per-row kernels
         self._pool = ThreadPoolExecutor(n_threads, thread_name_prefix="cpuq-gemm")
 
     @contextlib.contextmanager

@@ -27,7 +27,7 @@ from ..arch import ModelConfig
 from ..errors import InputError
 from ..gguf_io import open_gguf
 from .forward import KVCache, Rope, forward
-from .gemm import MIN_TOKENS, Gemm
+from .gemm import Gemm
 from .sampling import Sampler, SamplingParams
 from .template import ChatTemplate
 from .tokenizer import Tokenizer
@@ -270,7 +270,7 @@ class Model:
         return self._append(np.array([token], np.int64))
 
     def _forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
-        if tokens.size < MIN_TOKENS:
+        if tokens.size < self._gemm.min_tokens:
             return forward(self.weights, self.config, self._rope, tokens, cache, all_logits)
         with self._gemm.session():
             return forward(self.weights, self.config, self._rope, tokens, cache, all_logits, self._gemm)

@@ -9,7 +9,7 @@ import pytest
 
 import cpuq
 from cpuq.kernels.qgemm import HOST_VNNI, TYPES as INT8_TYPES
-from cpuq.runtime.gemm import MIN_TOKENS, Gemm
+from cpuq.runtime.gemm import Gemm
 
 
 def _weights(qtype, m, k, seed):

@@ -64,12 +64,11 @@ def test_f32_logits_match_transformers(name, golden, sources, tmp_path):
 
 @pytest.mark.parametrize("name", CASES)
 def test_f32_logits_through_blas_match_transformers(name, golden, sources, tmp_path, monkeypatch):
-    """The same bar for the prompt path through BLAS (runtime.gemm), which these 20-token
-    prompts would not take by default."""
-    import cpuq.runtime.forward
-    import cpuq.runtime.model
-    for module in (cpuq.runtime.model, cpuq.runtime.forward):
-        monkeypatch.setattr(module, "MIN_TOKENS", 2)
+    """The same bar for the prompt path through runtime.gemm (F32 weights: BLAS), which
+    these 20-token prompts would not take by default."""
+    import cpuq.runtime.gemm
+    for constant in ("MIN_TOKENS", "MIN_TOKENS_INT8"):
+        monkeypatch.setattr(cpuq.runtime.gemm, constant, 2)
     path = cpuq.convert(sources[name], tmp_path / "m.gguf", "f32")
     with cpuq.load(path, n_ctx=64, kv_type="f32") as m:
         got = m.logits(IDS)
@@ -110,6 +109,8 @@ def test_cache_reuse_gives_the_same_logits(sources, tmp_path):
     path = cpuq.convert(sources["qwen3"], tmp_path / "m.gguf", "q8_0")
     with cpuq.load(path, n_ctx=64) as m:
         whole = m.logits(IDS)
-        m._ingest(IDS[:7])
-        last = m._ingest(IDS)  # reuses the first 7 positions
+        # Both pieces long enough for the prompt products (gemm.MIN_TOKENS_INT8 = 8), as the
+        # whole is: then only float32 summation order differs, not how x is rounded.
+        m._ingest(IDS[:10])
+        last = m._ingest(IDS)  # reuses the first 10 positions
     np.testing.assert_allclose(last, whole[-1], rtol=0, atol=1e-4 * np.abs(whole[-1]).max())
