@@ -99,14 +99,21 @@ def quantize_tokens(x, x8, x8r, d8, xs16, xs32):
 # ---------------------------------------------------------------------------------------------
 # Weight rows -> unsigned bytes in the strip layout, and per-group a, b.
 
-@njit(cache=True, inline="always")
-def _put(u, rr, i, q):
-    """Element i of strip row rr (0..15) = q, in the (k/4, 16, 4) layout."""
-    u[(i >> 2) * 64 + rr * 4 + (i & 3)] = q
+# Four consecutive elements of a row are one uint32 of the strip (u viewed as uint32:
+# (k/4, 16)), so the unpackers move a word of 4 values per step: nibbles by masks, the
+# fifth/sixth bits spread from their flag words. ~6x the per-element loops' speed, which
+# matters for short prompt chunks (the whole matrix is unpacked whatever the tokens).
+_NIBBLES = np.uint32(0x0F0F0F0F)
 
 
 @njit(cache=True, inline="always")
-def _unpack_row(ggml_type, src, rr, nb, u, a, b):
+def _spread4(bits):
+    """The low 4 bits of `bits` -> bit 0 of each byte of a uint32 (bit j -> byte j)."""
+    return ((bits & np.uint32(15)) * np.uint32(0x00204081)) & np.uint32(0x01010101)
+
+
+@njit(cache=True, inline="always")
+def _unpack_row(ggml_type, src, rr, nb, u32, a, b):
     """Row src (bytes of one weight row) into strip row rr: nb blocks."""
     if ggml_type == Q4_K or ggml_type == Q5_K:
         size = 144 if ggml_type == Q4_K else 176
@@ -120,44 +127,46 @@ def _unpack_row(ggml_type, src, rr, nb, u, a, b):
                 g = blk * 8 + sub
                 a[g, rr] = d * np.float32(scale)
                 b[g, rr] = dmin * np.float32(minimum)
-                q_at = o + qs_at + (sub >> 1) * 32
-                shift = (sub & 1) * 4
-                for l in range(32):
-                    q = (np.int32(src[q_at + l]) >> shift) & 0xF
-                    if ggml_type == Q5_K:
-                        q |= ((np.int32(src[o + 16 + l]) >> sub) & 1) << 4
-                    _put(u, rr, g * 32 + l, q)
+            for pair in range(4):  # 32 bytes: sub-block 2 * pair in the low nibbles, the next in the high
+                q_at = o + qs_at + pair * 32
+                w0 = (blk * 256 + pair * 64) // 4
+                for j in range(8):
+                    word = _u32_at(src, q_at + 4 * j)
+                    lo = word & _NIBBLES
+                    hi = (word >> np.uint32(4)) & _NIBBLES
+                    if ggml_type == Q5_K:  # fifth bits: bit s of byte l for sub-block s
+                        h = _u32_at(src, o + 16 + 4 * j)
+                        lo |= ((h >> np.uint32(2 * pair)) & np.uint32(0x01010101)) << np.uint32(4)
+                        hi |= ((h >> np.uint32(2 * pair + 1)) & np.uint32(0x01010101)) << np.uint32(4)
+                    u32[(w0 + j) * 16 + rr] = lo
+                    u32[(w0 + 8 + j) * 16 + rr] = hi
     elif ggml_type == Q6_K:
         for blk in range(nb):
             o = blk * 210
             d = _half_at(src, o + 208)
+            for g16 in range(16):
+                scale = np.int32(src[o + 192 + g16])
+                scale = scale - 256 if scale >= 128 else scale
+                a[blk * 16 + g16, rr] = d * np.float32(scale)
+                b[blk * 16 + g16, rr] = a[blk * 16 + g16, rr] * np.float32(32.0)
             for half in range(2):
-                ql = o + half * 64
-                qh = o + 128 + half * 32
                 for quarter in range(4):
-                    lo_at = ql + (quarter & 1) * 32
-                    lo_shift = (quarter >> 1) * 4
-                    hi_shift = quarter * 2
-                    y = blk * 256 + half * 128 + quarter * 32
-                    for group in range(2):
-                        scale = np.int32(src[o + 192 + half * 8 + quarter * 2 + group])
-                        scale = scale - 256 if scale >= 128 else scale
-                        g = y // 16 + group
-                        a[g, rr] = d * np.float32(scale)
-                        b[g, rr] = a[g, rr] * np.float32(32.0)
-                        for i in range(16):
-                            l = group * 16 + i
-                            q = (((np.int32(src[lo_at + l]) >> lo_shift) & 0xF)
-                                 | (((np.int32(src[qh + l]) >> hi_shift) & 3) << 4))
-                            _put(u, rr, y + l, q)
+                    lo_at = o + half * 64 + (quarter & 1) * 32
+                    lo_shift = np.uint32((quarter >> 1) * 4)
+                    hi_shift = np.uint32(quarter * 2)
+                    w0 = (blk * 256 + half * 128 + quarter * 32) // 4
+                    for j in range(8):
+                        lo = (_u32_at(src, lo_at + 4 * j) >> lo_shift) & _NIBBLES
+                        hi = (_u32_at(src, o + 128 + half * 32 + 4 * j) >> hi_shift) & np.uint32(0x03030303)
+                        u32[(w0 + j) * 16 + rr] = lo | (hi << np.uint32(4))
     elif ggml_type == Q8_0:
         for blk in range(nb):
             o = blk * 34
             d = _half_at(src, o)
             a[blk, rr] = d
             b[blk, rr] = d * np.float32(128.0)
-            for j in range(32):
-                _put(u, rr, blk * 32 + j, np.int32(src[o + 2 + j]) ^ 0x80)  # int8 q -> q + 128
+            for j in range(8):  # int8 q -> q + 128
+                u32[(blk * 8 + j) * 16 + rr] = _u32_at(src, o + 2 + 4 * j) ^ np.uint32(0x80808080)
     else:  # Q4_0 Q4_1 Q5_0 Q5_1: [d | m? | qh? | 16 bytes, element j low nibble, j+16 high]
         has_m = ggml_type == Q4_1 or ggml_type == Q5_1
         has_h = ggml_type == Q5_0 or ggml_type == Q5_1
@@ -172,12 +181,12 @@ def _unpack_row(ggml_type, src, rr, nb, u, a, b):
                 b[blk, rr] = d * np.float32(16.0 if has_h else 8.0)
             qh = _u32_at(src, o + 2 + 2 * has_m) if has_h else np.uint32(0)
             qs = o + 2 + 2 * has_m + 4 * has_h
-            for j in range(16):
-                byte = np.int32(src[qs + j])
-                hi_lo = np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4
-                hi_hi = np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4
-                _put(u, rr, blk * 32 + j, (byte & 0xF) | hi_lo)
-                _put(u, rr, blk * 32 + j + 16, (byte >> 4) | hi_hi)
+            for j in range(4):
+                word = _u32_at(src, qs + 4 * j)
+                lo = (word & _NIBBLES) | (_spread4(qh >> np.uint32(4 * j)) << np.uint32(4))
+                hi = ((word >> np.uint32(4)) & _NIBBLES) | (_spread4(qh >> np.uint32(16 + 4 * j)) << np.uint32(4))
+                u32[(blk * 8 + j) * 16 + rr] = lo
+                u32[(blk * 8 + 4 + j) * 16 + rr] = hi
 
 
 @njit(cache=True, nogil=True)
@@ -192,8 +201,9 @@ def unpack_strip(w, ggml_type, r0, u, a, b):
     qk = 32 if ggml_type in (Q8_0, Q5_0, Q4_0, Q4_1, Q5_1) else 256
     per = a.shape[0] * (16 if ggml_type == Q6_K else 32) // qk  # blocks the group arrays hold
     nb = min(n_blocks(ggml_type, k, w.shape[1]), per)
+    u32 = u[:k * ROWS].view(np.uint32)
     for rr in range(min(ROWS, w.shape[0] - r0)):
-        _unpack_row(ggml_type, w[r0 + rr], rr, nb, u, a, b)
+        _unpack_row(ggml_type, w[r0 + rr], rr, nb, u32, a, b)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,9 +34,9 @@ SCORES_BYTES = 16 << 20  # attention scores per kv head in flight, at most
 # the masked-out triangle is mostly skipped (512-token prompt: 56% of the full products).
 PART_TOKENS = 64
 MIN_TOKENS = 32  # below this, the fused per-row kernels beat decoding tiles (measured, 0.5B shapes)
-# ... and beat the int8 products below this (Qwen3-0.6B Q4_K_M, 2 threads: 4 tokens 193 vs 213 ms,
-# 8: 240 vs 214, 16: 323 vs 242, 24: 452 vs 269)
-MIN_TOKENS_INT8 = 8
+# The int8 products beat them from 2 tokens on (Qwen3-0.6B Q4_K_M, 2 threads: 2 tokens 128 vs
+# 175 ms, 4: 129 vs 198, 8: 131 vs 246, 12: 156 vs 271; one token is a decode step)
+MIN_TOKENS_INT8 = 2
 # Up to this many tokens, tile @ x.T plus a transposed copy beats x @ tile.T written in place
 # (one-thread sgemm, k=1024, 1536 rows: 32 tokens 52 -> 83 GFLOP/s, 128: 81 -> 87; 512: 92 -> 84).
 SMALL_BATCH = 128

@@ -109,8 +109,9 @@ def test_cache_reuse_gives_the_same_logits(sources, tmp_path):
     path = cpuq.convert(sources["qwen3"], tmp_path / "m.gguf", "q8_0")
     with cpuq.load(path, n_ctx=64) as m:
         whole = m.logits(IDS)
-        # Both pieces long enough for the prompt products (gemm.MIN_TOKENS_INT8 = 8), as the
-        # whole is: then only float32 summation order differs, not how x is rounded.
+        # Both pieces long enough for the prompt products (gemm.MIN_TOKENS_INT8 = 2; 32 on hosts
+        # without AVX512-VNNI, where all three take the per-row kernels), as the whole is: then
+        # only float32 summation order differs, not how x is rounded.
         m._ingest(IDS[:10])
         last = m._ingest(IDS)  # reuses the first 10 positions
     np.testing.assert_allclose(last, whole[-1], rtol=0, atol=1e-4 * np.abs(whole[-1]).max())
