@@ -331,5 +331,65 @@ def bench(
               f"warm-up; tg{n_gen} runs after the pp{n_prompt} prompt", style="dim", highlight=False)
 
 
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file's contents; InputError naming the file otherwise."""
+    from .errors import InputError
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the text file: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+@app.command()
+@_clean_errors
+def perplexity(
+    model: Path = typer.Argument(..., help="GGUF model file."),
+    text_file: Path = typer.Option(..., "--file", "-f", help="UTF-8 text to score."),
+    ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per window; the second half of each is scored."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Score at most this many windows (default: "
+                                                                 "all the text holds)."),
+    kl_base: Optional[Path] = typer.Option(None, "--kl-base", help="A base GGUF of the same model (e.g. its F16 "
+                                                                   "file): KL divergence, top-1 agreement and "
+                                                                   "perplexity change against it."),
+    threads: Optional[int] = _THREADS,
+    as_json: bool = typer.Option(False, "--json", help="Print the result as a JSON object."),
+) -> None:
+    """Perplexity of MODEL over a text, as llama.cpp's llama-perplexity measures it.
+
+    Windows of --ctx tokens, each from an empty context (BOS first when the model adds
+    one); the second half of each window is scored. With --kl-base: mean and 99th
+    percentile KL divergence of MODEL's next-token distribution from the base's, top-1
+    agreement, and the perplexity change.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .eval.perplexity import perplexity as run_perplexity
+
+    text = _read_text(text_file)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(f"{model.name}: loading", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, description=f"{model.name}: windows", completed=done, total=total)
+
+        r = run_perplexity(model, text, n_ctx=ctx, n_chunks=chunks, kl_base=kl_base, n_threads=threads,
+                           progress=progress)
+    if as_json:
+        sys.stdout.write(json.dumps(r.to_dict(), indent=2) + "\n")
+        return
+    sys.stdout.write(f"perplexity: {r.ppl:.4f} ± {r.ppl_error:.4f} ({r.n_chunks} windows of {r.n_ctx} tokens, "
+                     f"{r.n_scored} tokens scored)\n")
+    if r.base is not None:
+        sys.stdout.write(f"base {Path(r.base).name}: perplexity {r.base_ppl:.4f}; change {r.delta_ppl_percent:+.2f}%\n"
+                         f"KL divergence: mean {r.kl_mean:.6f}, 99th percentile {r.kl_p99:.6f}; "
+                         f"top-1 agreement {100 * r.top1_agreement:.2f}%\n")
+    err.print(f"{r.seconds:.1f} s", style="dim", highlight=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -16,8 +16,18 @@ if ! "$PEER/hf-venv/bin/python" -c "import torch, transformers, sentencepiece" 2
   "$PEER/hf-venv/bin/pip" install -q torch==2.13.0
   "$PEER/hf-venv/bin/pip" install -q transformers safetensors sentencepiece numpy
 fi
+build_perplexity() {
+  # llama.cpp's own llama-perplexity tool, linked against the peer's libraries (a few
+  # seconds): the reference for cpuq perplexity (tests/eval/test_perplexity_peer.py).
+  local src="$PEER/llama_cpp_python-$VERSION/vendor/llama.cpp" lib="$PEER/venv/lib/python3.11/site-packages/lib"
+  [ -x "$PEER/llama-perplexity" ] && return 0
+  g++ -O2 -std=c++17 -I"$src/include" -I"$src/common" -I"$src/ggml/include" -I"$src/vendor" \
+    "$src/tools/perplexity/perplexity.cpp" "$src/tools/perplexity/main.cpp" -o "$PEER/llama-perplexity" \
+    -L"$lib" -lllama-common -lllama -lggml -lggml-base -Wl,-rpath,"$lib"
+}
 if venv/bin/python -c "import llama_cpp" 2>/dev/null; then
-  echo "peer venvs ready: $PEER/venv, $PEER/hf-venv"; exit 0
+  build_perplexity
+  echo "peer venvs ready: $PEER/venv, $PEER/hf-venv, $PEER/llama-perplexity"; exit 0
 fi
 venv/bin/pip download --no-binary :all: --no-deps "llama-cpp-python==$VERSION" -d sdist
 [ -d "llama_cpp_python-$VERSION" ] || tar xzf "sdist/llama_cpp_python-$VERSION.tar.gz"
@@ -26,3 +36,4 @@ venv/bin/pip download --no-binary :all: --no-deps "llama-cpp-python==$VERSION" -
 CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF" \
   venv/bin/pip install -v "sdist/llama_cpp_python-$VERSION.tar.gz" > build.log 2>&1
 echo "peer venv ready: $PEER/venv (llama.cpp source: $PEER/llama_cpp_python-$VERSION/vendor/llama.cpp)"
+build_perplexity

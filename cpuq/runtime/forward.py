@@ -161,11 +161,13 @@ def mlp_block(x, layer: Layer, cfg: ModelConfig, gemm: Gemm | None):
 
 
 def forward(w: Weights, cfg: ModelConfig, rope: Rope, tokens: np.ndarray, cache: KVCache,
-            all_logits: bool, gemm: Gemm | None = None) -> np.ndarray:
+            logits_from: int, gemm: Gemm | None = None) -> np.ndarray:
     """Run `tokens` (n,) int64 at positions cache.n_past .. +n-1, append their keys and
-    values to the cache, and return logits (n, n_vocab) if all_logits else (1, n_vocab)
-    for the last token. The caller checks the tokens are < n_vocab and fit in the cache.
-    gemm: run long prompt chunks' matmuls through BLAS (inside gemm.session())."""
+    values to the cache, and return the logits after tokens logits_from .. n-1 of this call,
+    (n - logits_from, n_vocab) (n - 1: the last token's only; n: none, (0, n_vocab); the
+    output matrix, the largest, multiplies only those rows). The caller checks the tokens
+    are < n_vocab and fit in the cache. gemm: run prompt chunks' matmuls through its workers
+    (inside gemm.session())."""
     n = tokens.shape[0]
     start = cache.n_past
     x = np.empty((n, cfg.n_embd), np.float32)
@@ -175,6 +177,7 @@ def forward(w: Weights, cfg: ModelConfig, rope: Rope, tokens: np.ndarray, cache:
         x += attention_block(x, layer, il, cfg, cache, start, cos, sin, rope.neox, gemm)
         x += mlp_block(x, layer, cfg, gemm)
     cache.n_past = start + n
-    if not all_logits:
-        x = x[-1:]
+    x = x[min(max(logits_from, 0), n):]
+    if x.shape[0] == 0:
+        return np.empty((0, w.output.rows), np.float32)
     return _linears(_norm(x, w.output_norm, cfg.rms_eps, gemm), gemm, w.output)[0]

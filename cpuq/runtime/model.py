@@ -135,13 +135,17 @@ class Model:
         return arr
 
     # evaluation -------------------------------------------------------------------------
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """float32 (len(ids), n_vocab): the logits after every position, in a fresh context
-        (the chat cache is left as it was)."""
+    def logits(self, ids: Sequence[int], first: int = 0) -> np.ndarray:
+        """float32 (len(ids) - first, n_vocab): the logits after positions first .. len(ids)-1
+        (by default every position), in a fresh context (the chat cache is left as it was).
+        Rows before `first` are not multiplied with the output matrix (perplexity scores the
+        second half of a window)."""
         arr = self._check_ids(ids)
+        if not isinstance(first, int) or not 0 <= first < arr.size:
+            raise InputError(f"first must be a position in 0..{arr.size - 1}, not {first!r}")
         numba.set_num_threads(self.n_threads)
         cache = KVCache(self.config, arr.size, self.kv_type)
-        parts = [self._forward(arr[i:i + N_BATCH], cache, True)
+        parts = [self._forward(arr[i:i + N_BATCH], cache, first - i)
                  for i in range(0, arr.size, N_BATCH)]
         return np.concatenate(parts)
 
@@ -184,7 +188,7 @@ class Model:
         numba.set_num_threads(self.n_threads)
         for i in range(0, arr.size, N_BATCH):
             chunk = arr[i:i + N_BATCH]
-            logits = self._forward(chunk, self._cache, False)
+            logits = self._forward(chunk, self._cache, chunk.size - 1)
             self._tokens.extend(int(t) for t in chunk)
         return logits[0]
 
@@ -269,11 +273,11 @@ class Model:
     def _step(self, token: int) -> np.ndarray:
         return self._append(np.array([token], np.int64))
 
-    def _forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
+    def _forward(self, tokens: np.ndarray, cache: KVCache, logits_from: int) -> np.ndarray:
         if tokens.size < self._gemm.min_tokens:
-            return forward(self.weights, self.config, self._rope, tokens, cache, all_logits)
+            return forward(self.weights, self.config, self._rope, tokens, cache, logits_from)
         with self._gemm.session():
-            return forward(self.weights, self.config, self._rope, tokens, cache, all_logits, self._gemm)
+            return forward(self.weights, self.config, self._rope, tokens, cache, logits_from, self._gemm)
 
     def close(self) -> None:
         self._gemm.close()

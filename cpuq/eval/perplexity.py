@@ -1,0 +1,179 @@
+"""Perplexity of a model over a text, and how far its next-token distribution is from a
+base model's (KL divergence), computed as llama.cpp's llama-perplexity computes them.
+
+Windows: the text's tokens (BOS first when the vocabulary adds one, as common_tokenize
+does) cut into consecutive windows of n_ctx tokens (at most n_chunks of them; the text
+must hold two). Each window is evaluated from an empty context with its first token
+replaced by BOS (when the vocabulary adds one), and its second half is scored: the logits
+after positions first = n_ctx/2 .. n_ctx-2 against the tokens that follow, n_ctx - 1 -
+first tokens per window. Perplexity = exp(mean negative log-likelihood); its ± is
+llama.cpp's (standard deviation of the NLL / sqrt(count - 1), times the perplexity).
+
+With a base model (the same vocabulary, usually the F16 or Q8_0 file of the same
+checkpoint), at every scored position: KL(base || model) = sum_v p_base (log p_base -
+log p_model), reported as its mean and 99th percentile over positions; top-1 agreement
+(the share of positions where both models' most likely token is the same); and the base's
+perplexity on the same windows, with the model's difference from it in percent.
+Log-probabilities are computed in float64 (llama.cpp: float logits, double sums).
+
+Imports numpy, cpuq.errors and cpuq.runtime; nothing from the CLI.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..errors import InputError
+from ..runtime.model import Model, load
+
+ROWS_PER_BLOCK = 32  # log-softmax rows at a time: 32 x 152k float64 is 39 MB
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """What `perplexity` measured. The base_* / kl_* / top1 fields are None without a base."""
+    model: str
+    n_ctx: int
+    n_chunks: int
+    n_scored: int  # tokens scored: n_chunks * (n_ctx - 1 - n_ctx // 2)
+    ppl: float
+    ppl_error: float  # llama.cpp's +/- estimate
+    seconds: float
+    base: Optional[str] = None
+    base_ppl: Optional[float] = None
+    delta_ppl_percent: Optional[float] = None  # (ppl - base_ppl) / base_ppl * 100
+    kl_mean: Optional[float] = None
+    kl_p99: Optional[float] = None
+    top1_agreement: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def log_softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """float32 (n, n_vocab) -> float64 log-probabilities, row by row."""
+    lp = logits.astype(np.float64)
+    lp -= lp.max(axis=1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(axis=1, keepdims=True))
+    return lp
+
+
+def windows(tokens: list[int], n_ctx: int, n_chunks: Optional[int], bos_id: Optional[int]) -> list[np.ndarray]:
+    """The windows llama-perplexity evaluates: consecutive n_ctx-token slices of `tokens`,
+    the first token of each replaced by bos_id when given."""
+    count = len(tokens) // n_ctx
+    if n_chunks is not None:
+        count = min(count, n_chunks)
+    out = []
+    for i in range(count):
+        w = np.array(tokens[i * n_ctx:(i + 1) * n_ctx], np.int64)
+        if bos_id is not None:
+            w[0] = bos_id
+        out.append(w)
+    return out
+
+
+def _nll_and_top(logits: np.ndarray, targets: np.ndarray):
+    """-log p(target) per row (float64) and each row's argmax."""
+    nll = np.empty(len(targets))
+    top = np.empty(len(targets), np.int64)
+    for r0 in range(0, len(targets), ROWS_PER_BLOCK):
+        lp = log_softmax_rows(logits[r0:r0 + ROWS_PER_BLOCK])
+        nll[r0:r0 + len(lp)] = -lp[np.arange(len(lp)), targets[r0:r0 + ROWS_PER_BLOCK]]
+        top[r0:r0 + len(lp)] = lp.argmax(axis=1)
+    return nll, top
+
+
+def _kl(base_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """KL(base || model) per row, float64."""
+    kl = np.empty(len(logits))
+    for r0 in range(0, len(logits), ROWS_PER_BLOCK):
+        lb = log_softmax_rows(base_logits[r0:r0 + ROWS_PER_BLOCK])
+        lm = log_softmax_rows(logits[r0:r0 + ROWS_PER_BLOCK])
+        kl[r0:r0 + len(lb)] = (np.exp(lb) * (lb - lm)).sum(axis=1)
+    return kl
+
+
+def _ppl(nll: np.ndarray) -> tuple[float, float]:
+    """exp(mean NLL) and llama-perplexity's +/- for it."""
+    mean = float(nll.mean())
+    ppl = math.exp(mean)
+    var = float((nll ** 2).mean()) - mean * mean
+    err = math.sqrt(var / (len(nll) - 1)) * ppl if var > 0 and len(nll) > 1 else 0.0
+    return ppl, err
+
+
+def perplexity(model: str | os.PathLike | Model, text: str, n_ctx: int = 512, n_chunks: Optional[int] = None,
+               kl_base: str | os.PathLike | Model | None = None, n_threads: Optional[int] = None,
+               progress: Optional[Callable[[int, int], None]] = None) -> PerplexityResult:
+    """Perplexity of `model` (a path, or a loaded Model) over `text`, in windows of n_ctx
+    tokens (at most n_chunks), optionally against `kl_base`. progress(done, total) is called
+    after each window. InputError: n_ctx < 4 or odd, a text shorter than two windows, a base
+    whose vocabulary or tokenization differs."""
+    if not isinstance(n_ctx, int) or n_ctx < 4 or n_ctx % 2:
+        raise InputError(f"--ctx must be an even number of tokens >= 4, not {n_ctx!r}")
+    if n_chunks is not None and (not isinstance(n_chunks, int) or n_chunks < 1):
+        raise InputError(f"--chunks must be a positive number of windows, not {n_chunks!r}")
+    opened = []
+    try:
+        m = model if isinstance(model, Model) else _open(model, n_ctx, n_threads, opened)
+        base = None
+        if kl_base is not None:
+            base = kl_base if isinstance(kl_base, Model) else _open(kl_base, n_ctx, n_threads, opened)
+        return _measure(m, base, text, n_ctx, n_chunks, progress)
+    finally:
+        for m in opened:
+            m.close()
+
+
+def _open(path, n_ctx: int, n_threads: Optional[int], opened: list) -> Model:
+    m = load(path, n_ctx=n_ctx, n_threads=n_threads)
+    opened.append(m)
+    return m
+
+
+def _measure(m: Model, base: Optional[Model], text: str, n_ctx: int, n_chunks: Optional[int],
+             progress) -> PerplexityResult:
+    tok = m.tokenizer
+    tokens = tok.encode(text)
+    if len(tokens) < 2 * n_ctx:
+        raise InputError(f"the text is {len(tokens)} tokens; perplexity with --ctx {n_ctx} needs at least "
+                         f"{2 * n_ctx} (two windows)")
+    if base is not None:
+        if base.config.n_vocab != m.config.n_vocab or base.tokenizer.encode(text) != tokens:
+            raise InputError(f"{base.path}: the base model's vocabulary differs from {m.path}'s "
+                             f"(KL divergence needs the same tokens)")
+    bos = tok.bos_id if tok.vocab.add_bos else None
+    wins = windows(tokens, n_ctx, n_chunks, bos)
+    first = n_ctx // 2
+    nll, base_nll, kl, same = [], [], [], []
+    start = time.perf_counter()
+    for i, w in enumerate(wins):
+        targets = w[first + 1:]
+        logits = m.logits(w, first)[:-1]  # after positions first .. n_ctx-2
+        n, top = _nll_and_top(logits, targets)
+        nll.append(n)
+        if base is not None:
+            base_logits = base.logits(w, first)[:-1]
+            bn, base_top = _nll_and_top(base_logits, targets)
+            base_nll.append(bn)
+            kl.append(_kl(base_logits, logits))
+            same.append(top == base_top)
+        if progress is not None:
+            progress(i + 1, len(wins))
+    seconds = time.perf_counter() - start
+    ppl, err = _ppl(np.concatenate(nll))
+    result = dict(model=str(m.path), n_ctx=n_ctx, n_chunks=len(wins), n_scored=sum(map(len, nll)), ppl=ppl,
+                  ppl_error=err, seconds=seconds)
+    if base is not None:
+        base_ppl, _ = _ppl(np.concatenate(base_nll))
+        kls = np.concatenate(kl)
+        result.update(base=str(base.path), base_ppl=base_ppl, delta_ppl_percent=(ppl - base_ppl) / base_ppl * 100,
+                      kl_mean=float(kls.mean()), kl_p99=float(np.percentile(kls, 99)),
+                      top1_agreement=float(np.concatenate(same).mean()))
+    return PerplexityResult(**result)
