@@ -1,19 +1,23 @@
 """Products of a prompt chunk with quantized weight matrices in 8-bit integers (x86 with
-AVX512-VNNI): the activations are rounded to int8 per 32 elements (as llama.cpp rounds
-them to Q8_0/Q8_K for its own products), the weights are unpacked 16 rows at a time into
-unsigned bytes, and vpdpbusd multiplies 64 byte pairs per instruction.
+AVX512-VNNI): each token's activations are rounded to two int8 digits per 32 elements, the
+weights are unpacked 16 rows at a time into unsigned bytes, and vpdpbusd multiplies 64 byte
+pairs per instruction, once per digit.
 
 Why: on this kind of core a 512-bit vpdpbusd issues about once per cycle (64 multiply-adds),
 where float32 FMAs give 16 per cycle: the sgemm route (decode a tile to float32, then BLAS)
-is bound by the float multiply-adds, this one by unpacking and scales.
+is bound by the float multiply-adds, this one by unpacking and scales. Why two digits: one
+(llama.cpp's Q8 rounding, to 2^-8 of each 32 values' largest |x|) is twice as fast but loses
+the small values that share a group with an outlier channel (real models have activations
+of ~450 beside ~1); it turned the demo model's "Paris" into nonsense, as it does in llama.cpp.
 
 Every block type is read as w[r, i] = a[r, g] * u[r, i] - b[r, g] for i in group g (16 or
 32 elements) with u an unsigned byte: Q4_K a = d*scale, b = dmin*min; Q6_K a = d*scale,
 b = 32*a; Q8_0 u = q + 128, b = 128*d; Q5_0 b = 16*d; Q4_0 b = 8*d; Q4_1/Q5_1 b = -m.
-With x[t, i] = d8[t, i/32] * x8[t, i]: out[t, r] = sum_g a[r, g] d8[t, g] S[t, r, g]
-- b[r, g] xs[t, g], S the exact int32 sum of u * x8 over the group, xs the group's sum of
-the rounded x. So the only rounding beyond float32 sums is x's, to 2^-8 of each 32
-elements' largest |x| (what llama.cpp does).
+With x[t, i] = d8[t, i/32] * (256 hi[t, i] + lo[t, i]) (quantize_tokens): out[t, r] =
+sum_g a[r, g] d8[t, g] (256 S_hi + S_lo)[t, r, g] - b[r, g] xs[t, g], S the exact int32 sums
+of u times each digit over the group, xs the group's sum of the rounded x. So the only
+rounding beyond float32 sums is x's, to 2^-16 / 127 of each 32 elements' largest |x| (the
+precision of the int16 decode path, kernels/matvec.py).
 
 Layouts: a strip of 16 rows unpacked as u: (k/4, 16, 4) bytes (four consecutive elements of
 one row are one int32 lane, the 16 rows the 16 lanes), a and b: (k/G, 16) float32; tokens

@@ -1,10 +1,10 @@
 """Products of a prompt chunk (many tokens) with quantized weight matrices. On x86 hosts
 with AVX512-VNNI the block types go through kernels.qgemm: the chunk's activations are
-rounded to int8 once per matrix input (as llama.cpp does) and multiplied with the weights'
-integers, ~2.7x the multiply-adds per second of float32 (one thread, 512 tokens, k = 1024:
-Q4_K 129 against 47 GMAC/s). Elsewhere, and for float weights, each weight tile is
-decoded to float32 once (kernels.matmul.dequantize_rows) and multiplied with all tokens
-by numpy's sgemm.
+rounded to two int8 digits once per matrix input and multiplied with the weights' integers,
+~1.7x the multiply-adds per second of float32 (one thread, 512 tokens, k = 1024: Q4_K 87
+against 48 GMAC/s). Elsewhere, and for float weights, each weight tile is decoded to
+float32 once (kernels.matmul.dequantize_rows) and multiplied with all tokens by numpy's
+sgemm.
 
 Why worker threads and a one-thread BLAS: Numba's OpenMP threads spin between parallel
 regions (decode depends on that: its ~200 small regions per token would otherwise pay a
