@@ -78,25 +78,23 @@ def windows(tokens: list[int], n_ctx: int, n_chunks: Optional[int], bos_id: Opti
     return out
 
 
-def _nll_and_top(logits: np.ndarray, targets: np.ndarray):
-    """-log p(target) per row (float64) and each row's argmax."""
-    nll = np.empty(len(targets))
-    top = np.empty(len(targets), np.int64)
-    for r0 in range(0, len(targets), ROWS_PER_BLOCK):
-        lp = log_softmax_rows(logits[r0:r0 + ROWS_PER_BLOCK])
-        nll[r0:r0 + len(lp)] = -lp[np.arange(len(lp)), targets[r0:r0 + ROWS_PER_BLOCK]]
-        top[r0:r0 + len(lp)] = lp.argmax(axis=1)
-    return nll, top
-
-
-def _kl(base_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """KL(base || model) per row, float64."""
-    kl = np.empty(len(logits))
-    for r0 in range(0, len(logits), ROWS_PER_BLOCK):
-        lb = log_softmax_rows(base_logits[r0:r0 + ROWS_PER_BLOCK])
-        lm = log_softmax_rows(logits[r0:r0 + ROWS_PER_BLOCK])
-        kl[r0:r0 + len(lb)] = (np.exp(lb) * (lb - lm)).sum(axis=1)
-    return kl
+def _score(logits: np.ndarray, targets: np.ndarray, base_logits: Optional[np.ndarray] = None) -> dict:
+    """Per row: "nll" = -log p(target) (float64) and "top" = the argmax; with base_logits
+    also the base's "base_nll" and "base_top", and "kl" = KL(base || model). Each row's
+    log-softmax is computed once, ROWS_PER_BLOCK rows at a time."""
+    n = len(targets)
+    names = ("nll", "top") + (("base_nll", "base_top", "kl") if base_logits is not None else ())
+    out = {name: np.empty(n, np.int64 if name.endswith("top") else np.float64) for name in names}
+    for r0 in range(0, n, ROWS_PER_BLOCK):
+        rows = slice(r0, min(n, r0 + ROWS_PER_BLOCK))
+        at = np.arange(rows.stop - r0), targets[rows]
+        lm = log_softmax_rows(logits[rows])
+        out["nll"][rows], out["top"][rows] = -lm[at], lm.argmax(axis=1)
+        if base_logits is not None:
+            lb = log_softmax_rows(base_logits[rows])
+            out["base_nll"][rows], out["base_top"][rows] = -lb[at], lb.argmax(axis=1)
+            out["kl"][rows] = (np.exp(lb) * (lb - lm)).sum(axis=1)
+    return out
 
 
 def _ppl(nll: np.ndarray) -> tuple[float, float]:
@@ -151,29 +149,23 @@ def _measure(m: Model, base: Optional[Model], text: str, n_ctx: int, n_chunks: O
     bos = tok.bos_id if tok.vocab.add_bos else None
     wins = windows(tokens, n_ctx, n_chunks, bos)
     first = n_ctx // 2
-    nll, base_nll, kl, same = [], [], [], []
+    scores = []
     start = time.perf_counter()
     for i, w in enumerate(wins):
-        targets = w[first + 1:]
-        logits = m.logits(w, first)[:-1]  # after positions first .. n_ctx-2
-        n, top = _nll_and_top(logits, targets)
-        nll.append(n)
-        if base is not None:
-            base_logits = base.logits(w, first)[:-1]
-            bn, base_top = _nll_and_top(base_logits, targets)
-            base_nll.append(bn)
-            kl.append(_kl(base_logits, logits))
-            same.append(top == base_top)
+        # logits after positions first .. n_ctx-2, against the tokens that follow them
+        base_logits = base.logits(w, first)[:-1] if base is not None else None
+        scores.append(_score(m.logits(w, first)[:-1], w[first + 1:], base_logits))
         if progress is not None:
             progress(i + 1, len(wins))
     seconds = time.perf_counter() - start
-    ppl, err = _ppl(np.concatenate(nll))
-    result = dict(model=str(m.path), n_ctx=n_ctx, n_chunks=len(wins), n_scored=sum(map(len, nll)), ppl=ppl,
+    joined = {name: np.concatenate([s[name] for s in scores]) for name in scores[0]}
+    ppl, err = _ppl(joined["nll"])
+    result = dict(model=str(m.path), n_ctx=n_ctx, n_chunks=len(wins), n_scored=len(joined["nll"]), ppl=ppl,
                   ppl_error=err, seconds=seconds)
     if base is not None:
-        base_ppl, _ = _ppl(np.concatenate(base_nll))
-        kls = np.concatenate(kl)
+        base_ppl, _ = _ppl(joined["base_nll"])
+        kls = joined["kl"]
         result.update(base=str(base.path), base_ppl=base_ppl, delta_ppl_percent=(ppl - base_ppl) / base_ppl * 100,
                       kl_mean=float(kls.mean()), kl_p99=float(np.percentile(kls, 99)),
-                      top1_agreement=float(np.concatenate(same).mean()))
+                      top1_agreement=float((joined["top"] == joined["base_top"]).mean()))
     return PerplexityResult(**result)

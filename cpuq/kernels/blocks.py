@@ -325,14 +325,20 @@ BLOCK_INTS = {8: _ints_q8_0, 6: _ints_q5_0}
 BLOCK_K_INTS = {12: _ints_q4_k, 14: _ints_q6_k}
 
 
+def host_cpu_features() -> dict:
+    """The host CPU's features as LLVM names them ({"avx2": True, ...}); empty where
+    llvmlite cannot tell."""
+    try:
+        import llvmlite.binding as llvm
+        return dict(llvm.get_host_cpu_features())
+    except Exception:
+        return {}
+
+
 def _host_pmaddwd() -> int:
     """Vector width (int16 lanes) of x86's multiply-add of int16 pairs on this host: 32
     with AVX-512BW, 16 with AVX2, 0 elsewhere (then every type takes the float path)."""
-    try:
-        import llvmlite.binding as llvm
-        features = llvm.get_host_cpu_features()
-    except Exception:
-        return 0
+    features = host_cpu_features()
     if features.get("avx512bw"):
         return 32
     if features.get("avx2"):

@@ -38,24 +38,16 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from ..quants.decode import _half_at, _k_scale_min, _u32_at
-from .blocks import F32, I8, I32, I64, V16F, V16I, _FAST, _function, _intrinsic_fn, _loop, _splat
-from .matmul import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, n_blocks
+from .blocks import F32, I8, I32, I64, V16F, V16I, _FAST, _function, _intrinsic_fn, _loop, _splat, host_cpu_features
+from .matmul import BLOCK_BYTES, BLOCK_ELEMS, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, n_blocks
 
 ROWS = 16  # weight rows per strip: the 16 int32 lanes of a 512-bit register
 TOKENS = 8  # tokens per pass over a strip: 8 int32 + 8 float accumulators stay in registers
 TYPES = (Q4_K, Q6_K, Q8_0, Q5_0, Q4_0, Q4_1, Q5_1, Q5_K)
 
 
-def _host_vnni() -> bool:
-    try:
-        import llvmlite.binding as llvm
-        features = llvm.get_host_cpu_features()
-    except Exception:
-        return False
-    return bool(features.get("avx512vnni") and features.get("avx512bw") and features.get("avx512f"))
-
-
-HOST_VNNI = _host_vnni()
+_FEATURES = host_cpu_features()
+HOST_VNNI = bool(_FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw") and _FEATURES.get("avx512f"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +92,12 @@ def quantize_tokens(x, x8, x8r, d8, xs16, xs32):
             xs32[t, g] = xs16[t, 2 * g] + xs16[t, 2 * g + 1]
 
 
+@njit(cache=True, inline="always")
+def group_size(ggml_type):
+    """Elements per (a, b) pair of a type in TYPES: Q6_K scales 16, the others 32."""
+    return 16 if ggml_type == Q6_K else 32
+
+
 # ---------------------------------------------------------------------------------------------
 # Weight rows -> unsigned bytes in the strip layout, and per-group a, b.
 
@@ -119,8 +117,8 @@ def _spread4(bits):
 @njit(cache=True, inline="always")
 def _unpack_row(ggml_type, src, rr, nb, u32, a, b):
     """Row src (bytes of one weight row) into strip row rr: nb blocks."""
+    size = BLOCK_BYTES[ggml_type]
     if ggml_type == Q4_K or ggml_type == Q5_K:
-        size = 144 if ggml_type == Q4_K else 176
         qs_at = 16 if ggml_type == Q4_K else 48
         for blk in range(nb):
             o = blk * size
@@ -146,7 +144,7 @@ def _unpack_row(ggml_type, src, rr, nb, u32, a, b):
                     u32[(w0 + 8 + j) * 16 + rr] = hi
     elif ggml_type == Q6_K:
         for blk in range(nb):
-            o = blk * 210
+            o = blk * size
             d = _half_at(src, o + 208)
             for g16 in range(16):
                 scale = np.int32(src[o + 192 + g16])
@@ -165,7 +163,7 @@ def _unpack_row(ggml_type, src, rr, nb, u32, a, b):
                         u32[(w0 + j) * 16 + rr] = lo | (hi << np.uint32(4))
     elif ggml_type == Q8_0:
         for blk in range(nb):
-            o = blk * 34
+            o = blk * size
             d = _half_at(src, o)
             a[blk, rr] = d
             b[blk, rr] = d * np.float32(128.0)
@@ -174,7 +172,6 @@ def _unpack_row(ggml_type, src, rr, nb, u32, a, b):
     else:  # Q4_0 Q4_1 Q5_0 Q5_1: [d | m? | qh? | 16 bytes, element j low nibble, j+16 high]
         has_m = ggml_type == Q4_1 or ggml_type == Q5_1
         has_h = ggml_type == Q5_0 or ggml_type == Q5_1
-        size = 18 + 2 * has_m + 4 * has_h
         for blk in range(nb):
             o = blk * size
             d = _half_at(src, o)
@@ -202,8 +199,9 @@ def unpack_strip(w, ggml_type, r0, u, a, b):
     u[:] = 0
     a[:] = 0.0
     b[:] = 0.0
-    qk = 32 if ggml_type in (Q8_0, Q5_0, Q4_0, Q4_1, Q5_1) else 256
-    per = a.shape[0] * (16 if ggml_type == Q6_K else 32) // qk  # blocks the group arrays hold
+    if ggml_type not in TYPES:  # the tables below index by type
+        return
+    per = a.shape[0] * group_size(ggml_type) // BLOCK_ELEMS[ggml_type]  # blocks the group arrays hold
     nb = min(n_blocks(ggml_type, k, w.shape[1]), per)
     u32 = u[:k * ROWS].view(np.uint32)
     for rr in range(min(ROWS, w.shape[0] - r0)):
@@ -311,7 +309,7 @@ def qgemm_rows(x8, d8, xs16, xs32, w, ggml_type, r0, r1, out):
     n_pad = x8.shape[0]
     k = x8.shape[1] // 2
     n = out.shape[0]
-    group = 16 if ggml_type == Q6_K else 32
+    group = group_size(ggml_type)
     r1 = min(r1, w.shape[0], out.shape[1])
     if (n_pad % TOKENS or n > n_pad or k % 32 or x8.shape[1] != 2 * k or d8.shape[0] < n_pad
             or d8.shape[1] < k // 32 or xs16.shape[0] < n_pad or xs16.shape[1] < k // 16
