@@ -37,9 +37,25 @@ from .errors import CpuqError, FormatError, InputError, UnsupportedError
 from .quants import TYPES, QType, dequantize, get_qtype, quantize
 from .gguf_io import GGUFFile, GGUFStreamWriter, open_gguf
 from .info import summarize
-from .convert.pipeline import convert  # noqa: E402  (the function shadows the subpackage name)
+from .convert.pipeline import convert as _convert  # noqa: E402
 
 __version__ = "0.1.0"
+
+
+def convert(src_dir, dst_path, qtype: str = "q4_k_m", calibration: str | None = None, imatrix=None,
+            force: bool = False, progress=None):
+    """Convert an HF checkpoint folder to a GGUF file: see cpuq.convert.pipeline.convert.
+    calibration: text (a str) to collect an importance matrix over first, with a temporary
+    Q8_0 conversion (cpuq.eval.calibration.convert_calibrated); imatrix: an importance matrix
+    (cpuq.convert.imatrix.Imatrix or the path of llama.cpp's imatrix GGUF file). At most one."""
+    if calibration is not None:
+        if imatrix is not None:
+            raise InputError("give calibration text or an importance matrix, not both")
+        if not isinstance(calibration, str):
+            raise InputError(f"calibration must be the text itself (a str), not {type(calibration).__name__}")
+        from .eval.calibration import convert_calibrated  # runs the runtime: imported only when used
+        return convert_calibrated(src_dir, dst_path, qtype, calibration, force=force, progress=progress)
+    return _convert(src_dir, dst_path, qtype=qtype, force=force, progress=progress, imatrix=imatrix)
 
 
 def load(path, n_ctx: int = 4096, n_threads: int | None = None, gpu_layers: int = 0, kv_type: str = "f16"):

@@ -118,26 +118,56 @@ def convert(
     qtype: str = typer.Option("q4_k_m", "--type", "-t",
                               help="f32, f16, bf16, q8_0, q4_k_m (llama.cpp's mix), q4_k, q5_k, q6_k, q5_0, q4_0."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+    calibrate: Optional[Path] = typer.Option(None, "--calibrate", help="UTF-8 text to collect an importance "
+                                             "matrix over first (via a temporary Q8_0 file), as llama-imatrix."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix file (llama.cpp's imatrix "
+                                           "GGUF, e.g. from `cpuq imatrix` or llama-imatrix)."),
+    calibrate_ctx: int = typer.Option(512, "--calibrate-ctx", help="Tokens per calibration window."),
+    calibrate_chunks: Optional[int] = typer.Option(None, "--calibrate-chunks",
+                                                   help="At most this many calibration windows (default: all)."),
 ) -> None:
-    """Convert a Hugging Face Qwen2/Qwen3/Llama checkpoint to a GGUF file llama.cpp runs."""
+    """Convert a Hugging Face Qwen2/Qwen3/Llama checkpoint to a GGUF file llama.cpp runs.
+
+    With --calibrate or --imatrix, the k-quant and legacy types weight each column's
+    rounding error by its mean squared activation, as llama-quantize --imatrix does.
+    """
     import time
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from .convert.pipeline import convert as run_convert
+    from .errors import InputError
     from .info import summarize
 
+    if calibrate is not None and imatrix is not None:
+        raise InputError("give --calibrate or --imatrix, not both")
+    text = _read_text(calibrate) if calibrate is not None else None
+
     start = time.perf_counter()
-    # Bytes of the checkpoint read so far: the measure that makes the ETA honest when one
-    # tensor (a 150k-row embedding) is a tenth of the model.
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+    # amount: bytes of the checkpoint read so far (the measure that makes the ETA honest when
+    # one tensor, a 150k-row embedding, is a tenth of the model), or calibration windows.
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("[dim]{task.fields[name]}"))
     with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task("converting", total=None, name="")
+        task = bar.add_task("converting", total=None, name="", amount="")
 
         def progress(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, name=name)
+            bar.update(task, completed=done, total=total, name=name,
+                       amount=f"{_human_bytes(done)} / {_human_bytes(total)}")
 
-        path = run_convert(src, output, qtype=qtype, force=force, progress=progress)
+        if text is None:
+            path = run_convert(src, output, qtype=qtype, force=force, progress=progress, imatrix=imatrix)
+        else:
+            from .eval.calibration import convert_calibrated
+
+            def calibration_progress(done: int, total: int) -> None:
+                if done == 0:  # calibration starts: the temporary Q8_0 conversion is done
+                    bar.reset(task, total=total, description="calibrating", name="", amount="")
+                bar.update(task, completed=done, amount=f"{done} / {total} windows")
+                if done == total:
+                    bar.reset(task, total=None, description="converting", name="", amount="")
+
+            path = convert_calibrated(src, output, qtype, text, dataset=str(calibrate), n_ctx=calibrate_ctx,
+                                      n_chunks=calibrate_chunks, force=force, progress=progress,
+                                      calibration_progress=calibration_progress)
     seconds = time.perf_counter() - start
     s = summarize(path)
     src_bytes = sum(f.stat().st_size for f in Path(src).glob("*.safetensors"))
@@ -389,6 +419,44 @@ def perplexity(
                          f"KL divergence: mean {r.kl_mean:.6f}, 99th percentile {r.kl_p99:.6f}; "
                          f"top-1 agreement {100 * r.top1_agreement:.2f}%\n")
     err.print(f"{r.seconds:.1f} s", style="dim", highlight=False)
+
+
+@app.command()
+@_clean_errors
+def imatrix(
+    model: Path = typer.Argument(..., help="GGUF model file (F16 or Q8_0 of the model to quantize)."),
+    text_file: Path = typer.Option(..., "--file", "-f", help="UTF-8 calibration text."),
+    output: Path = typer.Option(..., "--output", "-o", help="Importance matrix file to write (GGUF)."),
+    ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per window."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="At most this many windows (default: all the "
+                                                                 "text holds)."),
+    threads: Optional[int] = _THREADS,
+    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+) -> None:
+    """Collect an importance matrix over a text, as llama.cpp's llama-imatrix: per input
+    channel of every matrix in the blocks, the mean squared activation. Writes llama.cpp's
+    imatrix GGUF format, for `cpuq convert --imatrix` or llama-quantize --imatrix."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .eval.calibration import collect_imatrix
+    from .errors import InputError
+
+    text = _read_text(text_file)
+    if output.exists() and not force:  # before the work, not after
+        raise InputError(f"{output}: already exists (pass --force to overwrite)")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(f"{model.name}: loading", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, description=f"{model.name}: windows", completed=done, total=total)
+
+        im = collect_imatrix(model, text, n_ctx=ctx, n_chunks=chunks, dataset=str(text_file), n_threads=threads,
+                             progress=progress)
+    im.write(output, force=force)
+    tokens = int(max(c.max() for c in im.counts.values()))
+    out.print(f"wrote {output}: {len(im.sums)} matrices, {im.chunk_count} windows of {ctx} tokens "
+              f"({tokens} tokens)", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

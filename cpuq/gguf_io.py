@@ -348,9 +348,12 @@ class GGUFStreamWriter:
         w.close()
     """
 
-    def __init__(self, path: str | os.PathLike, arch: str):
+    def __init__(self, path: str | os.PathLike, arch: str | None):
+        """arch None: a file that is not a model (an importance matrix), without general.architecture."""
         self.path = Path(path)
-        self._writer = gguf.GGUFWriter(self.path, arch, use_temp_file=False)
+        self._writer = gguf.GGUFWriter(self.path, arch or "", use_temp_file=False)
+        if arch is None:
+            self._writer.kv_data[0].pop("general.architecture", None)
         self._pending: list[tuple[str, tuple[int, ...], QType]] = []
         self._begun = False
 

@@ -7,7 +7,8 @@ order, tensor order, types; docs/llama_cpp_conventions.md sections 1-3). The oth
 are what `convert --outtype f16` followed by llama-quantize writes: q4_k_m with llama.cpp's
 type mix (MIXES), the rest "pure" (one type for every matrix, `llama-quantize --pure`);
 both with F16-rounded input, shape fallbacks, llama-quantize's tensor order and
-file_type/quantization_version moved to the end (section 4). No imatrix yet.
+file_type/quantization_version moved to the end (section 4); with an importance matrix,
+llama-quantize --imatrix's bytes and keys (section 5).
 
 Imports numpy, the standard library and cpuq (arch, quants, quants.floats, gguf_io, errors,
 convert.safetensors_io, convert.hf_vocab, convert.naming); nothing from the runtime.
@@ -34,6 +35,7 @@ from ..gguf_io import GGUFStreamWriter
 from ..quants import QType, get_qtype, quantize
 from ..quants.floats import round_through_f16
 from .hf_vocab import tokenizer_metadata
+from .imatrix import Imatrix
 from .naming import general_name_keys
 from .safetensors_io import open_checkpoint
 
@@ -288,18 +290,20 @@ def _arch_metadata(cfg: ModelConfig) -> tuple[dict, dict]:
 PIECE_WEIGHTS = 1 << 24
 
 
-def _encode(x: np.ndarray, plan: TensorPlan, out: OutType) -> np.ndarray:
-    """Float32 values (whole tensor or a block of its rows) -> the bytes of plan.qtype."""
+def _encode(x: np.ndarray, plan: TensorPlan, out: OutType, importance: np.ndarray | None = None) -> np.ndarray:
+    """Float32 values (whole tensor or a block of its rows) -> the bytes of plan.qtype,
+    each column's rounding error weighted by `importance` where the type uses it."""
     if out.via_llama_quantize and plan.qtype.name != "F32" and len(plan.shape) > 1:
         # llama-quantize reads the F16 file the converter wrote (notes section 0).
         x = np.ascontiguousarray(x, dtype=np.float32)
         round_through_f16(x if x.flags.writeable else (x := x.copy()))
     if plan.qtype.name == "F32":
         return np.ascontiguousarray(x, dtype=np.float32)
-    return quantize(x.reshape(-1, plan.shape[-1]), plan.qtype)
+    return quantize(x.reshape(-1, plan.shape[-1]), plan.qtype, importance)
 
 
-def _tensor_pieces(ckpt, cfg: ModelConfig, plan: TensorPlan, out: OutType) -> Iterator[tuple[np.ndarray, int]]:
+def _tensor_pieces(ckpt, cfg: ModelConfig, plan: TensorPlan, out: OutType,
+                   importance: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, int]]:
     """The encoded bytes of one tensor in consecutive pieces, each with the number of
     checkpoint bytes it consumed."""
     if plan.hf_name is None:
@@ -309,14 +313,14 @@ def _tensor_pieces(ckpt, cfg: ModelConfig, plan: TensorPlan, out: OutType) -> It
     heads = qk_permute_heads(cfg, name)
     if heads is not None:
         # The permutation moves rows across the whole tensor (llama attn_q/attn_k only).
-        yield _encode(permute_qk(ckpt.load_f32(name), heads), plan, out), ckpt.nbytes(name)
+        yield _encode(permute_qk(ckpt.load_f32(name), heads), plan, out, importance), ckpt.nbytes(name)
         return
     rows = ckpt.rows(name)
     row_bytes = ckpt.nbytes(name) // max(rows, 1)
     step = max(1, PIECE_WEIGHTS // max(plan.shape[-1], 1))
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        yield _encode(ckpt.read_rows_f32(name, start, stop), plan, out), (stop - start) * row_bytes
+        yield _encode(ckpt.read_rows_f32(name, start, stop), plan, out, importance), (stop - start) * row_bytes
 
 
 def _write_error(e: OSError, dst: Path) -> InputError:
@@ -333,7 +337,7 @@ def _free_bytes(folder: Path) -> int:
         return -1
 
 
-def _check_destination(src: Path, dst: Path, force: bool) -> None:
+def check_destination(src: Path, dst: Path, force: bool) -> None:
     if not src.is_dir():
         raise InputError(f"{src}: not a directory (expected an HF checkpoint folder)")
     if dst.is_dir():
@@ -352,24 +356,71 @@ def _discard(writer: GGUFStreamWriter | None, tmp: Path) -> None:
     tmp.unlink(missing_ok=True)
 
 
+def _importances(im: Imatrix, plans: list[TensorPlan], out: OutType) -> dict[str, np.ndarray]:
+    """Each planned matrix's importance from `im`, as llama-quantize --imatrix takes them
+    (matrices without an entry are quantized without one). InputError: a type that uses
+    none, an entry whose length is not the matrix's row length, no entry for any matrix."""
+    where = im.path or "the importance matrix"
+    if not out.via_llama_quantize:
+        raise InputError(f"--type {out.qtype.lower()} does not use an importance matrix (the types that do: "
+                         f"{', '.join(k for k, t in OUT_TYPES.items() if t.via_llama_quantize)})")
+    found = {}
+    for p in plans:
+        imp = im.importance(p.name)
+        if imp is None:
+            continue
+        if imp.shape[0] != p.shape[-1]:
+            raise InputError(f"{where}: entry '{p.name}' has {imp.shape[0]} values; the tensor's rows have "
+                             f"{p.shape[-1]} (an importance matrix of another model?)")
+        found[p.name] = imp
+    if not found:
+        raise InputError(f"{where}: no entry matches a tensor of this model (an importance matrix of another model?)")
+    return found
+
+
+def _imatrix_metadata(im: Imatrix, file_name: str | None) -> tuple[dict, dict]:
+    """The keys llama-quantize --imatrix adds (quantize.cpp:509-538): strings cut to 127
+    bytes; no file key for a matrix that was never a file (convert with calibration text)."""
+    def cut(text: str) -> str:
+        return text.encode()[:127].decode(errors="ignore")
+    values = {"quantize.imatrix.file": cut(file_name)} if file_name else {}
+    if im.datasets:
+        values["quantize.imatrix.dataset"] = cut(im.datasets[0])
+    values["quantize.imatrix.entries_count"] = len(im.sums)
+    if im.chunk_count > 0:
+        values["quantize.imatrix.chunks_count"] = im.chunk_count
+    u32 = GGUFValueType.UINT32
+    return values, {k: u32 for k in values if k.endswith("_count")}
+
+
 def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str = "q4_k_m",
-            force: bool = False, progress: Progress | None = None) -> Path:
+            force: bool = False, progress: Progress | None = None,
+            imatrix: Imatrix | str | os.PathLike | None = None) -> Path:
     """Convert the HF checkpoint in `src_dir` (Qwen2, Qwen3 or Llama; safetensors + config.json
     + tokenizer.json) to a GGUF file at `dst_path` with matrices of type `qtype`; return the path.
+
+    imatrix: an importance matrix (convert.imatrix.Imatrix, or the path of llama.cpp's
+    imatrix GGUF file) that weights each column's rounding error, as llama-quantize
+    --imatrix: the same bytes and the same quantize.imatrix.* keys.
 
     The file appears only when complete: it is written to a temporary file next to it and
     renamed; on any error (or KeyboardInterrupt) the temporary file is removed.
     """
     src, dst = Path(src_dir), Path(dst_path)
     out = out_type(qtype)
-    _check_destination(src, dst, force)
+    check_destination(src, dst, force)
     config_path = src / "config.json"
     cfg = ModelConfig.from_hf_config(config_path)
     raw_config = json.loads(config_path.read_text(encoding="utf-8"))
     tok_values, tok_types = tokenizer_metadata(src, cfg.n_vocab, raw_config, cfg.arch)
 
+    im_file = None
+    if imatrix is not None and not isinstance(imatrix, Imatrix):
+        im_file, imatrix = str(imatrix), Imatrix.read(imatrix)
+
     with open_checkpoint(src) as ckpt:
         plans = plan_tensors(ckpt, cfg, out, src)
+        importances = _importances(imatrix, plans, out) if imatrix is not None else {}
         total_params = sum(int(np.prod(p.shape)) for p in plans)
         gen_values, gen_types = _general_metadata(src, raw_config, total_params)
         arch_values, arch_types = _arch_metadata(cfg)
@@ -408,6 +459,10 @@ def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str 
             else:
                 order = [gen_values, arch_values, {"general.file_type": out.file_type}, extra,
                          {"general.quantization_version": GGML_QUANT_VERSION}, tok_values]
+            if imatrix is not None:
+                im_values, im_types = _imatrix_metadata(imatrix, im_file or (imatrix.path and str(imatrix.path)))
+                order.append(im_values)
+                types.update(im_types)
             for values in order:
                 writer.add_metadata(values, types)
             for p in plans:
@@ -419,7 +474,7 @@ def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str 
                     progress(done, total_bytes, p.name)  # name the tensor while it is being written
                 def pieces(p=p):
                     nonlocal done
-                    for data, n in _tensor_pieces(ckpt, cfg, p, out):
+                    for data, n in _tensor_pieces(ckpt, cfg, p, out, importances.get(p.name)):
                         yield data
                         done += n
                         if progress is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import mmap
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -95,9 +96,15 @@ def _batched(gemm: Gemm | None, n: int) -> bool:
     return gemm is not None and n >= gemm.min_tokens
 
 
-def _linears(x: np.ndarray, gemm: Gemm | None, *ws: Matrix) -> list[np.ndarray]:
+Observer = Callable[[np.ndarray, tuple[str, ...]], None]
+
+
+def _linears(x: np.ndarray, gemm: Gemm | None, *ws: Matrix, observe: Observer | None = None) -> list[np.ndarray]:
     """x (n, k) @ W.T for each W (up to three). One token: the fused per-row kernels, all W
-    in one parallel region; a long enough prompt chunk: gemm (int8 or BLAS), all W in one round of tasks."""
+    in one parallel region; a long enough prompt chunk: gemm (int8 or BLAS), all W in one round of tasks.
+    observe(x, names of the W) first, when given."""
+    if observe is not None:
+        observe(x, tuple(w.name for w in ws))
     if x.shape[0] == 1:
         return [o.reshape(1, -1) for o in matvec_many(x[0], [(w.data, w.ggml_type) for w in ws])]
     if _batched(gemm, x.shape[0]):
@@ -123,11 +130,11 @@ def _norm(x: np.ndarray, weight: np.ndarray, eps: float, gemm: Gemm | None = Non
 
 
 def attention_block(x, layer: Layer, il: int, cfg: ModelConfig, cache: KVCache, start: int, cos, sin, neox,
-                    gemm: Gemm | None):
+                    gemm: Gemm | None, observe: Observer | None = None):
     n = x.shape[0]
     hd = cfg.head_dim
     h = _norm(x, layer.attn_norm, cfg.rms_eps, gemm)
-    q, k, v = _linears(h, gemm, layer.wq, layer.wk, layer.wv)
+    q, k, v = _linears(h, gemm, layer.wq, layer.wk, layer.wv, observe=observe)
     for t, bias in ((q, layer.bq), (k, layer.bk), (v, layer.bv)):
         if bias is not None:
             t += bias
@@ -150,32 +157,34 @@ def attention_block(x, layer: Layer, il: int, cfg: ModelConfig, cache: KVCache, 
         attention(q, cache.k[il], cache.v[il], start, scale, out)
     else:
         gemm.attention(q, cache.k[il], cache.v[il], start, scale, out)
-    return _linears(out.reshape(n, -1), gemm, layer.wo)[0]
+    return _linears(out.reshape(n, -1), gemm, layer.wo, observe=observe)[0]
 
 
-def mlp_block(x, layer: Layer, cfg: ModelConfig, gemm: Gemm | None):
+def mlp_block(x, layer: Layer, cfg: ModelConfig, gemm: Gemm | None, observe: Observer | None = None):
     h = _norm(x, layer.ffn_norm, cfg.rms_eps, gemm)
-    gate, up = _linears(h, gemm, layer.w_gate, layer.w_up)
+    gate, up = _linears(h, gemm, layer.w_gate, layer.w_up, observe=observe)
     _rows(gemm, x.shape[0], lambda lo, hi: swiglu(gate[lo:hi], up[lo:hi], gate[lo:hi]))
-    return _linears(gate, gemm, layer.w_down)[0]
+    return _linears(gate, gemm, layer.w_down, observe=observe)[0]
 
 
 def forward(w: Weights, cfg: ModelConfig, rope: Rope, tokens: np.ndarray, cache: KVCache,
-            logits_from: int, gemm: Gemm | None = None) -> np.ndarray:
+            logits_from: int, gemm: Gemm | None = None, observe: Observer | None = None) -> np.ndarray:
     """Run `tokens` (n,) int64 at positions cache.n_past .. +n-1, append their keys and
     values to the cache, and return the logits after tokens logits_from .. n-1 of this call,
     (n - logits_from, n_vocab) (n - 1: the last token's only; n: none, (0, n_vocab); the
     output matrix, the largest, multiplies only those rows). The caller checks the tokens
     are < n_vocab and fit in the cache. gemm: run prompt chunks' matmuls through its workers
-    (inside gemm.session())."""
+    (inside gemm.session()). observe(x, names): called with the input x (n, k) of every
+    matrix product in the blocks and the names of the matrices that multiply it (what
+    llama.cpp's importance matrix collects; not the output matrix's)."""
     n = tokens.shape[0]
     start = cache.n_past
     x = np.empty((n, cfg.n_embd), np.float32)
     get_rows(w.token_embd.data, w.token_embd.ggml_type, tokens, x)
     cos, sin = rope.tables(np.arange(start, start + n), w.rope_freqs)
     for il, layer in enumerate(w.layers):
-        x += attention_block(x, layer, il, cfg, cache, start, cos, sin, rope.neox, gemm)
-        x += mlp_block(x, layer, cfg, gemm)
+        x += attention_block(x, layer, il, cfg, cache, start, cos, sin, rope.neox, gemm, observe)
+        x += mlp_block(x, layer, cfg, gemm, observe)
     cache.n_past = start + n
     x = x[min(max(logits_from, 0), n):]
     if x.shape[0] == 0:

@@ -26,7 +26,7 @@ import numpy as np
 from ..arch import ModelConfig
 from ..errors import InputError
 from ..gguf_io import open_gguf
-from .forward import KVCache, Rope, forward
+from .forward import KVCache, Observer, Rope, forward
 from .gemm import Gemm
 from .sampling import Sampler, SamplingParams
 from .template import ChatTemplate
@@ -135,17 +135,18 @@ class Model:
         return arr
 
     # evaluation -------------------------------------------------------------------------
-    def logits(self, ids: Sequence[int], first: int = 0) -> np.ndarray:
+    def logits(self, ids: Sequence[int], first: int = 0, observe: Observer | None = None) -> np.ndarray:
         """float32 (len(ids) - first, n_vocab): the logits after positions first .. len(ids)-1
         (by default every position), in a fresh context (the chat cache is left as it was).
         Rows before `first` are not multiplied with the output matrix (perplexity scores the
-        second half of a window)."""
+        second half of a window). observe(x, names): see runtime.forward.forward (the
+        importance matrix's collector)."""
         arr = self._check_ids(ids)
         if not isinstance(first, int) or not 0 <= first < arr.size:
             raise InputError(f"first must be a position in 0..{arr.size - 1}, not {first!r}")
         numba.set_num_threads(self.n_threads)
         cache = KVCache(self.config, arr.size, self.kv_type)
-        parts = [self._forward(arr[i:i + N_BATCH], cache, first - i)
+        parts = [self._forward(arr[i:i + N_BATCH], cache, first - i, observe)
                  for i in range(0, arr.size, N_BATCH)]
         return np.concatenate(parts)
 
@@ -273,11 +274,12 @@ class Model:
     def _step(self, token: int) -> np.ndarray:
         return self._append(np.array([token], np.int64))
 
-    def _forward(self, tokens: np.ndarray, cache: KVCache, logits_from: int) -> np.ndarray:
+    def _forward(self, tokens: np.ndarray, cache: KVCache, logits_from: int,
+                 observe: Observer | None = None) -> np.ndarray:
         if tokens.size < self._gemm.min_tokens:
-            return forward(self.weights, self.config, self._rope, tokens, cache, logits_from)
+            return forward(self.weights, self.config, self._rope, tokens, cache, logits_from, observe=observe)
         with self._gemm.session():
-            return forward(self.weights, self.config, self._rope, tokens, cache, logits_from, self._gemm)
+            return forward(self.weights, self.config, self._rope, tokens, cache, logits_from, self._gemm, observe)
 
     def close(self) -> None:
         self._gemm.close()
