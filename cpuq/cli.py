@@ -309,17 +309,6 @@ def chat(
             err.print(_speed_line(m) + note, style="dim", highlight=False)
 
 
-def _markdown_table(headers: list[str], rows: list[list[str]], right: set[str]) -> str:
-    """A Markdown table padded to line up in a terminal, as llama-bench prints it."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells):
-        return "| " + " | ".join(c.rjust(w) if h in right else c.ljust(w)
-                                 for c, w, h in zip(cells, widths, headers)) + " |"
-    rule = "| " + " | ".join("-" * (w - 1) + ":" if h in right else "-" * w for w, h in zip(widths, headers)) + " |"
-    return "\n".join([line(headers), rule, *map(line, rows)])
-
-
 @app.command()
 @_clean_errors
 def bench(
@@ -354,7 +343,8 @@ def bench(
         return
     rows = [[model.name, _human_bytes(s["tensor_bytes"]), _human_count(s["parameters"]), types, r.test,
              f"{r.mean_tokens_per_second:.2f} ± {r.std_tokens_per_second:.2f}"] for r in results]
-    sys.stdout.write(_markdown_table(["model", "size", "params", "types", "test", "t/s"], rows,
+    from .eval.compare import markdown_table
+    sys.stdout.write(markdown_table(["model", "size", "params", "types", "test", "t/s"], rows,
                                      right={"size", "params", "test", "t/s"}) + "\n")
     n_threads = results[0].n_threads
     err.print(f"{n_threads} thread{'s' * (n_threads != 1)}, {repeat} repetition{'s' * (repeat != 1)} after a "
@@ -457,6 +447,65 @@ def imatrix(
     tokens = int(max(c.max() for c in im.counts.values()))
     out.print(f"wrote {output}: {len(im.sums)} matrices, {im.chunk_count} windows of {ctx} tokens "
               f"({tokens} tokens)", highlight=False)
+
+
+@app.command()
+@_clean_errors
+def compare(
+    src: Path = typer.Argument(..., help="Hugging Face model directory to convert."),
+    types: str = typer.Option("f16,q8_0,q4_k_m,q4_k", "--types", help="Comma-separated types to convert to and "
+                                                                      "measure (F16, the base, always is)."),
+    text_file: Path = typer.Option(..., "--file", "-f", help="UTF-8 text to score perplexity and KL on."),
+    out_dir: Path = typer.Option(Path("cpuq-compare"), "--out", "-o", help="Folder for the converted files "
+                                                                            "(cached) and the reports."),
+    calibrate: Optional[Path] = typer.Option(None, "--calibrate", help="A different UTF-8 text: adds a "
+                                             "'+imatrix' row for each type that uses an importance matrix."),
+    ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per perplexity (and calibration) window."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Score at most this many windows."),
+    n_prompt: int = typer.Option(256, "--prompt", "-p", help="Prompt tokens for the prefill speed."),
+    n_gen: int = typer.Option(32, "--gen", "-n", help="Generated tokens for the decode speed."),
+    repeat: int = typer.Option(2, "--repeat", "-r", help="Timed speed repetitions, after one warm-up."),
+    threads: Optional[int] = _THREADS,
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of the table."),
+) -> None:
+    """Convert a checkpoint to several types and measure each: size, compression, speed,
+    perplexity, and loss against F16 (perplexity change, KL divergence, top-1 agreement).
+
+    Writes compare.md, compare.csv and compare.png (with matplotlib) to --out.
+    """
+    import platform
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import __version__
+    from .eval.compare import HEADERS, compare as run_compare, markdown_table, table_rows, write_reports
+
+    text = _read_text(text_file)
+    calibration = _read_text(calibrate) if calibrate is not None else None
+    start = time.perf_counter()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def progress(stage: str, done: int, total: int) -> None:
+            bar.update(task, description=stage, completed=done, total=total)
+
+        rows = run_compare(src, types, text, out_dir, calibration=calibration, n_ctx=ctx, n_chunks=chunks,
+                           n_prompt=n_prompt, n_gen=n_gen, repeat=repeat, n_threads=threads, progress=progress)
+    title = (f"# cpuq compare: {src.name}\n\n"
+             f"- text: {text_file.name}, windows of {ctx} tokens; base for Δppl, KL and top-1: F16"
+             + (f"; +imatrix: calibrated on {calibrate.name}" if calibrate is not None else "") + "\n"
+             f"- speed: pp{n_prompt} and tg{n_gen} (after the prompt), mean of {repeat}, "
+             f"{threads or 'default (physical cores)'} threads\n"
+             f"- cpuq {__version__}, {platform.machine()}, {time.strftime('%Y-%m-%d')}")
+    paths = write_reports(rows, out_dir, title)
+    if as_json:
+        sys.stdout.write(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+    else:
+        sys.stdout.write(markdown_table(HEADERS, table_rows(rows), set(HEADERS[1:])) + "\n")
+    err.print(f"wrote {', '.join(str(p) for p in paths)} ({time.perf_counter() - start:.0f} s)", style="dim",
+              highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover
