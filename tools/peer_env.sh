@@ -16,18 +16,33 @@ if ! "$PEER/hf-venv/bin/python" -c "import torch, transformers, sentencepiece" 2
   "$PEER/hf-venv/bin/pip" install -q torch==2.13.0
   "$PEER/hf-venv/bin/pip" install -q transformers safetensors sentencepiece numpy
 fi
-build_perplexity() {
-  # llama.cpp's own llama-perplexity tool, linked against the peer's libraries (a few
-  # seconds): the reference for cpuq perplexity (tests/eval/test_perplexity_peer.py).
+# llama.cpp's own command-line tools, linked against the peer's libraries (seconds to a
+# minute each), as name:sources under the vendored tools/ folder. The references for
+# cpuq perplexity (tests/eval/test_perplexity_peer.py), cpuq imatrix and convert --imatrix
+# (tests/convert/test_imatrix_peer.py, tools/make_imatrix_golden.py).
+PEER_TOOLS=(
+  "llama-perplexity:perplexity/perplexity.cpp perplexity/main.cpp"
+  "llama-imatrix:imatrix/imatrix.cpp"
+  "llama-quantize:quantize/quantize.cpp quantize/main.cpp"
+)
+build_tools() {
   local src="$PEER/llama_cpp_python-$VERSION/vendor/llama.cpp" lib="$PEER/venv/lib/python3.11/site-packages/lib"
-  [ -x "$PEER/llama-perplexity" ] && return 0
-  g++ -O2 -std=c++17 -I"$src/include" -I"$src/common" -I"$src/ggml/include" -I"$src/vendor" \
-    "$src/tools/perplexity/perplexity.cpp" "$src/tools/perplexity/main.cpp" -o "$PEER/llama-perplexity" \
-    -L"$lib" -lllama-common -lllama -lggml -lggml-base -Wl,-rpath,"$lib"
+  local entry name sources f
+  for entry in "${PEER_TOOLS[@]}"; do
+    name=${entry%%:*}
+    [ -x "$PEER/$name" ] && continue  # built already
+    sources=()
+    for f in ${entry#*:}; do sources+=("$src/tools/$f"); done
+    # Built under a temporary name and renamed, so an interrupted build leaves no tool that looks built.
+    g++ -O2 -std=c++17 -I"$src/include" -I"$src/common" -I"$src/ggml/include" -I"$src/vendor" \
+      "${sources[@]}" -o "$PEER/$name.partial" \
+      -L"$lib" -lllama-common -lllama -lggml -lggml-base -Wl,-rpath,"$lib"
+    mv "$PEER/$name.partial" "$PEER/$name"
+  done
 }
 if venv/bin/python -c "import llama_cpp" 2>/dev/null; then
-  build_perplexity
-  echo "peer venvs ready: $PEER/venv, $PEER/hf-venv, $PEER/llama-perplexity"; exit 0
+  build_tools
+  echo "peer venvs ready: $PEER/venv, $PEER/hf-venv; tools: $PEER/llama-{perplexity,imatrix,quantize}"; exit 0
 fi
 venv/bin/pip download --no-binary :all: --no-deps "llama-cpp-python==$VERSION" -d sdist
 [ -d "llama_cpp_python-$VERSION" ] || tar xzf "sdist/llama_cpp_python-$VERSION.tar.gz"
@@ -36,4 +51,4 @@ venv/bin/pip download --no-binary :all: --no-deps "llama-cpp-python==$VERSION" -
 CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF" \
   venv/bin/pip install -v "sdist/llama_cpp_python-$VERSION.tar.gz" > build.log 2>&1
 echo "peer venv ready: $PEER/venv (llama.cpp source: $PEER/llama_cpp_python-$VERSION/vendor/llama.cpp)"
-build_perplexity
+build_tools

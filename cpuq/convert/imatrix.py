@@ -131,9 +131,12 @@ class Imatrix:
             if g.get("general.type") != "imatrix":
                 raise FormatError(f"{p}: general.type is {g.get('general.type')!r}, not 'imatrix' "
                                   f"(a model file where an importance matrix was expected?)")
-            datasets = g.get("imatrix.datasets", [])
-            chunk_count = g.get("imatrix.chunk_count", 0)
-            chunk_size = g.get("imatrix.chunk_size", 0)
+            missing = [k for k in ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size") if k not in g.keys()]
+            if missing:  # llama-quantize refuses such a file too ("missing imatrix metadata")
+                raise FormatError(f"{p}: imatrix metadata key '{missing[0]}' is missing")
+            datasets = g.get("imatrix.datasets")
+            chunk_count = g.get("imatrix.chunk_count")
+            chunk_size = g.get("imatrix.chunk_size")
             if not (isinstance(datasets, list) and all(isinstance(d, str) for d in datasets)):
                 raise FormatError(f"{p}: imatrix.datasets is not a list of strings")
             for key, v in (("imatrix.chunk_count", chunk_count), ("imatrix.chunk_size", chunk_size)):
@@ -160,7 +163,7 @@ class Imatrix:
                 if (sums < 0).any() or (counts < 0).any():
                     raise FormatError(f"{p}: entry '{name}' holds negative sums or counts")
                 im.sums[name] = sums.astype(np.float64).reshape(counts.size, -1)
-                im.counts[name] = np.rint(counts).astype(np.float64)  # the loader rounds counts (lround)
+                im.counts[name] = np.floor(counts.astype(np.float64) + 0.5)  # the loader's lround: halves up
             orphans = [t.name for t in g if t.name.endswith(COUNTS) and t.name[:-len(COUNTS)] not in im.sums]
             if orphans:
                 raise FormatError(f"{p}: entry '{orphans[0][:-len(COUNTS)]}' has '{COUNTS}' but no '{SUMS}'")
