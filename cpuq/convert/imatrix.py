@@ -76,6 +76,8 @@ class Imatrix:
             raise InputError(f"{dst.parent}: no such directory for the output file")
         if dst.exists() and not force:
             raise InputError(f"{dst}: already exists (pass force=True / --force to overwrite)")
+        if not self.datasets:  # gguf-py writes no empty arrays; llama-quantize reads the first name
+            raise InputError(f"{dst}: the importance matrix names no dataset (imatrix.datasets needs one)")
         f32 = get_qtype("F32")
         u32 = GGUFValueType.UINT32
         try:

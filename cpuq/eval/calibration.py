@@ -34,7 +34,7 @@ MIN_CTX = 16  # llama-imatrix ignores products of fewer rows (imatrix.cpp:248)
 
 
 def collect_imatrix(model: str | os.PathLike | Model, text: str, n_ctx: int = 512, n_chunks: Optional[int] = None,
-                    dataset: str = "", n_threads: Optional[int] = None,
+                    dataset: str = "calibration text", n_threads: Optional[int] = None,
                     progress: Optional[Callable[[int, int], None]] = None) -> Imatrix:
     """The importance matrix of `model` (a path or a loaded Model) over `text`, in windows
     of n_ctx tokens (at most n_chunks). dataset: the text's name, stored in the file as
@@ -53,7 +53,7 @@ def collect_imatrix(model: str | os.PathLike | Model, text: str, n_ctx: int = 51
             raise InputError(f"the calibration text is {len(tokens)} tokens; one window of --ctx {n_ctx} needs "
                              f"{n_ctx} (use a longer text or a smaller --ctx)")
         wins = windows(tokens, n_ctx, n_chunks, tok.bos_id if tok.vocab.add_bos else None)
-        im = Imatrix(chunk_size=n_ctx, datasets=[dataset] if dataset else [])
+        im = Imatrix(chunk_size=n_ctx, datasets=[dataset or "calibration text"])
         if progress is not None:
             progress(0, len(wins))
         for i, w in enumerate(wins):
@@ -68,8 +68,8 @@ def collect_imatrix(model: str | os.PathLike | Model, text: str, n_ctx: int = 51
 
 
 def convert_calibrated(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str, text: str,
-                       dataset: str = "", n_ctx: int = 512, n_chunks: Optional[int] = None, force: bool = False,
-                       n_threads: Optional[int] = None, progress: Progress | None = None,
+                       dataset: str = "calibration text", n_ctx: int = 512, n_chunks: Optional[int] = None,
+                       force: bool = False, n_threads: Optional[int] = None, progress: Progress | None = None,
                        calibration_progress: Optional[Callable[[int, int], None]] = None) -> Path:
     """Convert `src_dir` to `dst_path` as `qtype`, with an importance matrix collected over
     `text` by a temporary Q8_0 conversion (removed afterwards, also on error). progress:

@@ -119,11 +119,12 @@ def compare(src_dir: str | os.PathLike, types: str | list[str], text: str, out_d
 
     labels = [(BASE, BASE, None)] + [(t, t, None) for t in names if t != BASE]
     base_path = _cached_convert(src, models, BASE, BASE, None, progress)
-    if calibration is not None:
+    if calibration is not None and any(out_type(t).via_llama_quantize for t in names):
+        from .. import __version__
         im_path = out / "imatrix.gguf"
         text_digest = hashlib.sha256(calibration.encode()).hexdigest()
         im_key = out / "imatrix.json"
-        key = {"base": _source_key(src), "text": text_digest, "n_ctx": n_ctx}
+        key = {"cpuq": __version__, "base": _source_key(src), "text": text_digest, "n_ctx": n_ctx}
         try:
             fresh = im_path.is_file() and json.loads(im_key.read_text()) == key
         except (OSError, ValueError):

@@ -199,6 +199,14 @@ def test_write_refuses_to_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["im.gguf"]
 
 
+def test_write_without_a_dataset_name_is_a_clear_error(tmp_path):
+    im = Imatrix(chunk_size=64)
+    im.add(np.ones((16, 32), np.float32), ("blk.0.attn_q.weight",))
+    with pytest.raises(cpuq.InputError, match="names no dataset"):
+        im.write(tmp_path / "im.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
 # llama-quantize --imatrix's bytes ---------------------------------------------------------
 
 @needs_vocab
