@@ -43,19 +43,23 @@ __version__ = "0.1.0"
 
 
 def convert(src_dir, dst_path, qtype: str = "q4_k_m", calibration: str | None = None, imatrix=None,
-            force: bool = False, progress=None):
+            force: bool = False, progress=None, awq: bool | None = None):
     """Convert an HF checkpoint folder to a GGUF file: see cpuq.convert.pipeline.convert.
     calibration: text (a str) to collect an importance matrix over first, with a temporary
     Q8_0 conversion (cpuq.eval.calibration.convert_calibrated); imatrix: an importance matrix
-    (cpuq.convert.imatrix.Imatrix or the path of llama.cpp's imatrix GGUF file). At most one."""
+    (cpuq.convert.imatrix.Imatrix or the path of llama.cpp's imatrix GGUF file). At most one.
+    awq: scale each block's input channels by the matrix as well (cpuq.convert.scaling);
+    default: on with calibration text, off with an imatrix (llama-quantize's bytes)."""
     if calibration is not None:
         if imatrix is not None:
             raise InputError("give calibration text or an importance matrix, not both")
         if not isinstance(calibration, str):
             raise InputError(f"calibration must be the text itself (a str), not {type(calibration).__name__}")
         from .eval.calibration import convert_calibrated  # runs the runtime: imported only when used
-        return convert_calibrated(src_dir, dst_path, qtype, calibration, force=force, progress=progress)
-    return _convert(src_dir, dst_path, qtype=qtype, force=force, progress=progress, imatrix=imatrix)
+        return convert_calibrated(src_dir, dst_path, qtype, calibration, force=force, progress=progress,
+                                  awq=True if awq is None else awq)
+    return _convert(src_dir, dst_path, qtype=qtype, force=force, progress=progress, imatrix=imatrix,
+                    awq=bool(awq))
 
 
 def load(path, n_ctx: int = 4096, n_threads: int | None = None, gpu_layers: int = 0, kv_type: str = "f16"):

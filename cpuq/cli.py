@@ -125,11 +125,15 @@ def convert(
     calibrate_ctx: int = typer.Option(512, "--calibrate-ctx", help="Tokens per calibration window."),
     calibrate_chunks: Optional[int] = typer.Option(None, "--calibrate-chunks",
                                                    help="At most this many calibration windows (default: all)."),
+    awq: Optional[bool] = typer.Option(None, "--awq/--no-awq", help="Also scale each block's input channels by "
+                                       "the importance matrix (default: on with --calibrate, off with --imatrix, "
+                                       "which then writes llama-quantize's bytes)."),
 ) -> None:
     """Convert a Hugging Face Qwen2/Qwen3/Llama checkpoint to a GGUF file llama.cpp runs.
 
     With --calibrate or --imatrix, the k-quant and legacy types weight each column's
-    rounding error by its mean squared activation, as llama-quantize --imatrix does.
+    rounding error by its mean squared activation, as llama-quantize --imatrix does; with
+    --awq (the default for --calibrate) each block's input channels are also rescaled by it.
     """
     import time
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -154,7 +158,8 @@ def convert(
                        amount=f"{_human_bytes(done)} / {_human_bytes(total)}")
 
         if text is None:
-            path = run_convert(src, output, qtype=qtype, force=force, progress=progress, imatrix=imatrix)
+            path = run_convert(src, output, qtype=qtype, force=force, progress=progress, imatrix=imatrix,
+                               awq=bool(awq))
         else:
             from .eval.calibration import convert_calibrated
 
@@ -167,7 +172,7 @@ def convert(
 
             path = convert_calibrated(src, output, qtype, text, dataset=str(calibrate), n_ctx=calibrate_ctx,
                                       n_chunks=calibrate_chunks, force=force, progress=progress,
-                                      calibration_progress=calibration_progress)
+                                      calibration_progress=calibration_progress, awq=awq is not False)
     seconds = time.perf_counter() - start
     s = summarize(path)
     src_bytes = sum(f.stat().st_size for f in Path(src).glob("*.safetensors"))
@@ -458,8 +463,9 @@ def compare(
     text_file: Path = typer.Option(..., "--file", "-f", help="UTF-8 text to score perplexity and KL on."),
     out_dir: Path = typer.Option(Path("cpuq-compare"), "--out", "-o", help="Folder for the converted files "
                                                                             "(cached) and the reports."),
-    calibrate: Optional[Path] = typer.Option(None, "--calibrate", help="A different UTF-8 text: adds a "
-                                             "'+imatrix' row for each type that uses an importance matrix."),
+    calibrate: Optional[Path] = typer.Option(None, "--calibrate", help="A different UTF-8 text: adds "
+                                             "'+imatrix' and '+awq' rows for each type that uses an importance "
+                                             "matrix."),
     ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per perplexity (and calibration) window."),
     chunks: Optional[int] = typer.Option(None, "--chunks", help="Score at most this many windows."),
     n_prompt: int = typer.Option(256, "--prompt", "-p", help="Prompt tokens for the prefill speed."),
@@ -495,7 +501,8 @@ def compare(
                            n_prompt=n_prompt, n_gen=n_gen, repeat=repeat, n_threads=threads, progress=progress)
     title = (f"# cpuq compare: {src.name}\n\n"
              f"- text: {text_file.name}, windows of {ctx} tokens; base for Δppl, KL and top-1: F16"
-             + (f"; +imatrix: calibrated on {calibrate.name}" if calibrate is not None else "") + "\n"
+             + (f"; +imatrix: importance matrix over {calibrate.name}, +awq: and channel scaling"
+                if calibrate is not None else "") + "\n"
              f"- speed: pp{n_prompt} and tg{n_gen} (after the prompt), mean of {repeat}, "
              f"{threads or 'default (physical cores)'} threads\n"
              f"- cpuq {__version__}, {platform.machine()}, {time.strftime('%Y-%m-%d')}")

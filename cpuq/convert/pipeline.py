@@ -35,6 +35,7 @@ from ..gguf_io import GGUFStreamWriter
 from ..quants import QType, get_qtype, quantize
 from ..quants.floats import round_through_f16
 from .hf_vocab import tokenizer_metadata
+from . import scaling
 from .imatrix import Imatrix
 from .naming import general_name_keys
 from .safetensors_io import open_checkpoint
@@ -303,9 +304,14 @@ def _encode(x: np.ndarray, plan: TensorPlan, out: OutType, importance: np.ndarra
 
 
 def _tensor_pieces(ckpt, cfg: ModelConfig, plan: TensorPlan, out: OutType,
-                   importance: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, int]]:
+                   importance: np.ndarray | None = None,
+                   transform: Callable[[np.ndarray, int], np.ndarray] | None = None
+                   ) -> Iterator[tuple[np.ndarray, int]]:
     """The encoded bytes of one tensor in consecutive pieces, each with the number of
-    checkpoint bytes it consumed."""
+    checkpoint bytes it consumed. transform(values, first row): applied before encoding
+    (channel scaling)."""
+    if transform is None:
+        transform = _unchanged
     if plan.hf_name is None:
         yield _encode(llama3_rope_freqs(cfg), plan, out), 0
         return
@@ -313,14 +319,61 @@ def _tensor_pieces(ckpt, cfg: ModelConfig, plan: TensorPlan, out: OutType,
     heads = qk_permute_heads(cfg, name)
     if heads is not None:
         # The permutation moves rows across the whole tensor (llama attn_q/attn_k only).
-        yield _encode(permute_qk(ckpt.load_f32(name), heads), plan, out, importance), ckpt.nbytes(name)
+        yield _encode(transform(permute_qk(ckpt.load_f32(name), heads), 0), plan, out, importance), ckpt.nbytes(name)
         return
     rows = ckpt.rows(name)
     row_bytes = ckpt.nbytes(name) // max(rows, 1)
     step = max(1, PIECE_WEIGHTS // max(plan.shape[-1], 1))
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        yield _encode(ckpt.read_rows_f32(name, start, stop), plan, out, importance), (stop - start) * row_bytes
+        values = transform(ckpt.read_rows_f32(name, start, stop).reshape(-1, *plan.shape[1:]), start)
+        yield _encode(values, plan, out, importance), (stop - start) * row_bytes
+
+
+def _unchanged(x: np.ndarray, start: int) -> np.ndarray:
+    return x
+
+
+class _ChannelScaling:
+    """convert.scaling for the blocks of one conversion: each block's scales are searched
+    when its first tensor is written (llama-quantize's order groups a block's tensors), and
+    only the current block's are kept."""
+
+    def __init__(self, ckpt, cfg: ModelConfig, plans: list[TensorPlan], importances: dict[str, np.ndarray],
+                 f16: bool):
+        self.ckpt, self.cfg, self.importances, self.f16 = ckpt, cfg, importances, f16
+        self.plans = {p.name: p for p in plans}
+        self.block: tuple[int, scaling.BlockScales] | None = None
+        self.alphas: dict[int, dict[str, float]] = {}
+
+    def _scales(self, name: str) -> scaling.BlockScales | None:
+        m = re.match(r"blk\.(\d+)\.", name)
+        if m is None:
+            return None
+        il = int(m.group(1))
+        if self.block is None or self.block[0] != il:
+            def read_rows(n, a, b):
+                return self.ckpt.read_rows_f32(self.plans[n].hf_name, a, b)
+
+            found = scaling.search_block(il, self.cfg, self.importances.get, read_rows,
+                                         lambda n: self.ckpt.rows(self.plans[n].hf_name),
+                                         {n: p.qtype for n, p in self.plans.items()}, self.f16)
+            self.block = (il, found)
+            self.alphas[il] = found.alphas
+        return self.block[1]
+
+    def transform(self, name: str) -> Callable[[np.ndarray, int], np.ndarray] | None:
+        block = self._scales(name)
+        if block is None or not block.scales:
+            return None
+        return lambda x, start: scaling.apply(name, x, start, block, self.cfg)
+
+    def importance(self, name: str) -> np.ndarray | None:
+        imp = self.importances.get(name)
+        block = self._scales(name)
+        if imp is None or block is None:
+            return imp
+        return scaling.scaled_importance(name, imp, block)
 
 
 def _write_error(e: OSError, dst: Path) -> InputError:
@@ -395,13 +448,15 @@ def _imatrix_metadata(im: Imatrix, file_name: str | None) -> tuple[dict, dict]:
 
 def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str = "q4_k_m",
             force: bool = False, progress: Progress | None = None,
-            imatrix: Imatrix | str | os.PathLike | None = None) -> Path:
+            imatrix: Imatrix | str | os.PathLike | None = None, awq: bool = False) -> Path:
     """Convert the HF checkpoint in `src_dir` (Qwen2, Qwen3 or Llama; safetensors + config.json
     + tokenizer.json) to a GGUF file at `dst_path` with matrices of type `qtype`; return the path.
 
     imatrix: an importance matrix (convert.imatrix.Imatrix, or the path of llama.cpp's
     imatrix GGUF file) that weights each column's rounding error, as llama-quantize
-    --imatrix: the same bytes and the same quantize.imatrix.* keys.
+    --imatrix: the same bytes and the same quantize.imatrix.* keys. awq: also scale each
+    block's input channels by the importance matrix (convert.scaling; the file then differs
+    from llama-quantize's, and holds the same function in float).
 
     The file appears only when complete: it is written to a temporary file next to it and
     renamed; on any error (or KeyboardInterrupt) the temporary file is removed.
@@ -415,12 +470,15 @@ def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str 
     tok_values, tok_types = tokenizer_metadata(src, cfg.n_vocab, raw_config, cfg.arch)
 
     im_file = None
+    if awq and imatrix is None:
+        raise InputError("channel scaling (awq) needs an importance matrix: give calibration text or an imatrix")
     if imatrix is not None and not isinstance(imatrix, Imatrix):
         im_file, imatrix = str(imatrix), Imatrix.read(imatrix)
 
     with open_checkpoint(src) as ckpt:
         plans = plan_tensors(ckpt, cfg, out, src)
         importances = _importances(imatrix, plans, out) if imatrix is not None else {}
+        scaler = _ChannelScaling(ckpt, cfg, plans, importances, out.via_llama_quantize) if awq else None
         total_params = sum(int(np.prod(p.shape)) for p in plans)
         gen_values, gen_types = _general_metadata(src, raw_config, total_params)
         arch_values, arch_types = _arch_metadata(cfg)
@@ -474,7 +532,11 @@ def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str 
                     progress(done, total_bytes, p.name)  # name the tensor while it is being written
                 def pieces(p=p):
                     nonlocal done
-                    for data, n in _tensor_pieces(ckpt, cfg, p, out, importances.get(p.name)):
+                    if scaler is None:
+                        parts = _tensor_pieces(ckpt, cfg, p, out, importances.get(p.name))
+                    else:
+                        parts = _tensor_pieces(ckpt, cfg, p, out, scaler.importance(p.name), scaler.transform(p.name))
+                    for data, n in parts:
                         yield data
                         done += n
                         if progress is not None:

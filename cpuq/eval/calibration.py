@@ -70,11 +70,13 @@ def collect_imatrix(model: str | os.PathLike | Model, text: str, n_ctx: int = 51
 def convert_calibrated(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str, text: str,
                        dataset: str = "calibration text", n_ctx: int = 512, n_chunks: Optional[int] = None,
                        force: bool = False, n_threads: Optional[int] = None, progress: Progress | None = None,
-                       calibration_progress: Optional[Callable[[int, int], None]] = None) -> Path:
+                       calibration_progress: Optional[Callable[[int, int], None]] = None, awq: bool = True) -> Path:
     """Convert `src_dir` to `dst_path` as `qtype`, with an importance matrix collected over
     `text` by a temporary Q8_0 conversion (removed afterwards, also on error). progress:
     as convert's, for both conversions (the first names its tensors "calibration model:
-    ..."); calibration_progress(done, total) after each window."""
+    ..."); calibration_progress(done, total) after each window. awq: also scale the blocks'
+    input channels by the matrix (convert.scaling; cpuq's default for calibration text:
+    real-weights Q4_K_M, perplexity increase over F16 +3.57% -> +2.02%)."""
     src, dst = Path(src_dir), Path(dst_path)
     out = out_type(qtype)
     if not out.via_llama_quantize:
@@ -88,6 +90,6 @@ def convert_calibrated(src_dir: str | os.PathLike, dst_path: str | os.PathLike, 
         convert(src, tmp, "q8_0", force=True, progress=first)
         im = collect_imatrix(tmp, text, n_ctx=n_ctx, n_chunks=n_chunks, dataset=dataset, n_threads=n_threads,
                              progress=calibration_progress)
-        return convert(src, dst, qtype, force=force, progress=progress, imatrix=im)
+        return convert(src, dst, qtype, force=force, progress=progress, imatrix=im, awq=awq)
     finally:
         tmp.unlink(missing_ok=True)

@@ -5,8 +5,9 @@ Per type: file size, compression ratio against the checkpoint's safetensors, bit
 weight, prefill and decode tokens/s (eval.bench), perplexity over a text, and against the
 F16 conversion (the base, always measured): perplexity change in percent, mean and 99th
 percentile KL divergence, top-1 agreement (eval.perplexity). With calibration text, every
-type that uses an importance matrix appears a second time as "<type>+imatrix", quantized
-with one collected over that text by the F16 model (as llama.cpp recommends).
+type that uses an importance matrix appears twice more: "<type>+imatrix", quantized with
+one collected over that text by the F16 model (as llama.cpp recommends; llama-quantize
+--imatrix's bytes), and "<type>+awq", with channel scaling by it as well (convert.scaling).
 
 Conversions are cached in `out_dir/models`, each with a JSON key (the checkpoint files'
 sizes and modification times, the type, cpuq's version, the importance matrix's digest):
@@ -35,7 +36,8 @@ from .calibration import collect_imatrix
 from .perplexity import perplexity
 
 BASE = "f16"
-IMATRIX_SUFFIX = "+imatrix"
+IMATRIX_SUFFIX = "+imatrix"  # llama-quantize --imatrix's file
+AWQ_SUFFIX = "+awq"  # the importance matrix and channel scaling (convert.scaling)
 
 # (stage, done, total): stage names what runs ("convert q4_k_m", "perplexity q4_k_m", ...)
 Progress = Callable[[str, int, int], None]
@@ -78,12 +80,12 @@ def _source_key(src: Path) -> list:
 
 
 def _cached_convert(src: Path, models: Path, label: str, qtype: str, imatrix: Optional[Path],
-                    progress: Optional[Progress]) -> Path:
+                    progress: Optional[Progress], awq: bool = False) -> Path:
     """src converted to `qtype` (with the importance matrix file, if given) at
     models/<label>.gguf, reused when its key file says it was made from the same inputs."""
     from .. import __version__
     dst, key_file = models / f"{label}.gguf", models / f"{label}.json"
-    key = {"cpuq": __version__, "type": qtype, "source": _source_key(src),
+    key = {"cpuq": __version__, "type": qtype, "source": _source_key(src), "awq": awq,
            "imatrix": hashlib.sha256(imatrix.read_bytes()).hexdigest() if imatrix else None}
     try:
         if dst.is_file() and json.loads(key_file.read_text()) == key:
@@ -92,7 +94,7 @@ def _cached_convert(src: Path, models: Path, label: str, qtype: str, imatrix: Op
         pass
     key_file.unlink(missing_ok=True)  # a crash between the two writes leaves no stale key
     stage = f"convert {label}"
-    convert(src, dst, qtype, force=True, imatrix=imatrix,
+    convert(src, dst, qtype, force=True, imatrix=imatrix, awq=awq,
             progress=None if progress is None else (lambda d, t, _name: progress(stage, d, t)))
     key_file.write_text(json.dumps(key))
     return dst
@@ -117,7 +119,7 @@ def compare(src_dir: str | os.PathLike, types: str | list[str], text: str, out_d
         raise InputError(f"{out}: cannot create the output folder: {e.strerror}") from None
     src_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
 
-    labels = [(BASE, BASE, None)] + [(t, t, None) for t in names if t != BASE]
+    labels = [(BASE, BASE, None, False)] + [(t, t, None, False) for t in names if t != BASE]
     base_path = _cached_convert(src, models, BASE, BASE, None, progress)
     if calibration is not None and any(out_type(t).via_llama_quantize for t in names):
         from .. import __version__
@@ -135,13 +137,15 @@ def compare(src_dir: str | os.PathLike, types: str | list[str], text: str, out_d
             collect_imatrix(base_path, calibration, n_ctx=n_ctx, dataset="calibration text", n_threads=n_threads,
                             progress=cb).write(im_path, force=True)
             im_key.write_text(json.dumps(key))
-        labels += [(t + IMATRIX_SUFFIX, t, im_path) for t in names if out_type(t).via_llama_quantize]
-        labels.sort(key=lambda x: ([BASE] + names).index(x[1]))  # each +imatrix row after its plain type
+        for t in names:
+            if out_type(t).via_llama_quantize:
+                labels += [(t + IMATRIX_SUFFIX, t, im_path, False), (t + AWQ_SUFFIX, t, im_path, True)]
+        labels.sort(key=lambda x: ([BASE] + names).index(x[1]))  # each type's calibrated rows after it
 
     rows = []
     with load(base_path, n_ctx=n_ctx, n_threads=n_threads) as base:
-        for label, qtype, im in labels:
-            path = base_path if label == BASE else _cached_convert(src, models, label, qtype, im, progress)
+        for label, qtype, im, awq in labels:
+            path = base_path if label == BASE else _cached_convert(src, models, label, qtype, im, progress, awq)
             stage = f"speed {label}"
             speed = bench(path, n_prompt=n_prompt, n_gen=n_gen, repeat=repeat, n_threads=n_threads,
                           progress=None if progress is None else (lambda _t, r, n: progress(stage, r, n)))
@@ -206,10 +210,11 @@ def _plot(rows: list[CompareRow], path: Path, title: str) -> Optional[Path]:
                                   (axes[1], "kl_mean", "mean KL divergence from F16", True)):
         pts = [r for r in rows if not (log and getattr(r, field) <= 0)]
         for r in pts:
-            calibrated = r.type.endswith(IMATRIX_SUFFIX)
-            ax.scatter([r.file_bytes / 2**20], [getattr(r, field)], color="tab:orange" if calibrated else "tab:blue")
+            color, dy = ("tab:orange", -10) if r.type.endswith(IMATRIX_SUFFIX) else \
+                ("tab:green", -10) if r.type.endswith(AWQ_SUFFIX) else ("tab:blue", 4)
+            ax.scatter([r.file_bytes / 2**20], [getattr(r, field)], color=color)
             ax.annotate(r.type, (r.file_bytes / 2**20, getattr(r, field)), textcoords="offset points",
-                        xytext=(5, -10 if calibrated else 4), fontsize=8)
+                        xytext=(5, dy), fontsize=8)
         ax.set_xlabel("file size, MiB")
         ax.set_ylabel(label)
         if log:
