@@ -62,8 +62,17 @@ class BlockScales:
     alphas: dict[str, float]
 
 
+# Importance is floored at this fraction of its mean before scaling: a channel that was
+# (nearly) silent in the calibration text must not get a tiny scale, which would shrink its
+# weights towards F16's subnormals and blow up the norm weight that divides it out, for a
+# text where it is not silent. Alpha <= 0.6 then bounds such a channel's scale at 0.06x.
+IMPORTANCE_FLOOR = 1e-4
+
+
 def _scales(importance: np.ndarray, alpha: float) -> np.ndarray:
-    s = np.power(np.maximum(importance.astype(np.float64), 1e-30), alpha / 2)
+    m = importance.astype(np.float64)
+    m = np.maximum(m, IMPORTANCE_FLOOR * max(float(m.mean()), 1e-30))
+    s = np.power(m, alpha / 2)
     return s / np.exp(np.mean(np.log(s)))
 
 
