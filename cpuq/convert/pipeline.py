@@ -519,6 +519,8 @@ def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str 
                          {"general.quantization_version": GGML_QUANT_VERSION}, tok_values]
             if imatrix is not None:
                 im_values, im_types = _imatrix_metadata(imatrix, im_file or (imatrix.path and str(imatrix.path)))
+                if awq:  # the tensors are not llama-quantize's: say why
+                    im_values["cpuq.channel_scaling"] = "awq: input channels scaled by the importance matrix"
                 order.append(im_values)
                 types.update(im_types)
             for values in order:

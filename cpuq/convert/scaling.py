@@ -40,6 +40,7 @@ from ..quants.floats import round_through_f16
 
 ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 SEARCH_ROWS = 512  # rows of each matrix the error is measured on (4 evenly spaced slices)
+TIE_MARGIN = 1e-9  # relative error gain below which a group stays unscaled
 
 # group -> (the matrices it scales, the matrix whose input importance drives it)
 GROUPS = {
@@ -115,8 +116,10 @@ def search_block(il: int, cfg: ModelConfig, importance: Callable[[str], Optional
             w = np.concatenate([read_rows(n, a, b) for a, b in _sample_rows(rows(n))]).astype(np.float64)
             for alpha, s in per_alpha.items():
                 errors[alpha] += _error(w, qtypes[n], s, imp, f16)
-        best = min(ALPHAS, key=lambda a: errors[a])  # ties: the smaller alpha (0 first)
-        if best > 0.0:
+        best = min(ALPHAS, key=lambda a: errors[a])
+        # alpha > 0 only for a real gain: with even importance the scales are 1 within an ulp
+        # and the errors differ by rounding noise alone.
+        if best > 0.0 and errors[best] < errors[0.0] * (1.0 - TIE_MARGIN):
             out_scales[group] = per_alpha[best]
             out_alphas[group] = best
     return BlockScales(out_scales, out_alphas)

@@ -1,15 +1,16 @@
 """cpuq.eval.compare and `cpuq compare` on the tiny Qwen2 checkpoint of the imatrix golden
 (tools/make_imatrix_golden.py: 2 layers, hidden 256 so every block matrix is a k-quant, the
 real 151936-token Qwen2 vocabulary). Scored on the first half of tests/data/tempest.txt,
-calibrated on a slice of the second half, so the "+imatrix" rows see a text they are not
-scored on.
+calibrated on a slice of the second half, so the "+imatrix" and "+awq" rows see a text they
+are not scored on.
 
 Each number in a row is checked against a computation that does not go through compare:
 sizes against the files on disk, bits/weight against gguf-py's tensor table, perplexity, KL
 and top-1 against cpuq.eval.perplexity run directly (whose own numbers are checked against
 llama-perplexity and an independent float64 computation in test_perplexity.py), the
-+imatrix file against a conversion with the importance matrix given by hand. Speeds are
-only checked to be positive: they are timings.
++imatrix and +awq files against conversions with the importance matrix given by hand (the
++awq one with channel scaling, whose exactness tests/convert/test_scaling.py checks). Speeds
+are only checked to be positive: they are timings.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ TEXT = (ROOT / "tests" / "data" / "tempest.txt").read_text(encoding="utf-8")
 SCORED, CALIBRATION = TEXT[:15000], TEXT[15000:22000]  # disjoint; 7000 characters: 28 windows of 64
 SETTINGS = dict(n_ctx=64, n_chunks=2, n_prompt=16, n_gen=4, repeat=1)
 TYPES = "q8_0,q4_k"
-LABELS = ["f16", "q8_0", "q4_k", "q4_k+imatrix"]  # q8_0 takes no importance matrix: no q8_0+imatrix
+# q8_0 takes no importance matrix: no q8_0+imatrix or q8_0+awq
+LABELS = ["f16", "q8_0", "q4_k", "q4_k+imatrix", "q4_k+awq"]
 
 needs_vocab = pytest.mark.skipif(not QWEN2_VOCAB.exists(), reason=f"{QWEN2_VOCAB} not present")
 
@@ -75,11 +77,11 @@ def test_rows_in_order_with_their_files(run):
     assert [r.type for r in run.rows] == LABELS
     for r in run.rows:
         assert Path(r.path) == run.models / f"{r.type}.gguf" and Path(r.path).is_file()
-    # every type was converted once, each +imatrix after the importance matrix was collected
+    # every type was converted once, the calibrated ones after the importance matrix was collected
     converts = [s for s in dict.fromkeys(run.stages) if s.startswith("convert ")]
     assert converts == [f"convert {t}" for t in LABELS]
-    assert list(dict.fromkeys(run.stages)).index("calibrate") < \
-        list(dict.fromkeys(run.stages)).index("convert q4_k+imatrix")
+    stages = list(dict.fromkeys(run.stages))
+    assert stages.index("calibrate") < stages.index("convert q4_k+imatrix") < stages.index("convert q4_k+awq")
 
 
 @needs_vocab
@@ -121,7 +123,7 @@ def test_base_row_is_f16_against_itself(run):
 
 
 @needs_vocab
-@pytest.mark.parametrize("label", ["q8_0", "q4_k", "q4_k+imatrix"])
+@pytest.mark.parametrize("label", ["q8_0", "q4_k", "q4_k+imatrix", "q4_k+awq"])
 def test_quantized_rows_are_perplexity_against_f16(run, label):
     r = run.by[label]
     direct = perplexity(r.path, SCORED, n_ctx=64, n_chunks=2, kl_base=run.by["f16"].path)
@@ -130,7 +132,8 @@ def test_quantized_rows_are_perplexity_against_f16(run, label):
         assert getattr(r, field) == pytest.approx(getattr(direct, field), rel=SAME), field
     assert r.top1_agreement == direct.top1_agreement
     # quantization moves the distribution: KL strictly above the base's 0
-    # (measured q8_0 9.7e-6, q4_k 1.6e-3, q4_k+imatrix 1.8e-3 on this random-weight model)
+    # (measured q8_0 9.7e-6, q4_k 1.6e-3, q4_k+imatrix 1.8e-3, q4_k+awq 1.6e-3 on this
+    # random-weight model, 2 windows of 64 tokens)
     assert r.kl_mean > 1e-7 and r.kl_p99 >= r.kl_mean
 
 
@@ -172,6 +175,31 @@ def test_imatrix_row_is_q4_k_with_the_calibration_imatrix(run, tmp_path):
     assert by_hand.read_bytes() == calibrated.read_bytes()
 
 
+@needs_vocab
+def test_awq_row_is_q4_k_with_the_calibration_imatrix_and_channel_scaling(run, tmp_path):
+    """The same importance matrix as the +imatrix row, with channel scaling as well: the
+    same metadata plus the cpuq.channel_scaling key, the same tensor table, other values in
+    the scaled block tensors only, and byte for byte the conversion by hand with awq=True."""
+    imatrix_file, awq_file = Path(run.by["q4_k+imatrix"].path), Path(run.by["q4_k+awq"].path)
+    b = awq_file.read_bytes()
+    assert b != imatrix_file.read_bytes()
+    assert len(b) == run.by["q4_k+awq"].file_bytes
+    with cpuq.open_gguf(awq_file) as g, cpuq.open_gguf(imatrix_file) as plain:
+        assert g.get("quantize.imatrix.file") == str(run.out / "imatrix.gguf")
+        assert g.get("cpuq.channel_scaling", "").startswith("awq") and plain.get("cpuq.channel_scaling") is None
+        assert {k: g.get(k) for k in g.keys() if k != "cpuq.channel_scaling"} == \
+            {k: plain.get(k) for k in plain.keys()}
+        assert [(t.name, t.qtype.name, t.shape) for t in g] == [(t.name, t.qtype.name, t.shape) for t in plain]
+        differing = {t.name for t in g if bytes(t.data) != bytes(plain.tensor(t.name).data)}
+    # only tensors convert.scaling folds into (which of them depends on the alphas chosen)
+    scaled = {f"blk.{i}.{m}" for i in range(2) for m in (
+        "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_gate.weight",
+        "ffn_up.weight", "ffn_down.weight", "attn_norm.weight", "ffn_norm.weight", "attn_v.bias")}
+    assert differing and differing <= scaled, sorted(differing)
+    by_hand = cpuq.convert(run.src, tmp_path / "q4_k+awq.gguf", "q4_k", imatrix=run.out / "imatrix.gguf", awq=True)
+    assert by_hand.read_bytes() == b
+
+
 # the cache ------------------------------------------------------------------------------------
 
 def _refuse(*args, **kwargs):
@@ -204,6 +232,34 @@ def test_calibration_without_a_type_that_uses_it_collects_nothing(run, tmp_path,
     rows = compare(run.src, "q8_0", SCORED, out, calibration=CALIBRATION, **SETTINGS)
     assert [r.type for r in rows] == ["f16", "q8_0"]
     assert not (out / "imatrix.gguf").exists()
+
+
+@needs_vocab
+def test_cache_key_tells_awq_from_imatrix(run, tmp_path, monkeypatch):
+    """A cached file keyed as +imatrix's (awq false) under the +awq name is not taken for
+    the +awq row: that one alone is converted again, to the first run's tensors (the
+    metadata differs: quantize.imatrix.file names this folder's imatrix.gguf)."""
+    out = tmp_path / "out"
+    shutil.copytree(run.out, out, copy_function=shutil.copy2)
+    for ext in (".gguf", ".json"):
+        shutil.copy2(run.models / f"q4_k+imatrix{ext}", out / "models" / f"q4_k+awq{ext}")
+    converted = []
+    real_convert = compare_mod.convert
+
+    def recording(src_dir, dst, qtype, **kwargs):
+        converted.append((Path(dst).name, kwargs.get("awq")))
+        return real_convert(src_dir, dst, qtype, **kwargs)
+
+    monkeypatch.setattr(compare_mod, "convert", recording)
+    monkeypatch.setattr(compare_mod, "collect_imatrix", _refuse)
+    rows = compare(run.src, TYPES, SCORED, out, calibration=CALIBRATION, **SETTINGS)
+    assert converted == [("q4_k+awq.gguf", True)]
+    assert [r.type for r in rows] == LABELS
+    with cpuq.open_gguf(out / "models" / "q4_k+awq.gguf") as again, cpuq.open_gguf(run.by["q4_k+awq"].path) as first:
+        assert again.get("quantize.imatrix.file") == str(out / "imatrix.gguf")
+        assert [t.name for t in again] == [t.name for t in first]
+        for t in again:
+            assert bytes(t.data) == bytes(first.tensor(t.name).data), t.name
 
 
 @needs_vocab
@@ -250,7 +306,10 @@ def fake_rows() -> list[CompareRow]:
                        -0.36513889940400035, 0.0016189382688079669, 0.0019344314833922307, 0.7258064516129032),
             CompareRow("q4_k+imatrix", "/m/q4_k+imatrix.gguf", 28482304, 2.8143074380499553, 4.5016, 1002.3, 10.42,
                        157017.3737477027, 0.38958064216939675, 0.001790195783767894, 0.002315865620374191,
-                       0.7258064516129032)]
+                       0.7258064516129032),
+            CompareRow("q4_k+awq", "/m/q4_k+awq.gguf", 28482304, 2.8143074380499553, 4.5016, 998.71, 10.38,
+                       156301.0417745633, -0.06810270145912338, 0.0015470023389721513, 0.0020118003672910944,
+                       0.7419354838709677)]
 
 
 def _md_cells(line: str) -> list[str]:
