@@ -76,7 +76,7 @@ def convert_calibrated(src_dir: str | os.PathLike, dst_path: str | os.PathLike, 
     as convert's, for both conversions (the first names its tensors "calibration model:
     ..."); calibration_progress(done, total) after each window. awq: also scale the blocks'
     input channels by the matrix (convert.scaling; cpuq's default for calibration text:
-    real-weights Q4_K_M, perplexity increase over F16 +3.57% -> +2.02%)."""
+    real-weights Q4_K_M, perplexity increase over F16 +3.57% -> +2.01%)."""
     src, dst = Path(src_dir), Path(dst_path)
     out = out_type(qtype)
     if not out.via_llama_quantize:
