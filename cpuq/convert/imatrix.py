@@ -133,7 +133,8 @@ class Imatrix:
             if g.get("general.type") != "imatrix":
                 raise FormatError(f"{p}: general.type is {g.get('general.type')!r}, not 'imatrix' "
                                   f"(a model file where an importance matrix was expected?)")
-            missing = [k for k in ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size") if k not in g.keys()]
+            keys = ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")
+            missing = [k for k in keys if k not in g.keys()]
             if missing:  # llama-quantize refuses such a file too ("missing imatrix metadata")
                 raise FormatError(f"{p}: imatrix metadata key '{missing[0]}' is missing")
             datasets = g.get("imatrix.datasets")

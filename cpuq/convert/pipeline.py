@@ -11,7 +11,8 @@ file_type/quantization_version moved to the end (section 4); with an importance 
 llama-quantize --imatrix's bytes and keys (section 5).
 
 Imports numpy, the standard library and cpuq (arch, quants, quants.floats, gguf_io, errors,
-convert.safetensors_io, convert.hf_vocab, convert.naming); nothing from the runtime.
+convert.safetensors_io, convert.hf_vocab, convert.naming, convert.imatrix,
+convert.scaling); nothing from the runtime.
 """
 from __future__ import annotations
 
@@ -319,7 +320,8 @@ def _tensor_pieces(ckpt, cfg: ModelConfig, plan: TensorPlan, out: OutType,
     heads = qk_permute_heads(cfg, name)
     if heads is not None:
         # The permutation moves rows across the whole tensor (llama attn_q/attn_k only).
-        yield _encode(transform(permute_qk(ckpt.load_f32(name), heads), 0), plan, out, importance), ckpt.nbytes(name)
+        values = transform(permute_qk(ckpt.load_f32(name), heads), 0)
+        yield _encode(values, plan, out, importance), ckpt.nbytes(name)
         return
     rows = ckpt.rows(name)
     row_bytes = ckpt.nbytes(name) // max(rows, 1)
@@ -344,7 +346,6 @@ class _ChannelScaling:
         self.ckpt, self.cfg, self.importances, self.f16 = ckpt, cfg, importances, f16
         self.plans = {p.name: p for p in plans}
         self.block: tuple[int, scaling.BlockScales] | None = None
-        self.alphas: dict[int, dict[str, float]] = {}
 
     def _scales(self, name: str) -> scaling.BlockScales | None:
         m = re.match(r"blk\.(\d+)\.", name)
@@ -359,7 +360,6 @@ class _ChannelScaling:
                                          lambda n: self.ckpt.rows(self.plans[n].hf_name),
                                          {n: p.qtype for n, p in self.plans.items()}, self.f16)
             self.block = (il, found)
-            self.alphas[il] = found.alphas
         return self.block[1]
 
     def transform(self, name: str) -> Callable[[np.ndarray, int], np.ndarray] | None:
@@ -537,7 +537,8 @@ def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str 
                     if scaler is None:
                         parts = _tensor_pieces(ckpt, cfg, p, out, importances.get(p.name))
                     else:
-                        parts = _tensor_pieces(ckpt, cfg, p, out, scaler.importance(p.name), scaler.transform(p.name))
+                        parts = _tensor_pieces(ckpt, cfg, p, out, scaler.importance(p.name),
+                                               scaler.transform(p.name))
                     for data, n in parts:
                         yield data
                         done += n
