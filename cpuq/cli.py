@@ -428,9 +428,11 @@ def imatrix(
     threads: Optional[int] = _THREADS,
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
 ) -> None:
-    """Collect an importance matrix over a text, as llama.cpp's llama-imatrix: per input
-    channel of every matrix in the blocks, the mean squared activation. Writes llama.cpp's
-    imatrix GGUF format, for `cpuq convert --imatrix` or llama-quantize --imatrix."""
+    """Collect an importance matrix over a text, as llama.cpp's llama-imatrix.
+
+    Per input channel of every matrix in the blocks, the mean squared activation. Writes
+    llama.cpp's imatrix GGUF format, for `cpuq convert --imatrix` or llama-quantize --imatrix.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .eval.calibration import collect_imatrix
@@ -474,10 +476,11 @@ def compare(
     threads: Optional[int] = _THREADS,
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of the table."),
 ) -> None:
-    """Convert a checkpoint to several types and measure each: size, compression, speed,
-    perplexity, and loss against F16 (perplexity change, KL divergence, top-1 agreement).
+    """Convert a checkpoint to several types and measure size, speed and accuracy loss.
 
-    Writes compare.md, compare.csv and compare.png (with matplotlib) to --out.
+    Per type: file size, compression, bits per weight, prefill and decode speed, perplexity,
+    and against F16 the perplexity change, KL divergence and top-1 agreement. Writes
+    compare.md, compare.csv and compare.png (with matplotlib) to --out.
     """
     import platform
     import time
