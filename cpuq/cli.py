@@ -514,8 +514,9 @@ def compare(
         sys.stdout.write(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
     else:
         sys.stdout.write(markdown_table(HEADERS, table_rows(rows), set(HEADERS[1:])) + "\n")
-    err.print(f"wrote {', '.join(str(p) for p in paths)} ({time.perf_counter() - start:.0f} s)", style="dim",
-              highlight=False)
+    no_plot = "" if any(p.suffix == ".png" for p in paths) else "; no plot: pip install 'cpuq[bench]' for matplotlib"
+    err.print(f"wrote {', '.join(str(p) for p in paths)} ({time.perf_counter() - start:.0f} s){no_plot}",
+              style="dim", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover
