@@ -10,7 +10,8 @@ one collected over that text by the F16 model (as llama.cpp recommends; llama-qu
 --imatrix's bytes), and "<type>+awq", with channel scaling by it as well (convert.scaling).
 
 Conversions are cached in `out_dir/models`, each with a JSON key (the checkpoint files'
-sizes and modification times, the type, cpuq's version, the importance matrix's digest):
+sizes and modification times, the type, cpuq's version and a digest of its quantizer and
+converter sources, the importance matrix's digest):
 a second run with the same inputs converts nothing. Reports: compare.md, compare.csv and
 compare.png (size against accuracy loss; needs matplotlib, the `bench` extra).
 
@@ -74,6 +75,17 @@ def parse_types(types: str | list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _code_key(dirs: tuple[str, ...] = ("quants", "convert")) -> str:
+    """A digest of the code that decides a cached file's bytes (for a conversion the
+    quantizers and converter; for an importance matrix the runtime too): nothing cached is
+    reused after it changes, even at the same version."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(p for d in dirs for p in (root / d).glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _source_key(src: Path) -> list:
     files = sorted(p for p in src.iterdir() if p.suffix in (".safetensors", ".json") and p.is_file())
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
@@ -85,7 +97,7 @@ def _cached_convert(src: Path, models: Path, label: str, qtype: str, imatrix: Op
     models/<label>.gguf, reused when its key file says it was made from the same inputs."""
     from .. import __version__
     dst, key_file = models / f"{label}.gguf", models / f"{label}.json"
-    key = {"cpuq": __version__, "type": qtype, "source": _source_key(src), "awq": awq,
+    key = {"cpuq": __version__, "code": _code_key(), "type": qtype, "source": _source_key(src), "awq": awq,
            "imatrix": hashlib.sha256(imatrix.read_bytes()).hexdigest() if imatrix else None}
     try:
         if dst.is_file() and json.loads(key_file.read_text()) == key:
@@ -126,7 +138,9 @@ def compare(src_dir: str | os.PathLike, types: str | list[str], text: str, out_d
         im_path = out / "imatrix.gguf"
         text_digest = hashlib.sha256(calibration.encode()).hexdigest()
         im_key = out / "imatrix.json"
-        key = {"cpuq": __version__, "base": _source_key(src), "text": text_digest, "n_ctx": n_ctx}
+        key = {"cpuq": __version__, "code": _code_key(("quants", "convert", "kernels", "runtime")),
+               "base": _source_key(src), "text": text_digest,
+               "n_ctx": n_ctx}
         try:
             fresh = im_path.is_file() and json.loads(im_key.read_text()) == key
         except (OSError, ValueError):

@@ -222,6 +222,25 @@ def test_second_run_converts_nothing(run, monkeypatch):
 
 
 @needs_vocab
+def test_changed_code_converts_again(run, tmp_path, monkeypatch):
+    """A cached file is not reused once the quantizer/converter code differs (the key holds
+    a digest of it): the first cached type is converted again (in a copy of the shared
+    run's folder, which this invalidates)."""
+    class Converted(Exception):
+        pass
+
+    def converting(src, dst, *args, **kwargs):
+        raise Converted(Path(dst).name)
+
+    monkeypatch.setattr(compare_mod, "_code_key", lambda *dirs: "another version of the code")
+    monkeypatch.setattr(compare_mod, "convert", converting)
+    out = tmp_path / "out"
+    shutil.copytree(run.out, out, copy_function=shutil.copy2)
+    with pytest.raises(Converted, match="f16.gguf"):
+        compare(run.src, TYPES, SCORED, out, calibration=CALIBRATION, **SETTINGS)
+
+
+@needs_vocab
 def test_calibration_without_a_type_that_uses_it_collects_nothing(run, tmp_path, monkeypatch):
     """Q8_0 ignores importance: --calibrate with only q8_0 collects no matrix and adds no
     row (the cached F16 and Q8_0 files are reused from the shared run's folder)."""
