@@ -14,6 +14,7 @@ Imports from cpuq: errors, quants (for the type table). Nothing above them.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -335,6 +336,21 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
 
 
 # writing --------------------------------------------------------------------
+
+def partial_file(dst: Path, suffix: str = ".partial") -> Path:
+    """A new empty file beside `dst` (the same folder, so that os.replace moves it into
+    place), named .<dst name>.<random><suffix>, with the mode any new file gets (mkstemp
+    makes 0600). InputError if the folder refuses it."""
+    try:
+        fd, name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=suffix)
+    except OSError as e:
+        raise InputError(f"{dst.parent}: cannot create the output file there: {e.strerror}") from None
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
+    return Path(name)
+
 
 class GGUFStreamWriter:
     """Write a GGUF file: metadata and every tensor's info first, then tensor data in

@@ -19,7 +19,6 @@ Imports numpy, the standard library and cpuq (errors, gguf_io, quants); nothing 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import numpy as np
 from gguf import GGUFValueType
 
 from ..errors import FormatError, InputError
-from ..gguf_io import GGUFStreamWriter, open_gguf
+from ..gguf_io import GGUFStreamWriter, open_gguf, partial_file
 from ..quants import get_qtype
 
 SUMS, COUNTS = ".in_sum2", ".counts"
@@ -80,12 +79,7 @@ class Imatrix:
             raise InputError(f"{dst}: the importance matrix names no dataset (imatrix.datasets needs one)")
         f32 = get_qtype("F32")
         u32 = GGUFValueType.UINT32
-        try:
-            fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".partial")
-            os.close(fd)
-        except OSError as e:
-            raise InputError(f"{dst.parent}: cannot create the output file there: {e.strerror}") from None
-        tmp = Path(tmp_name)
+        tmp = partial_file(dst)
         try:
             w = GGUFStreamWriter(tmp, arch=None)
             w.add_metadata({"general.type": "imatrix", "imatrix.datasets": list(self.datasets),
@@ -103,7 +97,6 @@ class Imatrix:
                 w.write_tensor(name + SUMS, self.sums[name].astype(np.float32))
                 w.write_tensor(name + COUNTS, self.counts[name].astype(np.float32))
             w.close()
-            tmp.chmod(0o666 & ~_umask())
             os.replace(tmp, dst)
         except OSError as e:
             tmp.unlink(missing_ok=True)
@@ -133,18 +126,14 @@ class Imatrix:
             if g.get("general.type") != "imatrix":
                 raise FormatError(f"{p}: general.type is {g.get('general.type')!r}, not 'imatrix' "
                                   f"(a model file where an importance matrix was expected?)")
-            keys = ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")
-            missing = [k for k in keys if k not in g.keys()]
-            if missing:  # llama-quantize refuses such a file too ("missing imatrix metadata")
-                raise FormatError(f"{p}: imatrix metadata key '{missing[0]}' is missing")
-            datasets = g.get("imatrix.datasets")
-            chunk_count = g.get("imatrix.chunk_count")
-            chunk_size = g.get("imatrix.chunk_size")
-            if not (isinstance(datasets, list) and all(isinstance(d, str) for d in datasets)):
+            # All three are required, as llama-quantize requires them ("missing imatrix metadata").
+            datasets = g.require("imatrix.datasets", list)
+            chunk_count = g.require("imatrix.chunk_count", int)
+            chunk_size = g.require("imatrix.chunk_size", int)
+            if not all(isinstance(d, str) for d in datasets):
                 raise FormatError(f"{p}: imatrix.datasets is not a list of strings")
-            for key, v in (("imatrix.chunk_count", chunk_count), ("imatrix.chunk_size", chunk_size)):
-                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                    raise FormatError(f"{p}: {key} is not a non-negative integer")
+            if chunk_count < 0 or chunk_size < 0:
+                raise FormatError(f"{p}: imatrix.chunk_count/chunk_size must not be negative")
             im = cls(chunk_size=chunk_size, datasets=datasets, chunk_count=chunk_count, path=p)
             for t in g:
                 if t.name.endswith(COUNTS):
@@ -174,8 +163,3 @@ class Imatrix:
             raise FormatError(f"{p}: the imatrix has no entries")
         return im
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

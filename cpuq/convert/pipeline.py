@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -32,7 +31,7 @@ from gguf import GGUFValueType
 from ..arch import (ModelConfig, expected_tensors, gguf_tensor_name, llama3_rope_freqs, permute_qk,
                     qk_permute_heads)
 from ..errors import FormatError, InputError, UnsupportedError
-from ..gguf_io import GGUFStreamWriter
+from ..gguf_io import GGUFStreamWriter, partial_file
 from ..quants import QType, get_qtype, quantize
 from ..quants.floats import round_through_f16
 from .hf_vocab import tokenizer_metadata
@@ -345,6 +344,7 @@ class _ChannelScaling:
                  f16: bool):
         self.ckpt, self.cfg, self.importances, self.f16 = ckpt, cfg, importances, f16
         self.plans = {p.name: p for p in plans}
+        self.qtypes = {p.name: p.qtype for p in plans}
         self.block: tuple[int, scaling.BlockScales] | None = None
 
     def _scales(self, name: str) -> scaling.BlockScales | None:
@@ -358,7 +358,7 @@ class _ChannelScaling:
 
             found = scaling.search_block(il, self.cfg, self.importances.get, read_rows,
                                          lambda n: self.ckpt.rows(self.plans[n].hf_name),
-                                         {n: p.qtype for n, p in self.plans.items()}, self.f16)
+                                         self.qtypes, self.f16)
             self.block = (il, found)
         return self.block[1]
 
@@ -409,14 +409,19 @@ def _discard(writer: GGUFStreamWriter | None, tmp: Path) -> None:
     tmp.unlink(missing_ok=True)
 
 
+def check_uses_importance(out: OutType) -> None:
+    """InputError unless `out`'s matrices are quantized by a type that reads importance."""
+    if not out.via_llama_quantize:
+        raise InputError(f"--type {out.qtype.lower()} does not use an importance matrix (the types that do: "
+                         f"{', '.join(k for k, t in OUT_TYPES.items() if t.via_llama_quantize)})")
+
+
 def _importances(im: Imatrix, plans: list[TensorPlan], out: OutType) -> dict[str, np.ndarray]:
     """Each planned matrix's importance from `im`, as llama-quantize --imatrix takes them
     (matrices without an entry are quantized without one). InputError: a type that uses
     none, an entry whose length is not the matrix's row length, no entry for any matrix."""
     where = im.path or "the importance matrix"
-    if not out.via_llama_quantize:
-        raise InputError(f"--type {out.qtype.lower()} does not use an importance matrix (the types that do: "
-                         f"{', '.join(k for k, t in OUT_TYPES.items() if t.via_llama_quantize)})")
+    check_uses_importance(out)
     found = {}
     for p in plans:
         imp = im.importance(p.name)
@@ -497,15 +502,7 @@ def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str 
         if 0 <= free < need:
             raise InputError(f"{dst.parent}: not enough disk space for {dst.name}: it needs about "
                              f"{need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free")
-        try:
-            fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".partial")
-        except OSError as e:
-            raise InputError(f"{dst.parent}: cannot create the output file there: {e.strerror}") from None
-        os.close(fd)
-        tmp = Path(tmp_name)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like any new file
+        tmp = partial_file(dst)
         total_bytes = sum(ckpt.nbytes(p.hf_name) for p in plans if p.hf_name is not None)
         writer = None
         try:

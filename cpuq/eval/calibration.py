@@ -20,13 +20,13 @@ Imports numpy, the standard library and cpuq (errors, convert, runtime, eval.per
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
 from ..convert.imatrix import Imatrix
-from ..convert.pipeline import Progress, check_destination, convert, out_type
+from ..convert.pipeline import Progress, check_destination, check_uses_importance, convert, out_type
 from ..errors import InputError
+from ..gguf_io import partial_file
 from ..runtime.model import Model, load
 from .perplexity import windows
 
@@ -78,13 +78,9 @@ def convert_calibrated(src_dir: str | os.PathLike, dst_path: str | os.PathLike, 
     input channels by the matrix (convert.scaling; cpuq's default for calibration text:
     real-weights Q4_K_M, perplexity increase over F16 +3.57% -> +2.01%)."""
     src, dst = Path(src_dir), Path(dst_path)
-    out = out_type(qtype)
-    if not out.via_llama_quantize:
-        raise InputError(f"--type {qtype} does not use an importance matrix; calibration changes nothing")
+    check_uses_importance(out_type(qtype))  # before the calibration's work, not after
     check_destination(src, dst, force)
-    fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".calibration-q8_0.gguf")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = partial_file(dst, suffix=".calibration-q8_0.gguf")
     try:
         first = None if progress is None else (lambda d, t, name: progress(d, t, f"calibration model: {name}"))
         convert(src, tmp, "q8_0", force=True, progress=first)

@@ -20,6 +20,7 @@ Imports numpy, the standard library and cpuq (convert, runtime, eval); matplotli
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..convert.imatrix import Imatrix
+from .. import __version__
 from ..convert.pipeline import OUT_TYPES, convert, out_type
 from ..errors import InputError
 from ..info import summarize
@@ -75,6 +76,7 @@ def parse_types(types: str | list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+@functools.lru_cache(maxsize=None)  # the sources do not change under a running process
 def _code_key(dirs: tuple[str, ...] = ("quants", "convert")) -> str:
     """A digest of the code that decides a cached file's bytes (for a conversion the
     quantizers and converter; for an importance matrix the runtime too): nothing cached is
@@ -91,25 +93,32 @@ def _source_key(src: Path) -> list:
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def _cached_convert(src: Path, models: Path, label: str, qtype: str, imatrix: Optional[Path],
-                    progress: Optional[Progress], awq: bool = False) -> Path:
-    """src converted to `qtype` (with the importance matrix file, if given) at
-    models/<label>.gguf, reused when its key file says it was made from the same inputs."""
-    from .. import __version__
-    dst, key_file = models / f"{label}.gguf", models / f"{label}.json"
-    key = {"cpuq": __version__, "code": _code_key(), "type": qtype, "source": _source_key(src), "awq": awq,
-           "imatrix": hashlib.sha256(imatrix.read_bytes()).hexdigest() if imatrix else None}
+def _cached(dst: Path, key: dict, make: Callable[[], None]) -> Path:
+    """dst, made by make() unless the key file beside it (dst with .json) says it was made
+    from the same `key`."""
+    key_file = dst.with_suffix(".json")
     try:
         if dst.is_file() and json.loads(key_file.read_text()) == key:
             return dst
     except (OSError, ValueError):
         pass
     key_file.unlink(missing_ok=True)  # a crash between the two writes leaves no stale key
-    stage = f"convert {label}"
-    convert(src, dst, qtype, force=True, imatrix=imatrix, awq=awq,
-            progress=None if progress is None else (lambda d, t, _name: progress(stage, d, t)))
+    make()
     key_file.write_text(json.dumps(key))
     return dst
+
+
+def _cached_convert(src: Path, models: Path, label: str, qtype: str, imatrix: Optional[Path],
+                    progress: Optional[Progress], awq: bool = False) -> Path:
+    """src converted to `qtype` (with the importance matrix file, if given) at
+    models/<label>.gguf, reused when its key says it was made from the same inputs."""
+    dst = models / f"{label}.gguf"
+    key = {"cpuq": __version__, "code": _code_key(), "type": qtype, "source": _source_key(src), "awq": awq,
+           "imatrix": hashlib.sha256(imatrix.read_bytes()).hexdigest() if imatrix else None}
+    stage = f"convert {label}"
+    return _cached(dst, key, lambda: convert(
+        src, dst, qtype, force=True, imatrix=imatrix, awq=awq,
+        progress=None if progress is None else (lambda d, t, _name: progress(stage, d, t))))
 
 
 def compare(src_dir: str | os.PathLike, types: str | list[str], text: str, out_dir: str | os.PathLike,
@@ -118,7 +127,7 @@ def compare(src_dir: str | os.PathLike, types: str | list[str], text: str, out_d
             progress: Optional[Progress] = None) -> list[CompareRow]:
     """Convert the checkpoint in `src_dir` to each of `types` (plus F16, the base) and
     measure each: see the module docstring. `text` is scored (perplexity windows of n_ctx
-    tokens, at most n_chunks); `calibration`, a different text, adds "+imatrix" rows.
+    tokens, at most n_chunks); `calibration`, a different text, adds "+imatrix" and "+awq" rows.
     Speed: eval.bench with n_prompt / n_gen tokens, `repeat` repetitions."""
     src, out = Path(src_dir), Path(out_dir)
     names = parse_types(types)
@@ -134,23 +143,13 @@ def compare(src_dir: str | os.PathLike, types: str | list[str], text: str, out_d
     labels = [(BASE, BASE, None, False)] + [(t, t, None, False) for t in names if t != BASE]
     base_path = _cached_convert(src, models, BASE, BASE, None, progress)
     if calibration is not None and any(out_type(t).via_llama_quantize for t in names):
-        from .. import __version__
         im_path = out / "imatrix.gguf"
-        text_digest = hashlib.sha256(calibration.encode()).hexdigest()
-        im_key = out / "imatrix.json"
         key = {"cpuq": __version__, "code": _code_key(("quants", "convert", "kernels", "runtime")),
-               "base": _source_key(src), "text": text_digest,
-               "n_ctx": n_ctx}
-        try:
-            fresh = im_path.is_file() and json.loads(im_key.read_text()) == key
-        except (OSError, ValueError):
-            fresh = False
-        if not fresh:
-            im_key.unlink(missing_ok=True)
-            cb = None if progress is None else (lambda d, t: progress("calibrate", d, t))
-            collect_imatrix(base_path, calibration, n_ctx=n_ctx, dataset="calibration text", n_threads=n_threads,
-                            progress=cb).write(im_path, force=True)
-            im_key.write_text(json.dumps(key))
+               "base": _source_key(src), "text": hashlib.sha256(calibration.encode()).hexdigest(), "n_ctx": n_ctx}
+        cb = None if progress is None else (lambda d, t: progress("calibrate", d, t))
+        _cached(im_path, key, lambda: collect_imatrix(
+            base_path, calibration, n_ctx=n_ctx, dataset="calibration text", n_threads=n_threads,
+            progress=cb).write(im_path, force=True))
         for t in names:
             if out_type(t).via_llama_quantize:
                 labels += [(t + IMATRIX_SUFFIX, t, im_path, False), (t + AWQ_SUFFIX, t, im_path, True)]
