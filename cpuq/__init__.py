@@ -18,7 +18,8 @@ def _use_user_numba_cache() -> None:
     from pathlib import Path
     here = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for src in sorted(p for d in ("quants", "kernels") for p in (here / d).glob("*.py")):
+    # kernels/cuda.py holds CUDA C for CuPy, no Numba code: its edits need no recompilation
+    for src in sorted(p for d in ("quants", "kernels") for p in (here / d).glob("*.py") if p.name != "cuda.py"):
         digest.update(src.name.encode() + src.read_bytes())
     if _sys.platform == "win32":
         base = _os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local"

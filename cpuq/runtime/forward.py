@@ -5,7 +5,8 @@ pre-norm residuals, then the final norm and the output projection.
 Activations are float32; weights are read as quantized blocks by cpuq.kernels. A call
 processes a batch of consecutive tokens (a prompt chunk or one generated token).
 
-Imports numpy, cpuq.arch, cpuq.kernels, cpuq.runtime.gemm and cpuq.runtime.weights.
+Imports numpy, cpuq.arch, cpuq.kernels, cpuq.runtime.gemm and cpuq.runtime.weights (and
+takes a runtime.gpu.GpuOffload without importing it).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class KVCache:
         self.v = _untouched_zeros((cfg.n_layer, n_blocks, cfg.n_head_kv, self.BLOCK, cfg.head_dim), dtype)
         self.n_ctx = n_ctx
         self.n_past = 0
+        self.gpu = None  # the offloaded blocks' part (runtime.gpu.GpuCache), when there are any
 
     def clear(self) -> None:
         self.n_past = 0
@@ -168,7 +170,7 @@ def mlp_block(x, layer: Layer, cfg: ModelConfig, gemm: Gemm | None, observe: Obs
 
 
 def forward(w: Weights, cfg: ModelConfig, rope: Rope, tokens: np.ndarray, cache: KVCache,
-            logits_from: int, gemm: Gemm | None = None, observe: Observer | None = None) -> np.ndarray:
+            logits_from: int, gemm: Gemm | None = None, observe: Observer | None = None, gpu=None) -> np.ndarray:
     """Run `tokens` (n,) int64 at positions cache.n_past .. +n-1, append their keys and
     values to the cache, and return the logits after tokens logits_from .. n-1 of this call,
     (n - logits_from, n_vocab) (n - 1: the last token's only; n: none, (0, n_vocab); the
@@ -176,17 +178,25 @@ def forward(w: Weights, cfg: ModelConfig, rope: Rope, tokens: np.ndarray, cache:
     are < n_vocab and fit in the cache. gemm: run prompt chunks' matmuls through its workers
     (inside gemm.session()). observe(x, names): called with the input x (n, k) of every
     matrix product in the blocks and the names of the matrices that multiply it (what
-    llama.cpp's importance matrix collects; not the output matrix's)."""
+    llama.cpp's importance matrix collects; not the output matrix's). gpu: a
+    runtime.gpu.GpuOffload that runs the blocks from gpu.first_layer on (cache.gpu holds
+    their keys and values) and, if it has it, the output matrix."""
     n = tokens.shape[0]
     start = cache.n_past
     x = np.empty((n, cfg.n_embd), np.float32)
     get_rows(w.token_embd.data, w.token_embd.ggml_type, tokens, x)
     cos, sin = rope.tables(np.arange(start, start + n), w.rope_freqs)
-    for il, layer in enumerate(w.layers):
+    n_cpu = len(w.layers) if gpu is None else gpu.first_layer
+    for il, layer in enumerate(w.layers[:n_cpu]):
         x += attention_block(x, layer, il, cfg, cache, start, cos, sin, rope.neox, gemm, observe)
         x += mlp_block(x, layer, cfg, gemm, observe)
+    if gpu is None:
+        x = x[min(max(logits_from, 0), n):]
+    else:  # rows logits_from.. come back: the logits, or the hidden state for the CPU's output matrix
+        x = gpu.forward(x, cache.gpu, start, logits_from)
     cache.n_past = start + n
-    x = x[min(max(logits_from, 0), n):]
+    if gpu is not None and gpu.with_output:
+        return x
     if x.shape[0] == 0:
         return np.empty((0, w.output.rows), np.float32)
     return _linears(_norm(x, w.output_norm, cfg.rms_eps, gemm), gemm, w.output)[0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -24,7 +25,7 @@ import numba
 import numpy as np
 
 from ..arch import ModelConfig
-from ..errors import InputError
+from ..errors import InputError, UnsupportedError
 from ..gguf_io import open_gguf
 from .forward import KVCache, Observer, Rope, forward
 from .gemm import Gemm
@@ -72,13 +73,20 @@ class Timings:
         return self.generated_tokens / self.generate_seconds if self.generate_seconds else 0.0
 
 
+class GpuFallbackWarning(UserWarning):
+    """gpu_layers was asked for but the model runs on the CPU (no CuPy, no CUDA device, a
+    tensor type the GPU kernels lack, or too little GPU memory); the message says which."""
+
+
 class Model:
     """A loaded GGUF model. See cpuq.load."""
 
+    gpu_status = "CPU only"  # where the blocks run, in words (set when gpu_layers is asked for)
+
     def __init__(self, path: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None,
                  gpu_layers: int = 0, kv_type: str = "f16"):
-        if gpu_layers:
-            raise InputError("gpu_layers: GPU offload is not available yet (issue 7); use gpu_layers=0")
+        if not isinstance(gpu_layers, int) or isinstance(gpu_layers, bool) or gpu_layers < -1:
+            raise InputError(f"gpu_layers must be -1 (all) or a number of layers >= 0, not {gpu_layers!r}")
         if not isinstance(n_ctx, int) or n_ctx < 1:
             raise InputError(f"n_ctx must be a positive integer, not {n_ctx!r}")
         if kv_type not in KVCache.TYPES:
@@ -111,9 +119,34 @@ class Model:
         self.kv_type = kv_type
         self._cache = KVCache(self.config, self.n_ctx, kv_type)
         self._gemm = Gemm(n_threads)  # prompt chunks' matmuls (threads start on first use)
+        self._gpu = self._offload(gpu_layers) if gpu_layers else None
+        self._cache.gpu = self._gpu_cache(self.n_ctx)
         self._tokens: list[int] = []  # what the cache holds, position by position
         self.finish_reason: str | None = None  # of the last generate/chat: "stop", "eos", "length", "n_ctx"
         self.timings = Timings()
+
+    def _offload(self, gpu_layers: int):
+        """The GPU part for gpu_layers, or None with a warning (one line: why) when there is
+        no usable GPU, in which case everything runs on the CPU."""
+        from .gpu import GpuOffload, find_gpu  # imports cupy only now
+        cp, why = find_gpu()
+        if cp is not None:
+            try:
+                gpu = GpuOffload(self.weights, self.config, self._rope, gpu_layers, self.kv_type)
+            except UnsupportedError as e:
+                why = str(e)
+            except cp.cuda.memory.OutOfMemoryError as e:
+                why = f"not enough GPU memory for {gpu_layers} layers ({e})"
+            else:
+                self.gpu_status = (f"{gpu.n_layers} of {self.config.n_layer} layers"
+                                   f"{' and the output' if gpu.with_output else ''} on {gpu.name}")
+                return gpu
+        self.gpu_status = f"CPU only: {why}"
+        warnings.warn(f"gpu_layers={gpu_layers} ignored, running on the CPU: {why}", GpuFallbackWarning, stacklevel=3)
+        return None
+
+    def _gpu_cache(self, n_ctx: int):
+        return None if self._gpu is None else self._gpu.new_cache(n_ctx)
 
     # tokens ---------------------------------------------------------------------------
     def tokenize(self, text: str, special: bool = False) -> list[int]:
@@ -144,8 +177,11 @@ class Model:
         arr = self._check_ids(ids)
         if not isinstance(first, int) or not 0 <= first < arr.size:
             raise InputError(f"first must be a position in 0..{arr.size - 1}, not {first!r}")
+        if observe is not None and self._gpu is not None:
+            raise InputError("observe needs the whole model on the CPU (load with gpu_layers=0)")
         numba.set_num_threads(self.n_threads)
         cache = KVCache(self.config, arr.size, self.kv_type)
+        cache.gpu = self._gpu_cache(arr.size)
         parts = [self._forward(arr[i:i + N_BATCH], cache, first - i, observe)
                  for i in range(0, arr.size, N_BATCH)]
         return np.concatenate(parts)
@@ -277,12 +313,15 @@ class Model:
     def _forward(self, tokens: np.ndarray, cache: KVCache, logits_from: int,
                  observe: Observer | None = None) -> np.ndarray:
         if tokens.size < self._gemm.min_tokens:
-            return forward(self.weights, self.config, self._rope, tokens, cache, logits_from, observe=observe)
+            return forward(self.weights, self.config, self._rope, tokens, cache, logits_from, observe=observe,
+                           gpu=self._gpu)
         with self._gemm.session():
-            return forward(self.weights, self.config, self._rope, tokens, cache, logits_from, self._gemm, observe)
+            return forward(self.weights, self.config, self._rope, tokens, cache, logits_from, self._gemm, observe,
+                           self._gpu)
 
     def close(self) -> None:
         self._gemm.close()
+        self._gpu = self._cache.gpu = None  # the GPU memory goes back to CuPy's pool
         self._file.close()
 
     def __enter__(self) -> "Model":
@@ -299,5 +338,7 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = Non
     n_ctx: context length in tokens (default 4096, or the model's trained context if
     smaller); n_threads: default the number of physical cores; kv_type: the KV cache's
     element type, "f16" (default, as llama.cpp's) or "f32" (twice the memory, no rounding
-    of keys and values)."""
+    of keys and values); gpu_layers: run the last N transformer blocks on a CUDA GPU through
+    CuPy (-1: all of them and the output matrix; needs the `gpu` extra), else (no CuPy or
+    no GPU) a GpuFallbackWarning and the CPU."""
     return Model(path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers, kv_type=kv_type)

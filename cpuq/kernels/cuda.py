@@ -1,0 +1,337 @@
+"""CUDA C source of the GPU kernels (compiled by CuPy's NVRTC in runtime/gpu.py), and the
+table of which GGML types they read.
+
+Every quantized type is one struct with its block size QK, its block's bytes BYTES and a
+`part(block, p, v)` that writes values 32p .. 32p+31 of the block to v[32], with the same
+float32 operations, in the same order, as cpuq.quants.decode (so the GPU's dequantized
+weights equal the CPU's bit for bit). The kernels are templates over those structs:
+  matvec<T, ADD>      y[t, r] (+)= W[r] . x[t]   one warp per row, f32 accumulation (decode,
+                                                  and prompts of a few tokens)
+  dequant<T, O>       W -> O (float or __half) rows (prompts: then cuBLAS)
+and the small ops: rms_norm, qkv_post (biases, Qwen3's q/k norm, RoPE from tables, the KV
+cache store), attention (causal, grouped-query, online softmax), swiglu.
+
+Positions come from a device int (`n_past`), not from launch arguments, so one recorded
+CUDA graph replays every decode step. Every index is bounded by the sizes passed in, which
+runtime/gpu.py takes from the validated tensors.
+
+Imports nothing: this module holds text and a table.
+"""
+from __future__ import annotations
+
+# GGML type id -> the struct that decodes it (ggml.h's enum ggml_type).
+TYPE_STRUCTS = {0: "TF32", 1: "TF16", 30: "TBF16", 2: "TQ4_0", 3: "TQ4_1", 6: "TQ5_0", 7: "TQ5_1", 8: "TQ8_0",
+                12: "TQ4_K", 13: "TQ5_K", 14: "TQ6_K"}
+# Values per block of each struct (the F types are read in blocks of 32 values).
+TYPE_QK = {0: 32, 1: 32, 30: 32, 2: 32, 3: 32, 6: 32, 7: 32, 8: 32, 12: 256, 13: 256, 14: 256}
+
+MATVEC_WARPS = 4      # rows per matvec block (one warp each)
+ATTENTION_WARPS = 8   # warps sharing one query's keys
+
+SOURCE = r"""
+#include <cuda_fp16.h>
+#define CUDART_INF_F __int_as_float(0x7f800000)
+typedef unsigned char u8;
+
+__device__ __forceinline__ float half_at(const u8* p) {
+    return __half2float(__ushort_as_half((unsigned short)(p[0] | (p[1] << 8))));
+}
+__device__ __forceinline__ unsigned u32_at(const u8* p) {
+    return (unsigned)p[0] | ((unsigned)p[1] << 8) | ((unsigned)p[2] << 16) | ((unsigned)p[3] << 24);
+}
+// d * q + m and d * q - m without contraction to a fused multiply-add, as the CPU decoders.
+__device__ __forceinline__ float mul_add(float d, float q, float m) { return __fadd_rn(__fmul_rn(d, q), m); }
+__device__ __forceinline__ float mul_sub(float d, float q, float m) { return __fsub_rn(__fmul_rn(d, q), m); }
+
+struct TF32 { enum { QK = 32, BYTES = 128 };
+    __device__ static void part(const u8* b, int, float* v) {
+        #pragma unroll
+        for (int j = 0; j < 32; j++) v[j] = __uint_as_float(u32_at(b + 4 * j)); } };
+struct TF16 { enum { QK = 32, BYTES = 64 };
+    __device__ static void part(const u8* b, int, float* v) {
+        #pragma unroll
+        for (int j = 0; j < 32; j++) v[j] = half_at(b + 2 * j); } };
+struct TBF16 { enum { QK = 32, BYTES = 64 };
+    __device__ static void part(const u8* b, int, float* v) {
+        #pragma unroll
+        for (int j = 0; j < 32; j++) v[j] = __uint_as_float(((unsigned)b[2 * j] << 16) | ((unsigned)b[2 * j + 1] << 24)); } };
+struct TQ8_0 { enum { QK = 32, BYTES = 34 };
+    __device__ static void part(const u8* b, int, float* v) {
+        float d = half_at(b);
+        #pragma unroll
+        for (int j = 0; j < 32; j++) v[j] = __fmul_rn((float)(signed char)b[2 + j], d); } };
+struct TQ4_0 { enum { QK = 32, BYTES = 18 };
+    __device__ static void part(const u8* b, int, float* v) {
+        float d = half_at(b);
+        #pragma unroll
+        for (int j = 0; j < 16; j++) {
+            int q = b[2 + j];
+            v[j] = __fmul_rn(d, (float)((q & 15) - 8));
+            v[j + 16] = __fmul_rn(d, (float)((q >> 4) - 8)); } } };
+struct TQ4_1 { enum { QK = 32, BYTES = 20 };
+    __device__ static void part(const u8* b, int, float* v) {
+        float d = half_at(b), m = half_at(b + 2);
+        #pragma unroll
+        for (int j = 0; j < 16; j++) {
+            int q = b[4 + j];
+            v[j] = mul_add(d, (float)(q & 15), m);
+            v[j + 16] = mul_add(d, (float)(q >> 4), m); } } };
+struct TQ5_0 { enum { QK = 32, BYTES = 22 };
+    __device__ static void part(const u8* b, int, float* v) {
+        float d = half_at(b);
+        unsigned qh = u32_at(b + 2);
+        #pragma unroll
+        for (int j = 0; j < 16; j++) {
+            int q = b[6 + j];
+            int lo = (q & 15) | (((qh >> j) & 1) << 4), hi = (q >> 4) | (((qh >> (j + 16)) & 1) << 4);
+            v[j] = __fmul_rn(d, (float)(lo - 16));
+            v[j + 16] = __fmul_rn(d, (float)(hi - 16)); } } };
+struct TQ5_1 { enum { QK = 32, BYTES = 24 };
+    __device__ static void part(const u8* b, int, float* v) {
+        float d = half_at(b), m = half_at(b + 2);
+        unsigned qh = u32_at(b + 4);
+        #pragma unroll
+        for (int j = 0; j < 16; j++) {
+            int q = b[8 + j];
+            int lo = (q & 15) | (((qh >> j) & 1) << 4), hi = (q >> 4) | (((qh >> (j + 16)) & 1) << 4);
+            v[j] = mul_add(d, (float)lo, m);
+            v[j + 16] = mul_add(d, (float)hi, m); } } };
+// 6-bit scale and min of sub-block j from the 12 packed bytes s (see quants/decode.py).
+__device__ __forceinline__ void k_scale_min(const u8* s, int j, int& sc, int& mn) {
+    if (j < 4) { sc = s[j] & 63; mn = s[j + 4] & 63; }
+    else { sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4); mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4); }
+}
+struct TQ4_K { enum { QK = 256, BYTES = 144 };
+    __device__ static void part(const u8* b, int p, float* v) {
+        int sc, mn; k_scale_min(b + 4, p, sc, mn);
+        float ds = __fmul_rn(half_at(b), (float)sc), ms = __fmul_rn(half_at(b + 2), (float)mn);
+        const u8* q = b + 16 + (p >> 1) * 32; int shift = (p & 1) * 4;
+        #pragma unroll
+        for (int l = 0; l < 32; l++) v[l] = mul_sub(ds, (float)((q[l] >> shift) & 15), ms); } };
+struct TQ5_K { enum { QK = 256, BYTES = 176 };
+    __device__ static void part(const u8* b, int p, float* v) {
+        int sc, mn; k_scale_min(b + 4, p, sc, mn);
+        float ds = __fmul_rn(half_at(b), (float)sc), ms = __fmul_rn(half_at(b + 2), (float)mn);
+        const u8* qh = b + 16; const u8* q = b + 48 + (p >> 1) * 32; int shift = (p & 1) * 4;
+        #pragma unroll
+        for (int l = 0; l < 32; l++)
+            v[l] = mul_sub(ds, (float)(((q[l] >> shift) & 15) | (((qh[l] >> p) & 1) << 4)), ms); } };
+struct TQ6_K { enum { QK = 256, BYTES = 210 };
+    __device__ static void part(const u8* b, int p, float* v) {
+        float d = half_at(b + 208);
+        int half = p >> 2, quarter = p & 3;
+        const u8* lo = b + half * 64 + (quarter & 1) * 32; const u8* hi = b + 128 + half * 32;
+        int lo_shift = (quarter >> 1) * 4, hi_shift = quarter * 2;
+        #pragma unroll
+        for (int g = 0; g < 2; g++) {
+            float dg = __fmul_rn(d, (float)(signed char)b[192 + half * 8 + quarter * 2 + g]);
+            #pragma unroll
+            for (int i = 0; i < 16; i++) {
+                int l = g * 16 + i;
+                int q = ((lo[l] >> lo_shift) & 15) | (((hi[l] >> hi_shift) & 3) << 4);
+                v[l] = __fmul_rn(dg, (float)(q - 32)); } } } };
+
+__device__ __forceinline__ float warp_sum(float s) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    return s;
+}
+
+// w: (rows, cols/QK*BYTES) blocks; x: (n, x_stride) f32; y: (n, y_stride) f32.
+// grid (ceil(rows / warps), n), block 32 * warps: warp -> row, its lanes over the row's 32-value parts.
+template <class T, bool ADD>
+__global__ void matvec(const u8* __restrict__ w, int rows, int cols, const float* __restrict__ x, int x_stride,
+                       float* __restrict__ y, int y_stride) {
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31, t = blockIdx.y;
+    if (row >= rows) return;
+    const int parts = cols / 32, per_block = T::QK / 32;
+    const u8* wr = w + (size_t)row * (size_t)(cols / T::QK) * T::BYTES;
+    const float* xr = x + (size_t)t * x_stride;
+    float acc = 0.f;
+    for (int p = lane; p < parts; p += 32) {
+        float v[32];
+        T::part(wr + (size_t)(p / per_block) * T::BYTES, p % per_block, v);
+        const float4* xp = reinterpret_cast<const float4*>(xr + p * 32);
+        #pragma unroll
+        for (int i = 0; i < 8; i++) {
+            float4 xv = xp[i];
+            acc += v[4 * i] * xv.x + v[4 * i + 1] * xv.y + v[4 * i + 2] * xv.z + v[4 * i + 3] * xv.w;
+        }
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) {
+        float* out = y + (size_t)t * y_stride + row;
+        *out = ADD ? *out + acc : acc;
+    }
+}
+
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ float load(const float* p) { return *p; }
+__device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
+
+// w: (rows, cols/QK*BYTES) -> out: (rows, cols) of O; one thread per 32 values.
+template <class T, class O>
+__global__ void dequant(const u8* __restrict__ w, long long rows, int cols, O* __restrict__ out) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int parts = cols / 32, per_block = T::QK / 32;
+    if (i >= rows * parts) return;
+    long long row = i / parts; int p = (int)(i % parts);
+    float v[32];
+    T::part(w + row * (long long)(cols / T::QK) * T::BYTES + (long long)(p / per_block) * T::BYTES, p % per_block, v);
+    O* o = out + row * cols + p * 32;
+    #pragma unroll
+    for (int j = 0; j < 32; j++) store(o + j, v[j]);
+}
+
+// Sum over the block (blockDim.x a multiple of 32, <= 1024), returned to every thread.
+__device__ float block_sum(float s, float* scratch) {
+    s = warp_sum(s);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n_warps = blockDim.x >> 5;
+    __syncthreads();
+    if (lane == 0) scratch[warp] = s;
+    __syncthreads();
+    s = lane < n_warps ? scratch[lane] : 0.f;
+    return warp_sum(s);
+}
+
+// x: (n, d) -> out: (n, d) = x / sqrt(mean(x^2) + eps) * weight; grid n rows.
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ weight, float eps, int d,
+                                    float* __restrict__ out) {
+    __shared__ float scratch[32];
+    const float* xr = x + (size_t)blockIdx.x * d;
+    float* o = out + (size_t)blockIdx.x * d;
+    float s = 0.f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) s += xr[j] * xr[j];
+    float scale = rsqrtf(block_sum(s, scratch) / d + eps);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) o[j] = xr[j] * scale * weight[j];
+}
+
+// Per token t (blockIdx.y) and head (blockIdx.x: query heads, then kv heads): add the bias,
+// RMS-normalize the head (Qwen3; norm may be null), rotate by RoPE at position n_past[0] + t
+// (cos/sin: (n_ctx, n_rot/2) tables; neox pairs i with i + n_rot/2, else 2i with 2i+1); queries in
+// place, keys and values (unrotated, biased) into the cache at (kv head, position).
+// q: (n, n_head*hd), k, v: (n, n_kv*hd); caches: (n_kv, n_ctx, hd); hd <= 512;
+// block: hd threads rounded up to a multiple of 32 (the rest only join the sums).
+template <class KV>
+__global__ void qkv_post(float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                         const float* __restrict__ bq, const float* __restrict__ bk, const float* __restrict__ bv,
+                         const float* __restrict__ q_norm, const float* __restrict__ k_norm, float eps,
+                         const float* __restrict__ cos_t, const float* __restrict__ sin_t, int n_rot, int neox,
+                         const int* __restrict__ n_past, int n_head, int n_kv, int hd, int n_ctx,
+                         KV* __restrict__ k_cache, KV* __restrict__ v_cache) {
+    __shared__ float scratch[32];
+    __shared__ float row[512];
+    int h = blockIdx.x, t = blockIdx.y, i = threadIdx.x;
+    bool live = i < hd;
+    int pos = n_past[0] + t;
+    if (pos >= n_ctx) return;  // the caller checks the chunk fits; never write past the cache
+    bool is_q = h < n_head;
+    int hk = is_q ? 0 : h - n_head;
+    const float* src = is_q ? q + ((size_t)t * n_head + h) * hd : k + ((size_t)t * n_kv + hk) * hd;
+    const float* bias = is_q ? bq : bk;
+    const float* norm = is_q ? q_norm : k_norm;
+    float val = live ? src[i] + (bias ? bias[(is_q ? h : hk) * hd + i] : 0.f) : 0.f;
+    if (norm) {
+        float scale = rsqrtf(block_sum(val * val, scratch) / hd + eps);
+        val = live ? val * scale * norm[i] : 0.f;
+    }
+    if (live) row[i] = val;
+    __syncthreads();
+    if (!live) return;
+    int half = n_rot / 2;
+    if (i < 2 * half) {
+        const float* c = cos_t + (size_t)pos * half;
+        const float* s = sin_t + (size_t)pos * half;
+        if (neox) {
+            int j = i < half ? i : i - half;
+            float a = row[j], b = row[j + half];
+            val = i < half ? a * c[j] - b * s[j] : a * s[j] + b * c[j];
+        } else {
+            int j = i >> 1;
+            float a = row[2 * j], b = row[2 * j + 1];
+            val = (i & 1) ? a * s[j] + b * c[j] : a * c[j] - b * s[j];
+        }
+    }
+    if (is_q) {
+        q[((size_t)t * n_head + h) * hd + i] = val;
+    } else {
+        size_t at = ((size_t)hk * n_ctx + pos) * hd + i;
+        store(k_cache + at, val);
+        float vv = v[((size_t)t * n_kv + hk) * hd + i] + (bv ? bv[hk * hd + i] : 0.f);
+        store(v_cache + at, vv);
+    }
+}
+
+// Causal attention of query token t (blockIdx.y) head h (blockIdx.x) over cache positions
+// 0 .. n_past[0] + t: each warp takes every WARPS-th key with an online softmax, then the warps
+// combine. q, out: (n, n_head*hd); caches (n_kv, n_ctx, hd); hd <= 256.
+template <class KV, int WARPS>
+__global__ void attention(const float* __restrict__ q, const KV* __restrict__ k_cache, const KV* __restrict__ v_cache,
+                          const int* __restrict__ n_past, int n_head, int n_kv, int hd, int n_ctx, float scale,
+                          float* __restrict__ out) {
+    __shared__ float qs[256];
+    __shared__ float part_m[WARPS], part_l[WARPS];
+    __shared__ float part_acc[WARPS][256];
+    int h = blockIdx.x, t = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int hk = h / (n_head / n_kv);
+    int n_keys = min(n_past[0] + t + 1, n_ctx);
+    const float* qr = q + ((size_t)t * n_head + h) * hd;
+    for (int j = threadIdx.x; j < hd; j += blockDim.x) qs[j] = qr[j] * scale;
+    __syncthreads();
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    float m = -CUDART_INF_F, l = 0.f;
+    const KV* kb = k_cache + (size_t)hk * n_ctx * hd;
+    const KV* vb = v_cache + (size_t)hk * n_ctx * hd;
+    for (int j = warp; j < n_keys; j += WARPS) {
+        const KV* kr = kb + (size_t)j * hd;
+        float s = 0.f;
+        #pragma unroll
+        for (int r = 0; r < 8; r++) if (lane + 32 * r < hd) s += qs[lane + 32 * r] * load(kr + lane + 32 * r);
+        s = warp_sum(s);
+        float m_new = fmaxf(m, s);
+        float corr = __expf(m - m_new), e = __expf(s - m_new);
+        l = l * corr + e;
+        const KV* vr = vb + (size_t)j * hd;
+        #pragma unroll
+        for (int r = 0; r < 8; r++) if (lane + 32 * r < hd) acc[r] = acc[r] * corr + e * load(vr + lane + 32 * r);
+        m = m_new;
+    }
+    if (lane == 0) { part_m[warp] = m; part_l[warp] = l; }
+    #pragma unroll
+    for (int r = 0; r < 8; r++) if (lane + 32 * r < hd) part_acc[warp][lane + 32 * r] = acc[r];
+    __syncthreads();
+    float big = -CUDART_INF_F;
+    for (int w = 0; w < WARPS; w++) big = fmaxf(big, part_m[w]);
+    float total = 0.f;
+    for (int w = 0; w < WARPS; w++) total += part_l[w] * __expf(part_m[w] - big);
+    for (int j = threadIdx.x; j < hd; j += blockDim.x) {
+        float o = 0.f;
+        for (int w = 0; w < WARPS; w++) o += part_acc[w][j] * __expf(part_m[w] - big);
+        out[((size_t)t * n_head + h) * hd + j] = o / total;
+    }
+}
+
+// gate = silu(gate) * up over n values.
+extern "C" __global__ void swiglu(float* __restrict__ gate, const float* __restrict__ up, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) { float g = gate[i]; gate[i] = g / (1.f + __expf(-g)) * up[i]; }
+}
+
+// x (n) f32 -> y (n) f16
+extern "C" __global__ void to_half(const float* __restrict__ x, __half* __restrict__ y, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = __float2half_rn(x[i]);
+}
+"""
+
+
+def template_names() -> list[str]:
+    """The template instances runtime/gpu.py asks NVRTC for."""
+    names = []
+    for struct in TYPE_STRUCTS.values():
+        names += [f"matvec<{struct}, false>", f"matvec<{struct}, true>", f"dequant<{struct}, float>",
+                  f"dequant<{struct}, __half>"]
+    for kv in ("__half", "float"):
+        names += [f"qkv_post<{kv}>", f"attention<{kv}, {ATTENTION_WARPS}>"]
+    return names

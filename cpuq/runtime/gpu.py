@@ -1,0 +1,299 @@
+"""GPU offload through CuPy: the last N transformer blocks of a model (and, when all of them
+are offloaded and one more is asked for, or N is -1, the output norm and matrix, as
+llama.cpp's n_gpu_layers) run on a CUDA GPU; the rest stays on the CPU.
+
+Offloaded matrices are uploaded once in their GGML blocks (not expanded); their KV cache
+lives on the GPU. A forward pass crosses the CPU/GPU boundary once each way: the hidden
+state after the CPU's blocks goes up, the logits (or the hidden state, for the CPU's
+output matrix) come down. One token: every matrix product is kernels.cuda's matvec on the
+blocks, and the whole step is one recorded CUDA graph, replayed each token (the position is
+read from device memory). A prompt chunk: each matrix is dequantized to fp16 and multiplied
+by cuBLAS (fp16 inputs, float32 accumulation and output).
+
+CuPy is optional: `find_gpu()` says why there is no GPU instead of raising, and nothing
+here imports cupy at module level.
+
+Imports numpy, cpuq.arch, cpuq.errors, cpuq.kernels.cuda and cpuq.runtime.weights (and
+cupy, lazily).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..arch import ModelConfig
+from ..errors import UnsupportedError
+from ..kernels.cuda import ATTENTION_WARPS, MATVEC_WARPS, SOURCE, TYPE_QK, TYPE_STRUCTS, template_names
+from .weights import Layer, Matrix, Weights
+
+MATVEC_MAX_TOKENS = 8  # up to this many tokens, matrix products read the blocks directly; above, fp16 + cuBLAS
+_CUDA_R_16F, _CUDA_R_32F = 2, 0
+
+
+def find_gpu():
+    """(cupy, None) when CuPy imports and sees a CUDA device, else (None, why not) as one line."""
+    try:
+        import cupy
+    except ImportError as e:
+        return None, f"CuPy is not installed ({e}; pip install 'cpuq[gpu]')"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDARuntimeError without a driver, and other CuPy set-up errors
+        return None, f"CuPy {cupy.__version__} found no CUDA device ({str(e).splitlines()[0]})"
+    if n < 1:
+        return None, f"CuPy {cupy.__version__} found no CUDA device"
+    return cupy, None
+
+
+def describe_gpu() -> dict:
+    """What `cpuq info --gpu` prints: CuPy's version, the CUDA versions and each device, or why none."""
+    cp, why = find_gpu()
+    if cp is None:
+        return {"available": False, "reason": why}
+    devices = []
+    for i in range(cp.cuda.runtime.getDeviceCount()):
+        props = cp.cuda.runtime.getDeviceProperties(i)
+        with cp.cuda.Device(i):
+            free, total = cp.cuda.runtime.memGetInfo()
+        devices.append({"index": i, "name": props["name"].decode(), "compute_capability": f"{props['major']}.{props['minor']}",
+                        "memory_total": int(total), "memory_free": int(free)})
+    return {"available": True, "cupy": cp.__version__, "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
+            "cuda_driver": cp.cuda.runtime.driverGetVersion(), "devices": devices}
+
+
+@functools.lru_cache(maxsize=None)
+def _module(device_id: int):
+    import cupy as cp
+    with cp.cuda.Device(device_id):
+        return cp.RawModule(code=SOURCE, options=("-std=c++17",), name_expressions=template_names())
+
+
+def offloaded(cfg: ModelConfig, gpu_layers: int) -> tuple[int, bool]:
+    """(first block on the GPU, whether the output matrix is there too) for gpu_layers N:
+    the last N blocks; -1 or more than n_layer: all blocks and the output (llama.cpp's rule)."""
+    n = cfg.n_layer + 1 if gpu_layers < 0 else gpu_layers
+    return max(cfg.n_layer - n, 0), n > cfg.n_layer
+
+
+@dataclass
+class _Matrix:
+    data: object      # cupy uint8 (rows, row_bytes)
+    struct: str
+    rows: int
+    cols: int
+
+
+@dataclass
+class _Layer:
+    attn_norm: object
+    wq: _Matrix
+    wk: _Matrix
+    wv: _Matrix
+    wo: _Matrix
+    bq: object
+    bk: object
+    bv: object
+    q_norm: object
+    k_norm: object
+    ffn_norm: object
+    w_gate: _Matrix
+    w_up: _Matrix
+    w_down: _Matrix
+
+
+class _Buffers:
+    """Activations of an n-token pass (fixed addresses: the decode graph records them)."""
+
+    def __init__(self, cp, cfg: ModelConfig, n: int, n_out: int):
+        f32 = cp.float32
+        q_rows, kv_rows = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
+        self.x = cp.empty((n, cfg.n_embd), f32)
+        self.h = cp.empty((n, cfg.n_embd), f32)
+        self.q = cp.empty((n, q_rows), f32)
+        self.k = cp.empty((n, kv_rows), f32)
+        self.v = cp.empty((n, kv_rows), f32)
+        self.att = cp.empty((n, q_rows), f32)
+        self.gate = cp.empty((n, cfg.n_ff), f32)
+        self.up = cp.empty((n, cfg.n_ff), f32)
+        self.logits = cp.empty((n_out, cfg.n_vocab), f32) if n_out else None
+
+
+class GpuCache:
+    """The offloaded blocks' keys and values, (n_gpu_layers, n_head_kv, n_ctx, head_dim) each,
+    the RoPE tables for positions 0 .. n_ctx-1, the position of the next token as a device
+    int, and the recorded one-token step (made on first use)."""
+
+    def __init__(self, cp, cfg: ModelConfig, n_layers: int, n_ctx: int, kv_dtype, cos, sin, with_output: bool):
+        shape = (n_layers, cfg.n_head_kv, n_ctx, cfg.head_dim)
+        self.k = cp.zeros(shape, kv_dtype)
+        self.v = cp.zeros(shape, kv_dtype)
+        self.cos = cp.asarray(cos)
+        self.sin = cp.asarray(sin)
+        self.n_past = cp.zeros(1, cp.int32)
+        self.n_ctx = n_ctx
+        self.step = _Buffers(cp, cfg, 1, 1 if with_output else 0)
+        self.graph = None
+
+
+class GpuOffload:
+    """The offloaded part of one model on one device. forward() runs it for a chunk."""
+
+    def __init__(self, weights: Weights, cfg: ModelConfig, rope, gpu_layers: int, kv_type: str, device_id: int = 0):
+        cp, why = find_gpu()
+        if cp is None:
+            raise UnsupportedError(why)
+        self.cp = cp
+        self.cfg = cfg
+        self.rope = rope
+        self.rope_freqs = weights.rope_freqs
+        self.first_layer, self.with_output = offloaded(cfg, gpu_layers)
+        self.n_layers = cfg.n_layer - self.first_layer
+        if cfg.head_dim > 256:
+            raise UnsupportedError(f"GPU offload needs a head_dim of at most 256, not {cfg.head_dim}")
+        self.device = cp.cuda.Device(device_id)
+        self.kv_type = kv_type
+        self.kv_name = {"f16": "__half", "f32": "float"}[kv_type]
+        with self.device:
+            self.stream = cp.cuda.Stream(non_blocking=True)
+            self.module = _module(device_id)
+            self._fns: dict[str, object] = {}
+            self.layers = [self._layer(layer) for layer in weights.layers[self.first_layer:]]
+            self.output_norm = self._vector(weights.output_norm) if self.with_output else None
+            self.output = self._matrix(weights.output) if self.with_output else None
+            self.name = cp.cuda.runtime.getDeviceProperties(device_id)["name"].decode()
+
+    # upload -----------------------------------------------------------------------------
+    def _matrix(self, m: Matrix) -> _Matrix:
+        struct = TYPE_STRUCTS.get(m.ggml_type)
+        if struct is None or m.cols % TYPE_QK[m.ggml_type] or m.cols % 32:
+            raise UnsupportedError(f"tensor '{m.name}' (GGML type {m.ggml_type}, {m.cols} columns) cannot run on the GPU")
+        return _Matrix(self.cp.asarray(np.ascontiguousarray(m.data)), struct, m.rows, m.cols)
+
+    def _vector(self, v):
+        return None if v is None else self.cp.asarray(np.ascontiguousarray(v, np.float32))
+
+    def _layer(self, layer: Layer) -> _Layer:
+        m, v = self._matrix, self._vector
+        return _Layer(v(layer.attn_norm), m(layer.wq), m(layer.wk), m(layer.wv), m(layer.wo), v(layer.bq), v(layer.bk),
+                      v(layer.bv), v(layer.q_norm), v(layer.k_norm), v(layer.ffn_norm), m(layer.w_gate),
+                      m(layer.w_up), m(layer.w_down))
+
+    def new_cache(self, n_ctx: int) -> GpuCache:
+        cos, sin = self.rope.tables(np.arange(n_ctx), self.rope_freqs)
+        with self.device:
+            return GpuCache(self.cp, self.cfg, self.n_layers, n_ctx,
+                            self.cp.float16 if self.kv_type == "f16" else self.cp.float32, cos, sin, self.with_output)
+
+    # kernels ----------------------------------------------------------------------------
+    def _fn(self, name: str):
+        f = self._fns.get(name)
+        if f is None:
+            f = self._fns[name] = self.module.get_function(name)
+        return f
+
+    def _linear(self, w: _Matrix, x, out, add: bool = False) -> None:
+        """out (n, rows) (+)= x (n, cols) @ W.T."""
+        cp = self.cp
+        n = x.shape[0]
+        if n <= MATVEC_MAX_TOKENS:
+            f = self._fn(f"matvec<{w.struct}, {'true' if add else 'false'}>")
+            f((-(-w.rows // MATVEC_WARPS), n), (32 * MATVEC_WARPS,),
+              (w.data, np.int32(w.rows), np.int32(w.cols), x, np.int32(x.shape[1]), out, np.int32(out.shape[1])))
+            return
+        w16 = cp.empty((w.rows, w.cols), cp.float16)
+        parts = w.rows * (w.cols // 32)
+        self._fn(f"dequant<{w.struct}, __half>")((-(-parts // 256),), (256,),
+                                                 (w.data, np.int64(w.rows), np.int32(w.cols), w16))
+        x16 = cp.empty(x.shape, cp.float16)
+        self._fn("to_half")((-(-x.size // 256),), (256,), (x, x16, np.int64(x.size)))
+        self._gemm(w16, x16, out, w.rows, n, w.cols, 1.0 if add else 0.0)
+
+    def _gemm(self, w16, x16, out, rows: int, n: int, cols: int, beta: float) -> None:
+        """out (n, rows) f32 = x16 (n, cols) @ w16 (rows, cols).T + beta * out; cuBLAS is
+        column-major, so this is out.T = w16.T(op T) @ x16.T."""
+        from cupy.cuda import cublas
+        handle = self.cp.cuda.device.get_cublas_handle()
+        cublas.setStream(handle, self.stream.ptr)
+        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+        alpha_h, beta_h = np.array(1.0, np.float32), np.array(beta, np.float32)
+        cublas.gemmEx(handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, rows, n, cols,
+                      alpha_h.ctypes.data, w16.data.ptr, _CUDA_R_16F, cols, x16.data.ptr, _CUDA_R_16F, cols,
+                      beta_h.ctypes.data, out.data.ptr, _CUDA_R_32F, out.shape[1],
+                      cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
+
+    def _norm(self, x, weight, out) -> None:
+        self._fn("rms_norm")((x.shape[0],), (256,), (x, weight, np.float32(self.cfg.rms_eps), np.int32(x.shape[1]), out))
+
+    # the pass ---------------------------------------------------------------------------
+    def _blocks(self, b: _Buffers, cache: GpuCache, n: int) -> None:
+        cfg = self.cfg
+        hd = cfg.head_dim
+        null = np.uint64(0)
+        scale = np.float32(1.0 / math.sqrt(hd))
+        for il, L in enumerate(self.layers):
+            self._norm(b.x, L.attn_norm, b.h)
+            self._linear(L.wq, b.h, b.q)
+            self._linear(L.wk, b.h, b.k)
+            self._linear(L.wv, b.h, b.v)
+            k_cache, v_cache = cache.k[il], cache.v[il]
+            self._fn(f"qkv_post<{self.kv_name}>")(
+                (cfg.n_head + cfg.n_head_kv, n), (-(-hd // 32) * 32,),
+                (b.q, b.k, b.v, L.bq if L.bq is not None else null, L.bk if L.bk is not None else null,
+                 L.bv if L.bv is not None else null, L.q_norm if L.q_norm is not None else null,
+                 L.k_norm if L.k_norm is not None else null, np.float32(cfg.rms_eps), cache.cos, cache.sin,
+                 np.int32(2 * cache.cos.shape[1]), np.int32(self.rope.neox), cache.n_past, np.int32(cfg.n_head),
+                 np.int32(cfg.n_head_kv), np.int32(hd), np.int32(cache.n_ctx), k_cache, v_cache))
+            self._fn(f"attention<{self.kv_name}, {ATTENTION_WARPS}>")(
+                (cfg.n_head, n), (32 * ATTENTION_WARPS,),
+                (b.q, k_cache, v_cache, cache.n_past, np.int32(cfg.n_head), np.int32(cfg.n_head_kv), np.int32(hd),
+                 np.int32(cache.n_ctx), scale, b.att))
+            self._linear(L.wo, b.att, b.x, add=True)
+            self._norm(b.x, L.ffn_norm, b.h)
+            self._linear(L.w_gate, b.h, b.gate)
+            self._linear(L.w_up, b.h, b.up)
+            self._fn("swiglu")((-(-b.gate.size // 256),), (256,), (b.gate, b.up, np.int64(b.gate.size)))
+            self._linear(L.w_down, b.gate, b.x, add=True)
+
+    def _tail(self, b: _Buffers, logits_from: int) -> None:
+        """The output norm and matrix for rows logits_from.. of b.x into b.logits."""
+        x = b.x[logits_from:]
+        h = b.h[logits_from:]
+        self._norm(x, self.output_norm, h)
+        self._linear(self.output, h, b.logits)
+
+    def forward(self, x: np.ndarray, cache: GpuCache, start: int, logits_from: int) -> np.ndarray:
+        """x (n, n_embd) f32: the hidden state after the CPU's blocks, for positions start ..
+        start+n-1. Runs the offloaded blocks (appending to `cache`) and returns, for rows
+        logits_from .. n-1, the logits (n - logits_from, n_vocab) when the output is
+        offloaded, else the hidden state (n - logits_from, n_embd) for the CPU's output."""
+        cp = self.cp
+        n = x.shape[0]
+        logits_from = min(max(logits_from, 0), n)
+        n_out = n - logits_from
+        with self.device, self.stream:
+            cache.n_past.set(np.array([start], np.int32))
+            if n == 1 and n_out == 1:
+                b = cache.step
+                b.x.set(np.ascontiguousarray(x, np.float32))
+                if cache.graph is None:
+                    self.stream.begin_capture()
+                    try:
+                        self._pass(b, cache, 1, 0)
+                    finally:
+                        graph = self.stream.end_capture()
+                    cache.graph = graph
+                cache.graph.launch(self.stream)
+            else:
+                b = _Buffers(cp, self.cfg, n, n_out if self.with_output else 0)
+                b.x.set(np.ascontiguousarray(x, np.float32))
+                self._pass(b, cache, n, logits_from)
+            out = (b.logits if self.with_output else b.x[logits_from:]).get()
+        return out
+
+    def _pass(self, b: _Buffers, cache: GpuCache, n: int, logits_from: int) -> None:
+        self._blocks(b, cache, n)
+        if self.with_output and n - logits_from > 0:
+            self._tail(b, logits_from)
