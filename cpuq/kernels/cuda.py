@@ -27,6 +27,7 @@ TYPE_QK = {0: 32, 1: 32, 30: 32, 2: 32, 3: 32, 6: 32, 7: 32, 8: 32, 12: 256, 13:
 
 MATVEC_WARPS = 4      # rows per matvec block (one warp each)
 ATTENTION_WARPS = 8   # warps sharing one query's keys
+ATTENTION_CHUNK = 256  # keys per split of a one-token step's attention
 
 SOURCE = r"""
 #include <cuda_fp16.h>
@@ -131,6 +132,11 @@ struct TQ6_K { enum { QK = 256, BYTES = 210 };
                 int q = ((lo[l] >> lo_shift) & 15) | (((hi[l] >> hi_shift) & 3) << 4);
                 v[l] = __fmul_rn(dg, (float)(q - 32)); } } } };
 
+__device__ __forceinline__ float warp_max(float s) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s = fmaxf(s, __shfl_xor_sync(0xffffffffu, s, o));
+    return s;
+}
 __device__ __forceinline__ float warp_sum(float s) {
     #pragma unroll
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
@@ -169,6 +175,17 @@ __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ float load(const float* p) { return *p; }
 __device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
+// Eight values at p (16-byte aligned for halves, 32 for floats) in one or two vector loads.
+__device__ __forceinline__ void load8(const __half* p, float* f) {
+    uint4 u = *reinterpret_cast<const uint4*>(p);
+    const __half2* h = reinterpret_cast<const __half2*>(&u);
+    #pragma unroll
+    for (int i = 0; i < 4; i++) { float2 v = __half22float2(h[i]); f[2 * i] = v.x; f[2 * i + 1] = v.y; }
+}
+__device__ __forceinline__ void load8(const float* p, float* f) {
+    float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
 
 // w: (rows, cols/QK*BYTES) -> out: (rows, cols) of O; one thread per 32 values.
 template <class T, class O>
@@ -264,18 +281,22 @@ __global__ void qkv_post(float* __restrict__ q, const float* __restrict__ k, con
 }
 
 // Causal attention of query token t (blockIdx.y) head h (blockIdx.x) over cache positions
-// 0 .. n_past[0] + t: each warp takes every WARPS-th key with an online softmax, then the warps
-// combine. q, out: (n, n_head*hd); caches (n_kv, n_ctx, hd); hd <= 256.
+// 0 .. n_past[0] + t, or over split blockIdx.z's `chunk` of them: each warp takes every WARPS-th tile
+// of 32 keys with an online softmax, then the warps combine. One split: out = the result. Several
+// (one-token steps, where n_head blocks alone leave most of the GPU idle): part[t, h, split] = (max
+// score, sum of exp, hd unnormalized sums) for attention_combine. q, out: (n, n_head*hd);
+// caches (n_kv, n_ctx, hd); hd <= 256.
 template <class KV, int WARPS>
 __global__ void attention(const float* __restrict__ q, const KV* __restrict__ k_cache, const KV* __restrict__ v_cache,
                           const int* __restrict__ n_past, int n_head, int n_kv, int hd, int n_ctx, float scale,
-                          float* __restrict__ out) {
+                          int chunk, float* __restrict__ out, float* __restrict__ part) {
     __shared__ float qs[256];
     __shared__ float part_m[WARPS], part_l[WARPS];
     __shared__ float part_acc[WARPS][256];
-    int h = blockIdx.x, t = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int h = blockIdx.x, t = blockIdx.y, split = blockIdx.z, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int hk = h / (n_head / n_kv);
     int n_keys = min(n_past[0] + t + 1, n_ctx);
+    int lo = split * chunk, hi = min(lo + chunk, n_keys);
     const float* qr = q + ((size_t)t * n_head + h) * hd;
     for (int j = threadIdx.x; j < hd; j += blockDim.x) qs[j] = qr[j] * scale;
     __syncthreads();
@@ -283,18 +304,39 @@ __global__ void attention(const float* __restrict__ q, const KV* __restrict__ k_
     float m = -CUDART_INF_F, l = 0.f;
     const KV* kb = k_cache + (size_t)hk * n_ctx * hd;
     const KV* vb = v_cache + (size_t)hk * n_ctx * hd;
-    for (int j = warp; j < n_keys; j += WARPS) {
-        const KV* kr = kb + (size_t)j * hd;
-        float s = 0.f;
+    // Lane i scores key tile + i over all of hd (independent loads: a tile costs a few memory
+    // round trips, not one per key), then the lanes sum the tile's values for their dimensions.
+    for (int tile = lo + warp * 32; tile < hi; tile += WARPS * 32) {
+        int j = tile + lane;
+        float s = -CUDART_INF_F;
+        if (j < hi) {
+            const KV* kr = kb + (size_t)j * hd;
+            float dot = 0.f;
+            if ((hd & 7) == 0) {  // rows then start on 16 (halves) or 32 (floats) bytes
+                for (int d = 0; d < hd; d += 8) {
+                    float f[8];
+                    load8(kr + d, f);
+                    #pragma unroll
+                    for (int i = 0; i < 8; i++) dot += qs[d + i] * f[i];
+                }
+            } else {
+                for (int d = 0; d < hd; d++) dot += qs[d] * load(kr + d);
+            }
+            s = dot;
+        }
+        float m_new = fmaxf(m, warp_max(s));
+        float corr = __expf(m - m_new), p = __expf(s - m_new);
+        l = l * corr + warp_sum(p);
         #pragma unroll
-        for (int r = 0; r < 8; r++) if (lane + 32 * r < hd) s += qs[lane + 32 * r] * load(kr + lane + 32 * r);
-        s = warp_sum(s);
-        float m_new = fmaxf(m, s);
-        float corr = __expf(m - m_new), e = __expf(s - m_new);
-        l = l * corr + e;
-        const KV* vr = vb + (size_t)j * hd;
-        #pragma unroll
-        for (int r = 0; r < 8; r++) if (lane + 32 * r < hd) acc[r] = acc[r] * corr + e * load(vr + lane + 32 * r);
+        for (int r = 0; r < 8; r++) acc[r] *= corr;
+        int n_tile = min(32, hi - tile);
+        #pragma unroll 8
+        for (int kk = 0; kk < n_tile; kk++) {
+            float pk = __shfl_sync(0xffffffffu, p, kk);
+            const KV* vr = vb + (size_t)(tile + kk) * hd;
+            #pragma unroll
+            for (int r = 0; r < 8; r++) if (lane + 32 * r < hd) acc[r] += pk * load(vr + lane + 32 * r);
+        }
         m = m_new;
     }
     if (lane == 0) { part_m[warp] = m; part_l[warp] = l; }
@@ -304,12 +346,31 @@ __global__ void attention(const float* __restrict__ q, const KV* __restrict__ k_
     float big = -CUDART_INF_F;
     for (int w = 0; w < WARPS; w++) big = fmaxf(big, part_m[w]);
     float total = 0.f;
-    for (int w = 0; w < WARPS; w++) total += part_l[w] * __expf(part_m[w] - big);
+    for (int w = 0; w < WARPS; w++) if (part_l[w] > 0.f) total += part_l[w] * __expf(part_m[w] - big);
+    float* dst = gridDim.z == 1 ? out + ((size_t)t * n_head + h) * hd
+                                : part + (((size_t)t * n_head + h) * gridDim.z + split) * (hd + 2);
     for (int j = threadIdx.x; j < hd; j += blockDim.x) {
         float o = 0.f;
-        for (int w = 0; w < WARPS; w++) o += part_acc[w][j] * __expf(part_m[w] - big);
-        out[((size_t)t * n_head + h) * hd + j] = o / total;
+        for (int w = 0; w < WARPS; w++) if (part_l[w] > 0.f) o += part_acc[w][j] * __expf(part_m[w] - big);
+        if (gridDim.z == 1) dst[j] = o / total; else dst[2 + j] = o;
     }
+    if (gridDim.z > 1 && threadIdx.x == 0) { dst[0] = big; dst[1] = total; }
+}
+
+// out[t, h] from attention's n_split parts (grid (n_head, n), block >= hd threads).
+extern "C" __global__ void attention_combine(const float* __restrict__ part, int n_split, int n_head, int hd,
+                                             float* __restrict__ out) {
+    int h = blockIdx.x, t = blockIdx.y, j = threadIdx.x;
+    if (j >= hd) return;
+    const float* p = part + ((size_t)t * n_head + h) * n_split * (hd + 2);
+    float big = -CUDART_INF_F;
+    for (int s = 0; s < n_split; s++) if (p[s * (hd + 2) + 1] > 0.f) big = fmaxf(big, p[s * (hd + 2)]);
+    float total = 0.f, o = 0.f;
+    for (int s = 0; s < n_split; s++) {
+        const float* ps = p + s * (hd + 2);
+        if (ps[1] > 0.f) { float w = __expf(ps[0] - big); total += ps[1] * w; o += ps[2 + j] * w; }
+    }
+    out[((size_t)t * n_head + h) * hd + j] = o / total;
 }
 
 // gate = silu(gate) * up over n values.

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..arch import ModelConfig
 from ..errors import UnsupportedError
-from ..kernels.cuda import ATTENTION_WARPS, MATVEC_WARPS, SOURCE, TYPE_QK, TYPE_STRUCTS, template_names
+from ..kernels.cuda import ATTENTION_CHUNK, ATTENTION_WARPS, MATVEC_WARPS, SOURCE, TYPE_QK, TYPE_STRUCTS, template_names
 from .weights import Layer, Matrix, Weights
 
 MATVEC_MAX_TOKENS = 8  # up to this many tokens, matrix products read the blocks directly; above, fp16 + cuBLAS
@@ -78,6 +78,12 @@ def offloaded(cfg: ModelConfig, gpu_layers: int) -> tuple[int, bool]:
     return max(cfg.n_layer - n, 0), n > cfg.n_layer
 
 
+def splits(n_ctx: int) -> int:
+    """Key splits of attention in one-token steps: every ATTENTION_CHUNK positions of the
+    cache (a recorded step must cover the whole cache; splits past the keys return at once)."""
+    return -(-n_ctx // ATTENTION_CHUNK)
+
+
 @dataclass
 class _Matrix:
     data: object      # cupy uint8 (rows, row_bytes)
@@ -107,7 +113,7 @@ class _Layer:
 class _Buffers:
     """Activations of an n-token pass (fixed addresses: the decode graph records them)."""
 
-    def __init__(self, cp, cfg: ModelConfig, n: int, n_out: int):
+    def __init__(self, cp, cfg: ModelConfig, n: int, n_out: int, n_split: int = 1):
         f32 = cp.float32
         q_rows, kv_rows = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
         self.x = cp.empty((n, cfg.n_embd), f32)
@@ -119,6 +125,8 @@ class _Buffers:
         self.gate = cp.empty((n, cfg.n_ff), f32)
         self.up = cp.empty((n, cfg.n_ff), f32)
         self.logits = cp.empty((n_out, cfg.n_vocab), f32) if n_out else None
+        self.n_split = n_split  # attention's key splits (see kernels.cuda attention)
+        self.part = cp.empty((n, cfg.n_head, n_split, cfg.head_dim + 2), f32) if n_split > 1 else None
 
 
 class GpuCache:
@@ -134,7 +142,7 @@ class GpuCache:
         self.sin = cp.asarray(sin)
         self.n_past = cp.zeros(1, cp.int32)
         self.n_ctx = n_ctx
-        self.step = _Buffers(cp, cfg, 1, 1 if with_output else 0)
+        self.step = _Buffers(cp, cfg, 1, 1 if with_output else 0, splits(n_ctx))
         self.graph = None
 
 
@@ -247,9 +255,13 @@ class GpuOffload:
                  np.int32(2 * cache.cos.shape[1]), np.int32(self.rope.neox), cache.n_past, np.int32(cfg.n_head),
                  np.int32(cfg.n_head_kv), np.int32(hd), np.int32(cache.n_ctx), k_cache, v_cache))
             self._fn(f"attention<{self.kv_name}, {ATTENTION_WARPS}>")(
-                (cfg.n_head, n), (32 * ATTENTION_WARPS,),
+                (cfg.n_head, n, b.n_split), (32 * ATTENTION_WARPS,),
                 (b.q, k_cache, v_cache, cache.n_past, np.int32(cfg.n_head), np.int32(cfg.n_head_kv), np.int32(hd),
-                 np.int32(cache.n_ctx), scale, b.att))
+                 np.int32(cache.n_ctx), scale, np.int32(ATTENTION_CHUNK if b.n_split > 1 else cache.n_ctx), b.att,
+                 b.part if b.part is not None else null))
+            if b.n_split > 1:
+                self._fn("attention_combine")((cfg.n_head, n), (-(-hd // 32) * 32,),
+                                              (b.part, np.int32(b.n_split), np.int32(cfg.n_head), np.int32(hd), b.att))
             self._linear(L.wo, b.att, b.x, add=True)
             self._norm(b.x, L.ffn_norm, b.h)
             self._linear(L.w_gate, b.h, b.gate)
@@ -287,7 +299,8 @@ class GpuOffload:
                     cache.graph = graph
                 cache.graph.launch(self.stream)
             else:
-                b = _Buffers(cp, self.cfg, n, n_out if self.with_output else 0)
+                b = _Buffers(cp, self.cfg, n, n_out if self.with_output else 0,
+                             splits(cache.n_ctx) if n <= MATVEC_MAX_TOKENS else 1)
                 b.x.set(np.ascontiguousarray(x, np.float32))
                 self._pass(b, cache, n, logits_from)
             out = (b.logits if self.with_output else b.x[logits_from:]).get()
