@@ -226,6 +226,15 @@ def test_runtime_error(source, message):
 # Attempts to leave the sandbox. Each must fail with FormatError before anything runs;
 # the first few would run a shell command outside a sandbox.
 ESCAPES = [
+    # CVE-2024-34359 (llama-cpp-python <= 0.2.71, GHSA-56xg-wfcc-g829): the published proof of
+    # concept, a tokenizer.chat_template that reaches os.popen through warnings.catch_warnings
+    "{% for x in ().__class__.__base__.__subclasses__() %}{% if \"warning\" in x.__name__ %}"
+    "{{x()._module.__builtins__['__import__']('os').popen(\"touch {canary}\")}}{%endif%}{% endfor %}",
+    # CVE-2024-56326 (jinja2 < 3.1.5): a stored reference to str.format, called later, reads
+    # attributes the sandbox forbids (a module's globals: a leak, the step before an escape)
+    "{% set f = '{0.__init__.__globals__}'.format %}{{ f(cycler) }}",
+    # CVE-2025-27516 (jinja2 < 3.1.6): the same through the attr filter
+    "{{ ('{0.__init__.__globals__}'|attr('format'))(cycler) }}",
     "{{ cycler.__init__.__globals__.os.popen('touch {canary}').read() }}",
     "{{ ''.__class__.__mro__[1].__subclasses__() }}",
     "{% for c in ''.__class__.__mro__[1].__subclasses__() %}{% if c.__name__ == 'Popen' %}"
@@ -408,3 +417,42 @@ def test_matches_transformers(tmp_path):
     assert not failures, f"{len(failures)} of {len(cases)} differ:\n" + "\n".join(failures[:10])
     # most cases render (the rest: templates that reject a conversation, e.g. tool calls without content)
     assert texts > 0.8 * len(cases)
+
+
+def test_cve_2024_34359_payload_is_live_without_the_sandbox(tmp_path):
+    """The payload above is the real thing: plain (unsandboxed) jinja2, as llama-cpp-python
+    0.2.71 used it, runs its command."""
+    import jinja2
+    canary = tmp_path / "canary"
+    jinja2.Environment().from_string(ESCAPES[0].replace("{canary}", str(canary))).render()
+    deadline = time.monotonic() + 5  # popen returns before `touch` has run
+    while not canary.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert canary.exists()
+
+
+def test_hostile_template_in_a_gguf_runs_nothing(tmp_path):
+    """End to end: a checkpoint whose tokenizer_config.json carries the CVE-2024-34359
+    payload converts (the template is data), loads, and then fails to render, in the API
+    and in `cpuq chat`, without running the command in it."""
+    import subprocess
+    import sys
+
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    canary = tmp_path / "canary"
+    src = make_tiny_checkpoint(tmp_path / "ckpt", arch="qwen2", dtype="f32", seed=5)
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    config["chat_template"] = ESCAPES[0].replace("{canary}", str(canary))
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    path = cpuq.convert(src, tmp_path / "hostile.gguf", "q8_0")
+    with cpuq.load(path, n_ctx=64) as m:
+        with pytest.raises(FormatError, match=r"^chat template: line 1: ") as e:
+            m.chat(USER, max_tokens=2)
+        assert "\n" not in str(e.value)
+    cli = Path(sys.executable).with_name("cpuq")
+    r = subprocess.run([str(cli), "chat", str(path), "-c", "64"], input="Hi\n", capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "error: chat template: line 1: " in r.stderr, r.stderr  # the turn fails, chat goes on
+    assert "Traceback" not in r.stderr
+    assert not canary.exists()
