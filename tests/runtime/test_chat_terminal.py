@@ -189,3 +189,45 @@ def test_interactive_chat_session(demo_model, tmp_path):
         print("\n".join(term.screen()))
     finally:
         term.kill()
+
+
+def test_ctrl_c_in_prefill_resize_and_eof(demo_model, tmp_path):
+    """Ctrl-C while a long prompt is being evaluated stops that turn (no reply, the program
+    and the conversation go on); a terminal resize mid-reply changes nothing; Ctrl-D (EOF)
+    at the prompt ends the program with status 0."""
+    term = Terminal(f"{CPUQ} chat --temperature 0 -n 48", tmp_path)
+    try:
+        term.wait_for("the first prompt", idle, timeout=60)
+        # ~2,800 tokens: ~10 s of prompt evaluation here, so Ctrl-C lands inside it.
+        words = "the quick brown fox jumps over the lazy dog " * 310 + "finally"
+        stopped = count(term.screen(), r"\(stopped\)")
+        term.type(words)
+        term.wait_for("the long message typed", lambda ls: any(line.endswith("finally") for line in ls), timeout=30)
+        term.key("C-c")
+        lines = term.wait_for("the stopped turn and a new prompt",
+                              lambda ls: count(ls, r"\(stopped\)") > stopped and idle(ls), timeout=30)
+        stats = STATS.match(next(line for line in reversed(lines) if STATS.match(line)))
+        assert stats[1] == "0" and stats[3] == " (stopped)", stats[0]  # no token was generated
+        reply, _ = ask(term, "What is the capital of France?")
+        assert "Paris" in reply, reply
+
+        # A resize (SIGWINCH to the program) in the middle of a reply.
+        before = count(term.screen(), STATS.pattern)
+        term.type("Write a long story about a dragon.")
+        term.wait_for("the story to start", lambda ls: ls[-1] != ">>> Write a long story about a dragon.", timeout=30)
+        term.tmux("resize-window", "-t", term.target, "-x", "70", "-y", "20")
+        term.wait_for("the story's end", lambda ls: count(ls, STATS.pattern) > before and idle(ls), timeout=60)
+        assert not term.dead()[0]
+
+        term.key("C-d")
+        deadline = time.monotonic() + 20
+        while not term.dead()[0]:
+            assert time.monotonic() < deadline, "cpuq chat still running after Ctrl-D:\n" + "\n".join(term.screen())
+            time.sleep(0.1)
+        status_deadline = time.monotonic() + 5
+        while term.dead()[1] == "" and time.monotonic() < status_deadline:
+            time.sleep(0.1)
+        assert term.dead()[1] in ("0", ""), term.dead()
+        assert not any("Traceback" in line or line.startswith("error:") for line in term.screen())
+    finally:
+        term.kill()
