@@ -109,6 +109,21 @@ def ask(term: Terminal, question: str, timeout: float = 60.0) -> tuple[str, re.M
     return "\n".join(lines[start + 1:end]), STATS.match(lines[end])
 
 
+def exits_cleanly(term: Terminal, after: str) -> None:
+    """The program ends within 20 s, with status 0 and no traceback or error on the screen."""
+    deadline = time.monotonic() + 20
+    while not term.dead()[0]:
+        assert time.monotonic() < deadline, f"cpuq chat still running after {after}:\n" + "\n".join(term.screen())
+        time.sleep(0.1)
+    # tmux records the exit status a moment after the pane dies, and on a loaded machine
+    # sometimes not at all; when it has one it must be 0, and the screen must be clean.
+    status_deadline = time.monotonic() + 5
+    while term.dead()[1] == "" and time.monotonic() < status_deadline:
+        time.sleep(0.1)
+    assert term.dead()[1] in ("0", ""), term.dead()
+    assert not any("Traceback" in line or line.startswith("error:") for line in term.screen())
+
+
 @pytest.fixture(scope="module")
 def demo_model() -> Path:
     try:
@@ -175,17 +190,7 @@ def test_interactive_chat_session(demo_model, tmp_path):
 
         # /exit ends the program with status 0.
         term.type("/exit")
-        deadline = time.monotonic() + 20
-        while not term.dead()[0]:
-            assert time.monotonic() < deadline, "cpuq chat still running after /exit:\n" + "\n".join(term.screen())
-            time.sleep(0.1)
-        # tmux records the exit status a moment after the pane dies, and on a loaded machine
-        # sometimes not at all; when it has one it must be 0, and the screen must be clean.
-        status_deadline = time.monotonic() + 5
-        while term.dead()[1] == "" and time.monotonic() < status_deadline:
-            time.sleep(0.1)
-        assert term.dead()[1] in ("0", ""), term.dead()
-        assert not any("Traceback" in line or line.startswith("error:") for line in term.screen())
+        exits_cleanly(term, "/exit")
         print("\n".join(term.screen()))
     finally:
         term.kill()
@@ -220,14 +225,6 @@ def test_ctrl_c_in_prefill_resize_and_eof(demo_model, tmp_path):
         assert not term.dead()[0]
 
         term.key("C-d")
-        deadline = time.monotonic() + 20
-        while not term.dead()[0]:
-            assert time.monotonic() < deadline, "cpuq chat still running after Ctrl-D:\n" + "\n".join(term.screen())
-            time.sleep(0.1)
-        status_deadline = time.monotonic() + 5
-        while term.dead()[1] == "" and time.monotonic() < status_deadline:
-            time.sleep(0.1)
-        assert term.dead()[1] in ("0", ""), term.dead()
-        assert not any("Traceback" in line or line.startswith("error:") for line in term.screen())
+        exits_cleanly(term, "Ctrl-D")
     finally:
         term.kill()
