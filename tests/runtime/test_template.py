@@ -421,10 +421,14 @@ def test_matches_transformers(tmp_path):
 
 def test_cve_2024_34359_payload_is_live_without_the_sandbox(tmp_path):
     """The payload above is the real thing: plain (unsandboxed) jinja2, as llama-cpp-python
-    0.2.71 used it, runs its command."""
-    import jinja2
+    0.2.71 used it, runs its command. In a fresh interpreter, as in a program that renders
+    a template: the payload picks the first class whose name holds "warning", which is
+    warnings.catch_warnings there (in this test process numpy.testing's comes first)."""
+    import subprocess
+    import sys
     canary = tmp_path / "canary"
-    jinja2.Environment().from_string(ESCAPES[0].replace("{canary}", str(canary))).render()
+    code = ("import sys, jinja2; jinja2.Environment().from_string(sys.argv[1]).render()")
+    subprocess.run([sys.executable, "-c", code, ESCAPES[0].replace("{canary}", str(canary))], check=True, timeout=60)
     deadline = time.monotonic() + 5  # popen returns before `touch` has run
     while not canary.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
