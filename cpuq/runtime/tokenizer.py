@@ -469,12 +469,12 @@ class Tokenizer:
         return token
 
     # text -> ids -----------------------------------------------------------------------
-    def encode(self, text: str, special: bool = False, add_bos: bool | None = None) -> list[int]:
-        """Token ids of `text`. special=True parses control tokens written in the text
-        ("<|im_start|>") as single tokens; special=False spells them out as plain text,
-        so user text can never produce a control id. add_bos: None follows the file."""
-        if not isinstance(text, str):
-            raise InputError(f"text to encode must be a str, not {type(text).__name__}")
+    def encode(self, text: str | bytes, special: bool = False, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text` (a str, or bytes of UTF-8: see utf8_text). special=True parses
+        control tokens written in the text ("<|im_start|>") as single tokens; special=False
+        spells them out as plain text, so user text can never produce a control id.
+        add_bos: None follows the file."""
+        text = utf8_text(text)
         if add_bos is None:
             add_bos = self.vocab.add_bos
         with self._hf_lock:
@@ -508,6 +508,27 @@ class Tokenizer:
         return StreamDecoder(self, special)
 
 
+def utf8_text(text: str | bytes | bytearray, what: str = "text") -> str:
+    """`text` as a str that UTF-8 can encode: a str without lone surrogates (U+D800..U+DFFF,
+    what undecodable bytes become under Python's surrogateescape, as in sys.argv), or bytes
+    of valid UTF-8. InputError naming `what` and the position otherwise: a tokenizer would
+    otherwise fail deep inside, or (llama.cpp) silently turn the bad bytes into U+FFFD."""
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        data = bytes(text)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{what}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    if not isinstance(text, str):
+        raise InputError(f"{what} must be a str (or UTF-8 bytes), not {type(text).__name__}")
+    try:
+        text.encode("utf-8")  # fast for valid text; the error gives the first bad position
+    except UnicodeEncodeError as e:
+        raise InputError(f"{what}: lone surrogate U+{ord(text[e.start]):04X} at character {e.start} is not valid "
+                         f"Unicode (from undecodable bytes? decode them with errors='replace')") from None
+    return text
+
+
 @contextmanager
 def _gc_paused():
     """Building a vocabulary makes ~10^6 small strings and tuples that all stay alive; the
@@ -524,8 +545,11 @@ def _gc_paused():
 class StreamDecoder:
     """Ids in, one at a time; out, the text that is complete so far. Bytes of a character
     that spans tokens are held back until the character is whole, so no chunk ever holds a
-    broken character; flush() ends the stream (incomplete bytes become U+FFFD). The chunks
-    of a stream concatenate to Tokenizer.decode of the same ids."""
+    broken character; bytes that can never form one (a stray continuation byte, a lead
+    byte followed by a non-continuation) become U+FFFD as soon as that is certain, and
+    flush() ends the stream (incomplete bytes become U+FFFD). Every chunk is valid Unicode
+    (no lone surrogates), and the chunks of a stream concatenate to Tokenizer.decode of the
+    same ids."""
 
     def __init__(self, tokenizer: Tokenizer, special: bool = False):
         self._tokenizer = tokenizer
