@@ -8,7 +8,9 @@ Imports only numpy, the standard library and cpuq.errors.
 from __future__ import annotations
 
 import json
+import math
 import re
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,27 @@ _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _GLOBAL_RE = re.compile(r"^(.+)\.(weight|bias)$")
 
 
+MAX_U32 = 2**32 - 1
+# rope_scaling keys that hold numbers (conversion/base.py:1462-1495, llama.py:298-326).
+ROPE_NUMBERS = ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor",
+                "extrapolation_factor", "attention_factor", "attn_factor", "beta_fast", "beta_slow")
+
+
+def _finite_number(v: Any) -> bool:
+    """A finite int or float (not a bool); an int too big for a float is not."""
+    if not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, (bool, np.bool_)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _show(v: Any) -> str:
+    """A value for an error message, abbreviated: a file can hold a 100 kB string or deep nesting."""
+    return reprlib.repr(v)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The hyperparameters of one model, whatever file they came from."""
@@ -124,7 +147,7 @@ class ModelConfig:
             raise FormatError(f"{path}: cannot read: {e}") from None
         try:
             cfg = json.loads(text)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: arrays nested thousands deep
             raise FormatError(f"{path}: not valid JSON: {str(e).splitlines()[0]}") from None
         if not isinstance(cfg, dict):
             raise FormatError(f"{path}: top level is not a JSON object")
@@ -149,16 +172,18 @@ class ModelConfig:
                 if default is None:
                     raise FormatError(f"{where}: key '{key}' is missing")
                 return default
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise FormatError(f"{where}: key '{key}' is {value!r}, expected an integer >= {minimum}")
+            # The GGUF keys these become are 32-bit (and a count that size describes no real model).
+            if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_U32:
+                raise FormatError(f"{where}: key '{key}' is {_show(value)}, expected an integer from {minimum} "
+                                  f"to {MAX_U32}")
             return value
 
-        def get_float(key: str, default: float) -> float:
-            value = cfg.get(key)
+        def get_float(key: str, default: float, value: Any = None) -> float:
+            value = cfg.get(key) if value is None else value
             if value is None:
                 return default
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
-                raise FormatError(f"{where}: key '{key}' is {value!r}, expected a positive number")
+            if not _finite_number(value) or value <= 0:
+                raise FormatError(f"{where}: key '{key}' is {_show(value)}, expected a positive number")
             return float(value)
 
         n_embd = get_int("hidden_size")
@@ -174,12 +199,12 @@ class ModelConfig:
 
         rope = cfg.get("rope_parameters", cfg.get("rope_scaling")) or {}
         if not isinstance(rope, dict):
-            raise FormatError(f"{where}: key 'rope_scaling' is {rope!r}, expected an object")
+            raise FormatError(f"{where}: key 'rope_scaling' is {_show(rope)}, expected an object")
         rope = dict(rope)
         if "rope_type" not in rope and "type" in rope:
             rope["rope_type"] = rope["type"]
         theta = rope.get("rope_theta", cfg.get("rope_theta"))
-        rope_theta = get_float("rope_theta", spec.default_rope_theta) if theta is None else float(theta)
+        rope_theta = get_float("rope_theta", spec.default_rope_theta, theta)
         rope.pop("rope_theta", None)
         rope.pop("type", None)
         rope_type = rope.get("rope_type")
@@ -187,8 +212,21 @@ class ModelConfig:
             rope_scaling = None
         else:
             if rope_type not in ROPE_SCALING_TYPES:
-                raise UnsupportedError(f"{where}: rope scaling type '{rope_type}' is not supported "
+                raise UnsupportedError(f"{where}: rope scaling type {_show(rope_type)} is not supported "
                                        f"(supported: default, {', '.join(ROPE_SCALING_TYPES)})")
+            # The converter computes with these (and writes factor and the original context to GGUF).
+            for k in ROPE_NUMBERS:
+                v = rope.get(k)
+                if v is not None and not _finite_number(v):
+                    raise FormatError(f"{where}: rope_scaling '{k}' is {_show(v)}, expected a number")
+            if rope.get("factor") is not None and rope["factor"] <= 0:
+                raise FormatError(f"{where}: rope_scaling 'factor' is {rope['factor']!r}, expected a positive number")
+            original = rope.get("original_max_position_embeddings")
+            if original is not None and not (float(original).is_integer() and 1 <= original <= MAX_U32):
+                raise FormatError(f"{where}: rope_scaling 'original_max_position_embeddings' is {original!r}, "
+                                  f"expected an integer from 1 to {MAX_U32}")
+            if rope_type == "yarn" and rope.get("factor") is not None and original is None:  # llama.cpp needs it
+                raise FormatError(f"{where}: yarn rope_scaling lacks 'original_max_position_embeddings'")
             rope_scaling = tuple(sorted((k, v) for k, v in rope.items() if not isinstance(v, (dict, list))))
 
         return cls(
@@ -211,7 +249,7 @@ class ModelConfig:
         hf_arch = next((name for name, spec in ARCHITECTURES.items() if spec.gguf_arch == arch), None)
         if hf_arch is None:
             supported = ", ".join(s.gguf_arch for s in ARCHITECTURES.values())
-            raise UnsupportedError(f"{where}: architecture '{arch}' is not supported (supported: {supported})")
+            raise UnsupportedError(f"{where}: architecture {_show(arch)} is not supported (supported: {supported})")
         spec = ARCHITECTURES[hf_arch]
 
         def get_int(key: str, default: int | None = None) -> int:
@@ -221,16 +259,16 @@ class ModelConfig:
                     raise FormatError(f"{where}: metadata key '{arch}.{key}' is missing")
                 return default
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise FormatError(f"{where}: metadata key '{arch}.{key}' is {value!r}, expected a positive integer")
+                raise FormatError(f"{where}: metadata key '{arch}.{key}' is {_show(value)}, "
+                                  f"expected a positive integer")
             return int(value)
 
         def get_float(key: str, default: float) -> float:
             value = f.get(f"{arch}.{key}")
             if value is None:
                 return default
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
-                    or not np.isfinite(value) or value <= 0:
-                raise FormatError(f"{where}: metadata key '{arch}.{key}' is {value!r}, expected a positive number")
+            if not _finite_number(value) or value <= 0:
+                raise FormatError(f"{where}: metadata key '{arch}.{key}' is {_show(value)}, expected a positive number")
             return float(value)
 
         n_embd = get_int("embedding_length")
@@ -250,7 +288,7 @@ class ModelConfig:
         rope_type = f.get(f"{arch}.rope.scaling.type")
         if rope_type not in (None, "none"):
             if rope_type not in ("linear", "yarn"):
-                raise UnsupportedError(f"{where}: rope scaling type '{rope_type}' is not supported (linear, yarn)")
+                raise UnsupportedError(f"{where}: rope scaling type {_show(rope_type)} is not supported (linear, yarn)")
             rope = {"rope_type": rope_type, "factor": get_float("rope.scaling.factor", 1.0)}
             if rope_type == "yarn":
                 rope["original_max_position_embeddings"] = get_int("rope.scaling.original_context_length")
@@ -258,6 +296,9 @@ class ModelConfig:
                                     ("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
                     value = f.get(f"{arch}.rope.scaling.{key}")
                     if value is not None:
+                        if not _finite_number(value):  # yarn_ext_factor < 0 means the default
+                            raise FormatError(f"{where}: metadata key '{arch}.rope.scaling.{key}' is {_show(value)}, "
+                                              f"expected a number")
                         rope[hf_key] = float(value)
             rope_scaling = tuple(sorted(rope.items()))
         return cls(

@@ -506,12 +506,11 @@ def imatrix(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from .convert.imatrix import check_output
     from .eval.calibration import collect_imatrix
-    from .errors import InputError
 
     text = _read_text(text_file)
-    if output.exists() and not force:  # before the work, not after
-        raise InputError(f"{output}: already exists (pass --force to overwrite)")
+    check_output(output, force)  # before the work, not after
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task(f"{model.name}: loading", total=None)

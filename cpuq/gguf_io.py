@@ -14,10 +14,17 @@ Imports from cpuq: errors, quants (for the type table). Nothing above them.
 from __future__ import annotations
 
 import os
-import tempfile
+import reprlib
+import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the temporary file is still reused, only not guarded
+    fcntl = None
 
 import numpy as np
 import gguf
@@ -153,6 +160,12 @@ def _string_array_extents(data: np.ndarray, start: int, n: int, path: Path) -> t
     return starts, lengths, pos
 
 
+def _quoted(name: str) -> str:
+    """A name read from the file, quoted for a one-line message: as it is when short and
+    printable, else its repr, abbreviated (a lying file can put a newline or 100 kB in one)."""
+    return f"'{name}'" if len(name) <= 200 and name.isprintable() else reprlib.repr(name)
+
+
 def _decode(raw: bytes, path: Path, what: str) -> str:
     try:
         return raw.decode("utf-8")
@@ -162,7 +175,7 @@ def _decode(raw: bytes, path: Path, what: str) -> str:
 
 def _check_tensor_info(path: Path, name: str, n_dims: int, dims: list[int], type_id: int, rel_offset: int,
                        data_start: int, alignment: int, file_size: int) -> None:
-    where = f"{path}: tensor '{name}'"
+    where = f"{path}: tensor {_quoted(name)}"
     if not 1 <= n_dims <= MAX_DIMS:
         raise FormatError(f"{where} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
     if any(d <= 0 for d in dims):
@@ -214,11 +227,13 @@ def _field_value(field: gguf.ReaderField, path: Path) -> Any:
         try:
             return [raw[s - base:s - base + n].decode("utf-8") for s, n in zip(starts.tolist(), lengths.tolist())]
         except UnicodeDecodeError:
-            raise FormatError(f"{path}: metadata key '{field.name}' holds a string that is not valid UTF-8") from None
+            raise FormatError(f"{path}: metadata key {_quoted(field.name)} holds a string that is not valid UTF-8") \
+                from None
     try:
         value = field.contents()
     except UnicodeDecodeError:
-        raise FormatError(f"{path}: metadata key '{field.name}' holds a string that is not valid UTF-8") from None
+        raise FormatError(f"{path}: metadata key {_quoted(field.name)} holds a string that is not valid UTF-8") \
+            from None
     if isinstance(value, np.generic):
         value = value.item()
     return value
@@ -321,7 +336,8 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
     except UnsupportedError as e:
         raise FormatError(f"{path}: {e}") from None
     except KeyError as e:  # gguf-py raises KeyError for duplicate keys
-        raise FormatError(f"{path}: duplicate metadata key or tensor {e}") from None
+        raise FormatError(f"{path}: duplicate metadata key or tensor {_quoted(str(e.args[0]) if e.args else '')}") \
+            from None
     except UnicodeDecodeError as e:
         raise FormatError(f"{path}: a metadata key or string is not valid UTF-8 (byte {e.start})") from None
     except PermissionError as e:
@@ -332,24 +348,102 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
         # Everything else the parser can raise on a bad file (gguf-py's own checks: unknown
         # value type, bad alignment, duplicate tensor; numpy on a bad count) is a bad file.
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise FormatError(f"{path}: malformed GGUF: {msg}") from None
+        raise FormatError(f"{path}: malformed GGUF: {msg if len(msg) <= 300 else msg[:300] + '...'}") from None
 
 
 # writing --------------------------------------------------------------------
 
-def partial_file(dst: Path, suffix: str = ".partial") -> Path:
-    """A new empty file beside `dst` (the same folder, so that os.replace moves it into
-    place), named .<dst name>.<random><suffix>, with the mode any new file gets (mkstemp
-    makes 0600). InputError if the folder refuses it."""
+@contextmanager
+def partial_file(dst: Path, suffix: str = ".partial") -> Iterator[Path]:
+    """The temporary file that `dst` is written through, for the length of a with block:
+    `.<dst name><suffix>` in dst's folder (so that os.replace moves it into place), empty, and
+    locked (flock) so that a second process writing the same destination stops with an
+    InputError instead of writing over it. At the end of the block it is removed unless it
+    was moved into place.
+
+    The name is fixed, not random, because nothing can remove the file when the process is
+    killed (SIGKILL, the OOM killer, a power cut): the next write of the same destination
+    finds it unlocked (the kernel drops a dead process's locks), empties and reuses it, so
+    killed runs leave at most this one file, and the next successful run none.
+    InputError: the folder refuses the file, or another process is writing it."""
+    tmp = dst.with_name(f".{dst.name}{suffix}")
+    fd = _claim(tmp, dst)
     try:
-        fd, name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=suffix)
-    except OSError as e:
-        raise InputError(f"{dst.parent}: cannot create the output file there: {e.strerror}") from None
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)
-    return Path(name)
+        yield tmp
+    finally:
+        try:
+            if _same_file(fd, tmp):  # not moved into place: an error or an interrupt
+                tmp.unlink()
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _claim(tmp: Path, dst: Path) -> int:
+    """A descriptor of `tmp` (created, or a killed run's leftover taken over), locked and empty."""
+    # O_NOFOLLOW: a symlink planted at the name must not make us truncate its target.
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(10):
+        try:
+            fd = os.open(tmp, flags, 0o666)  # the mode any new file gets (the umask applies)
+        except OSError as e:
+            raise InputError(f"{dst.parent}: cannot create the output file there ({tmp.name}): {e.strerror}") from None
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise InputError(f"{dst}: another process is writing it (its temporary file {tmp.name} "
+                                     f"is in use)") from None
+                except OSError:
+                    pass  # a file system without flock: write unguarded
+            if _same_file(fd, tmp):  # else its writer moved it into place between our open and lock
+                os.ftruncate(fd, 0)
+                return fd
+        except OSError as e:
+            os.close(fd)
+            raise InputError(f"{tmp}: cannot write: {e.strerror}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise InputError(f"{dst}: its temporary file {tmp.name} keeps being replaced by another process")
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def _pad(n: int, align: int) -> int:
+    return -(-n // align) * align
+
+
+def _value_bytes(value: Any, vtype: GGUFValueType, sub_type: GGUFValueType | None) -> int:
+    """Length of one metadata value as gguf-py's GGUFWriter._pack_val packs it (no type tag)."""
+    fmt = gguf.GGUFWriter._simple_value_packing.get(vtype)
+    if fmt is not None:
+        return struct.calcsize("<" + fmt)
+    if vtype == GGUFValueType.STRING:
+        return 8 + len(value.encode("utf-8") if isinstance(value, str) else value)
+    if vtype == GGUFValueType.ARRAY:
+        if sub_type is None:
+            sub_type = GGUFValueType.UINT8 if isinstance(value, bytes) else GGUFValueType.get_type(value[0])
+        fmt = gguf.GGUFWriter._simple_value_packing.get(sub_type)
+        if fmt is not None:
+            return 4 + 8 + len(value) * struct.calcsize("<" + fmt)
+        if sub_type == GGUFValueType.STRING:
+            try:  # one join: UTF-8 lengths add up, and a vocabulary has 300k strings
+                text = len("".join(value).encode("utf-8"))
+            except TypeError:  # bytes among them
+                text = sum(len(v.encode("utf-8") if isinstance(v, str) else v) for v in value)
+            return 4 + 8 + 8 * len(value) + text
+        return 4 + 8 + sum(_value_bytes(v, sub_type, None) for v in value)
+    raise InputError(f"metadata value of type {vtype!r} cannot be written")
 
 
 class GGUFStreamWriter:
@@ -399,6 +493,22 @@ class GGUFStreamWriter:
         self._writer.add_tensor_info(name, shape, np.dtype(np.float32), n_bytes,
                                      raw_dtype=GGMLQuantizationType(qtype.ggml_type))
         self._pending.append((name, shape, qtype))
+
+    def file_bytes(self) -> int:
+        """The size the finished file will have, before begin(): header, metadata and tensor
+        infos padded to the alignment, then each declared tensor's data padded to it (what
+        begin() and write_tensor_parts write), for a check of free space before writing."""
+        if self._begun:
+            raise InputError(f"{self.path}: file_bytes() is known only before writing begins")
+        w = self._writer
+        n = _HEADER_BYTES
+        for key, v in w.kv_data[0].items():
+            n += _value_bytes(key, GGUFValueType.STRING, None) + 4 + _value_bytes(v.value, v.type, v.sub_type)
+        for name, ti in w.tensors[0].items():
+            # name, n_dims, ne[], type, offset
+            n += _value_bytes(name, GGUFValueType.STRING, None) + 4 + 8 * len(ti.shape) + 4 + 8
+        align = w.data_alignment
+        return _pad(n, align) + sum(_pad(ti.nbytes, align) for ti in w.tensors[0].values())
 
     def begin(self) -> None:
         """Write header, metadata and tensor infos; after this only tensor data follows."""

@@ -32,6 +32,17 @@ from ..quants import get_qtype
 SUMS, COUNTS = ".in_sum2", ".counts"
 
 
+def check_output(dst: Path, force: bool) -> None:
+    """InputError unless an imatrix file can be written at `dst` (callers check before the
+    calibration's work, so that a bad -o does not throw it away)."""
+    if dst.is_dir():
+        raise InputError(f"{dst}: is a directory; give the output imatrix file name")
+    if not dst.parent.is_dir():
+        raise InputError(f"{dst.parent}: no such directory for the output file")
+    if dst.exists() and not force:
+        raise InputError(f"{dst}: already exists (pass force=True / --force to overwrite)")
+
+
 @dataclass
 class Imatrix:
     """Sums of squared activations per weight matrix. sums[name]: float64 (n_mat, n_per_row);
@@ -67,43 +78,44 @@ class Imatrix:
         return out.reshape(-1)
 
     def write(self, path: str | os.PathLike, force: bool = False) -> Path:
-        """Write llama.cpp's imatrix GGUF file; it appears only when complete."""
+        """Write llama.cpp's imatrix GGUF file; it appears only when complete (written to
+        gguf_io.partial_file and renamed)."""
         dst = Path(path)
-        if dst.is_dir():
-            raise InputError(f"{dst}: is a directory; give the output imatrix file name")
-        if not dst.parent.is_dir():
-            raise InputError(f"{dst.parent}: no such directory for the output file")
-        if dst.exists() and not force:
-            raise InputError(f"{dst}: already exists (pass force=True / --force to overwrite)")
+        check_output(dst, force)
         if not self.datasets:  # gguf-py writes no empty arrays; llama-quantize reads the first name
             raise InputError(f"{dst}: the importance matrix names no dataset (imatrix.datasets needs one)")
         f32 = get_qtype("F32")
         u32 = GGUFValueType.UINT32
-        tmp = partial_file(dst)
-        try:
-            w = GGUFStreamWriter(tmp, arch=None)
-            w.add_metadata({"general.type": "imatrix", "imatrix.datasets": list(self.datasets),
-                            "imatrix.chunk_count": int(self.chunk_count), "imatrix.chunk_size": int(self.chunk_size)},
-                           {"imatrix.datasets": GGUFValueType.ARRAY, "imatrix.datasets[]": GGUFValueType.STRING,
-                            "imatrix.chunk_count": u32, "imatrix.chunk_size": u32})
-            names = sorted(self.sums)
-            for name in names:
-                # llama.cpp writes ggml_n_dims dimensions: trailing ones dropped (one matrix: 1-D)
-                n_mat, n_per_row = self.sums[name].shape
-                w.add_tensor_info(name + SUMS, (n_mat, n_per_row) if n_mat > 1 else (n_per_row,), f32)
-                w.add_tensor_info(name + COUNTS, (n_mat, 1) if n_mat > 1 else (1,), f32)
-            w.begin()
-            for name in names:
-                w.write_tensor(name + SUMS, self.sums[name].astype(np.float32))
-                w.write_tensor(name + COUNTS, self.counts[name].astype(np.float32))
-            w.close()
-            os.replace(tmp, dst)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise InputError(f"{dst}: write failed: {e.strerror}; nothing was written") from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with partial_file(dst) as tmp:
+            w = None
+            try:
+                w = GGUFStreamWriter(tmp, arch=None)
+                w.add_metadata({"general.type": "imatrix", "imatrix.datasets": list(self.datasets),
+                                "imatrix.chunk_count": int(self.chunk_count),
+                                "imatrix.chunk_size": int(self.chunk_size)},
+                               {"imatrix.datasets": GGUFValueType.ARRAY, "imatrix.datasets[]": GGUFValueType.STRING,
+                                "imatrix.chunk_count": u32, "imatrix.chunk_size": u32})
+                names = sorted(self.sums)
+                for name in names:
+                    # llama.cpp writes ggml_n_dims dimensions: trailing ones dropped (one matrix: 1-D)
+                    n_mat, n_per_row = self.sums[name].shape
+                    w.add_tensor_info(name + SUMS, (n_mat, n_per_row) if n_mat > 1 else (n_per_row,), f32)
+                    w.add_tensor_info(name + COUNTS, (n_mat, 1) if n_mat > 1 else (1,), f32)
+                w.begin()
+                for name in names:
+                    w.write_tensor(name + SUMS, self.sums[name].astype(np.float32))
+                    w.write_tensor(name + COUNTS, self.counts[name].astype(np.float32))
+                w.close()
+                w = None
+                os.replace(tmp, dst)
+            except OSError as e:
+                if w is not None:
+                    w.abort()  # close the handle; partial_file removes the file
+                raise InputError(f"{dst}: write failed: {e.strerror}; nothing was written") from None
+            except BaseException:
+                if w is not None:
+                    w.abort()
+                raise
         return dst
 
     @classmethod

@@ -183,6 +183,9 @@ def _quantize_order(name: str) -> tuple[int, bytes]:
 def plan_tensors(ckpt, cfg: ModelConfig, out: OutType, where: Path) -> list[TensorPlan]:
     """Check the checkpoint holds exactly the tensors `cfg` implies, and lay out the output."""
     has_lm_head = "lm_head.weight" in ckpt
+    if cfg.n_layer > len(ckpt):  # before expected_tensors lists billions of names for a lying count
+        raise FormatError(f"{where}: config.json says num_hidden_layers {cfg.n_layer}, more layers than the "
+                          f"checkpoint's {len(ckpt)} tensors can hold")
     expected = expected_tensors(cfg, has_lm_head)
     for hf_name, shape in expected.items():
         if hf_name not in ckpt:
@@ -239,6 +242,14 @@ def _general_metadata(src: Path, raw_config: dict, total_params: int) -> tuple[d
     return values, types
 
 
+def _ids_in_vocab(config: dict, n_vocab: int) -> dict:
+    """config.json without the *_token_id values outside the vocabulary, which llama.cpp's
+    SpecialVocab skips (gguf-py vocab.py _set_special_token). Kept, one became a tokenizer key
+    the runtime rejects, and one of 2^32 or more a struct.error in the writer."""
+    return {k: v for k, v in config.items()
+            if not (k.endswith("_token_id") and isinstance(v, int) and not isinstance(v, bool) and v >= n_vocab)}
+
+
 def _arch_metadata(cfg: ModelConfig) -> tuple[dict, dict]:
     """{arch}.* keys in base.py:1435-1545 / llama.py:164-173 order (file_type excluded)."""
     a = cfg.arch
@@ -266,8 +277,6 @@ def _arch_metadata(cfg: ModelConfig) -> tuple[dict, dict]:
     elif rope_type == "yarn" and factor is not None:
         put(f"{a}.rope.scaling.type", "yarn", GGUFValueType.STRING)
         put(f"{a}.rope.scaling.factor", factor, f32)
-        if "original_max_position_embeddings" not in rope:
-            raise FormatError("config.json: yarn rope_scaling lacks 'original_max_position_embeddings'")
         put(f"{a}.rope.scaling.original_context_length", int(rope["original_max_position_embeddings"]), u32)
         for hf_keys, suffix in ((("extrapolation_factor",), "yarn_ext_factor"),
                                 (("attention_factor", "attn_factor"), "yarn_attn_factor"),
@@ -319,7 +328,9 @@ def _tensor_pieces(ckpt, cfg: ModelConfig, plan: TensorPlan, out: OutType,
     heads = qk_permute_heads(cfg, name)
     if heads is not None:
         # The permutation moves rows across the whole tensor (llama attn_q/attn_k only).
-        values = transform(permute_qk(ckpt.load_f32(name), heads), 0)
+        values = ckpt.load_f32(name)
+        _check_storable(ckpt, plan, out, values, 0)
+        values = transform(permute_qk(values, heads), 0)
         yield _encode(values, plan, out, importance), ckpt.nbytes(name)
         return
     rows = ckpt.rows(name)
@@ -327,8 +338,26 @@ def _tensor_pieces(ckpt, cfg: ModelConfig, plan: TensorPlan, out: OutType,
     step = max(1, PIECE_WEIGHTS // max(plan.shape[-1], 1))
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        values = transform(ckpt.read_rows_f32(name, start, stop).reshape(-1, *plan.shape[1:]), start)
+        values = ckpt.read_rows_f32(name, start, stop)
+        _check_storable(ckpt, plan, out, values, start)
+        values = transform(values.reshape(-1, *plan.shape[1:]), start)
         yield _encode(values, plan, out, importance), (stop - start) * row_bytes
+
+
+def _check_storable(ckpt, plan: TensorPlan, out: OutType, values: np.ndarray, first_row: int) -> None:
+    """FormatError naming the checkpoint's place of a value that plan.qtype cannot hold: the
+    block types refuse NaN and inf (quants.quantize), and the llama-quantize types see the
+    weights through F16 first, which turns |x| >= 65520 into inf."""
+    if plan.qtype.block_size == 1:
+        return
+    limit = 65520.0 if out.via_llama_quantize and len(plan.shape) > 1 else np.inf
+    rows = values.reshape(-1, plan.shape[-1])
+    bad = ~(np.abs(rows) < limit)  # NaN compares false
+    if bad.any():
+        r, c = (int(i) for i in np.argwhere(bad)[0])
+        why = "not finite" if not np.isfinite(rows[r, c]) else "beyond F16's range, where llama-quantize reads it"
+        raise FormatError(f"{ckpt.file_of(plan.hf_name)}: tensor '{plan.hf_name}' holds {rows[r, c]} at row "
+                          f"{first_row + r}, column {c}: {why}; {plan.qtype.name} cannot store it")
 
 
 def _unchanged(x: np.ndarray, start: int) -> np.ndarray:
@@ -376,11 +405,20 @@ class _ChannelScaling:
         return scaling.scaled_importance(name, imp, block)
 
 
-def _write_error(e: OSError, dst: Path) -> InputError:
+def _write_error(e: OSError, dst: Path, need: int | None) -> InputError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return InputError(f"{dst}: {e.strerror} while writing; nothing was written (free space in "
+        needs = f"it needs about {need / 2**20:.0f} MiB, " if need is not None else ""
+        return InputError(f"{dst}: {e.strerror} while writing; nothing was written ({needs}free space in "
                           f"{dst.parent}: {_free_bytes(dst.parent) / 2**20:.0f} MiB)")
     return InputError(f"{dst}: write failed: {e.strerror}; nothing was written")
+
+
+def _check_space(dst: Path, need: int) -> None:
+    free = _free_bytes(dst.parent)
+    if 0 <= free < need:
+        raise InputError(f"{dst.parent}: not enough disk space for {dst.name}: it needs about "
+                         f"{need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free "
+                         f"({(need - free) / 2**10:,.0f} KiB short)")
 
 
 def _free_bytes(folder: Path) -> int:
@@ -401,12 +439,6 @@ def check_destination(src: Path, dst: Path, force: bool) -> None:
         raise InputError(f"{dst}: is inside the checkpoint folder {src}; write the GGUF elsewhere")
     if dst.exists() and not force:
         raise InputError(f"{dst}: already exists (pass force=True / --force to overwrite)")
-
-
-def _discard(writer: GGUFStreamWriter | None, tmp: Path) -> None:
-    if writer is not None:
-        writer.abort()
-    tmp.unlink(missing_ok=True)
 
 
 def check_uses_importance(out: OutType) -> None:
@@ -463,8 +495,9 @@ def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str 
     block's input channels by the importance matrix (convert.scaling; the file then differs
     from llama-quantize's, and holds the same function in float).
 
-    The file appears only when complete: it is written to a temporary file next to it and
-    renamed; on any error (or KeyboardInterrupt) the temporary file is removed.
+    The file appears only when complete: it is written to a temporary file next to it
+    (gguf_io.partial_file) and renamed; on any error (or KeyboardInterrupt) the temporary file
+    is removed, and one left by a killed run is taken over by the next run.
     """
     src, dst = Path(src_dir), Path(dst_path)
     out = out_type(qtype)
@@ -472,7 +505,6 @@ def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str 
     config_path = src / "config.json"
     cfg = ModelConfig.from_hf_config(config_path)
     raw_config = json.loads(config_path.read_text(encoding="utf-8"))
-    tok_values, tok_types = tokenizer_metadata(src, cfg.n_vocab, raw_config, cfg.arch)
 
     im_file = None
     if awq and imatrix is None:
@@ -482,6 +514,9 @@ def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str 
 
     with open_checkpoint(src) as ckpt:
         plans = plan_tensors(ckpt, cfg, out, src)
+        # Only now that the embedding's rows have confirmed vocab_size: the token list is that
+        # long (a lying 2^31 took minutes and gigabytes).
+        tok_values, tok_types = tokenizer_metadata(src, cfg.n_vocab, _ids_in_vocab(raw_config, cfg.n_vocab), cfg.arch)
         importances = _importances(imatrix, plans, out) if imatrix is not None else {}
         scaler = _ChannelScaling(ckpt, cfg, plans, importances, out.via_llama_quantize) if awq else None
         total_params = sum(int(np.prod(p.shape)) for p in plans)
@@ -496,59 +531,60 @@ def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str 
         u32 = GGUFValueType.UINT32
         types = {**gen_types, **arch_types, **tok_types, **{k: u32 for k in (*extra, *versions)}}
 
-        need = sum(p.qtype.row_bytes(p.shape[-1]) * (int(np.prod(p.shape[:-1])) if len(p.shape) > 1 else 1)
-                   for p in plans)
-        free = _free_bytes(dst.parent)
-        if 0 <= free < need:
-            raise InputError(f"{dst.parent}: not enough disk space for {dst.name}: it needs about "
-                             f"{need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free")
-        tmp = partial_file(dst)
         total_bytes = sum(ckpt.nbytes(p.hf_name) for p in plans if p.hf_name is not None)
-        writer = None
-        try:
-            writer = GGUFStreamWriter(tmp, arch=cfg.arch)
-            if out.via_llama_quantize:
-                # llama-quantize re-sets these two keys, which moves them to the end (notes 1.6).
-                order = [gen_values, arch_values, extra, tok_values,
-                         {"general.quantization_version": GGML_QUANT_VERSION, "general.file_type": out.file_type}]
-            else:
-                order = [gen_values, arch_values, {"general.file_type": out.file_type}, extra,
-                         {"general.quantization_version": GGML_QUANT_VERSION}, tok_values]
-            if imatrix is not None:
-                im_values, im_types = _imatrix_metadata(imatrix, im_file or (imatrix.path and str(imatrix.path)))
-                if awq:  # the tensors are not llama-quantize's: say why
-                    im_values["cpuq.channel_scaling"] = "awq: input channels scaled by the importance matrix"
-                order.append(im_values)
-                types.update(im_types)
-            for values in order:
-                writer.add_metadata(values, types)
-            for p in plans:
-                writer.add_tensor_info(p.name, p.shape, p.qtype)
-            writer.begin()
-            done = 0
-            for p in plans:
-                if progress is not None:
-                    progress(done, total_bytes, p.name)  # name the tensor while it is being written
-                def pieces(p=p):
-                    nonlocal done
-                    if scaler is None:
-                        parts = _tensor_pieces(ckpt, cfg, p, out, importances.get(p.name))
-                    else:
-                        parts = _tensor_pieces(ckpt, cfg, p, out, scaler.importance(p.name),
-                                               scaler.transform(p.name))
-                    for data, n in parts:
-                        yield data
-                        done += n
-                        if progress is not None:
-                            progress(done, total_bytes, p.name)
-                writer.write_tensor_parts(p.name, pieces())
-            writer.close()
+        with partial_file(dst) as tmp:
             writer = None
-            os.replace(tmp, dst)
-        except OSError as e:
-            _discard(writer, tmp)
-            raise _write_error(e, dst) from None
-        except BaseException:
-            _discard(writer, tmp)
-            raise
+            need = None
+            try:
+                writer = GGUFStreamWriter(tmp, arch=cfg.arch)
+                if out.via_llama_quantize:
+                    # llama-quantize re-sets these two keys, which moves them to the end (notes 1.6).
+                    order = [gen_values, arch_values, extra, tok_values,
+                             {"general.quantization_version": GGML_QUANT_VERSION, "general.file_type": out.file_type}]
+                else:
+                    order = [gen_values, arch_values, {"general.file_type": out.file_type}, extra,
+                             {"general.quantization_version": GGML_QUANT_VERSION}, tok_values]
+                if imatrix is not None:
+                    im_values, im_types = _imatrix_metadata(imatrix, im_file or (imatrix.path and str(imatrix.path)))
+                    if awq:  # the tensors are not llama-quantize's: say why
+                        im_values["cpuq.channel_scaling"] = "awq: input channels scaled by the importance matrix"
+                    order.append(im_values)
+                    types.update(im_types)
+                for values in order:
+                    writer.add_metadata(values, types)
+                for p in plans:
+                    writer.add_tensor_info(p.name, p.shape, p.qtype)
+                # The whole file (the vocabulary is megabytes too), checked inside partial_file,
+                # which has emptied any leftover of a killed run.
+                need = writer.file_bytes()
+                _check_space(dst, need)
+                writer.begin()
+                done = 0
+                for p in plans:
+                    if progress is not None:
+                        progress(done, total_bytes, p.name)  # name the tensor while it is being written
+                    def pieces(p=p):
+                        nonlocal done
+                        if scaler is None:
+                            parts = _tensor_pieces(ckpt, cfg, p, out, importances.get(p.name))
+                        else:
+                            parts = _tensor_pieces(ckpt, cfg, p, out, scaler.importance(p.name),
+                                                   scaler.transform(p.name))
+                        for data, n in parts:
+                            yield data
+                            done += n
+                            if progress is not None:
+                                progress(done, total_bytes, p.name)
+                    writer.write_tensor_parts(p.name, pieces())
+                writer.close()
+                writer = None
+                os.replace(tmp, dst)
+            except OSError as e:
+                if writer is not None:
+                    writer.abort()
+                raise _write_error(e, dst, need) from None  # partial_file removes the temporary file
+            except BaseException:
+                if writer is not None:
+                    writer.abort()
+                raise
     return dst

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +37,8 @@ INDEX_FILE = "model.safetensors.index.json"
 # big would already describe millions of tensors.
 MAX_HEADER_BYTES = 100_000_000
 _LEN_BYTES = 8
+# numpy's limit on dimensions (32 before numpy 2); model weights have a few.
+MAX_DIMS = 32
 
 # Dtype name -> how its bytes are viewed. BF16 has no numpy dtype: it is kept as the raw
 # upper half of a float32 (uint16) and widened by a shift.
@@ -303,6 +306,11 @@ def _json_kind(v: object) -> str:
     return kinds.get(type(v), type(v).__name__)
 
 
+def _show(v: object) -> str:
+    """A header value for an error message, abbreviated: a header can hold a 100 kB string."""
+    return reprlib.repr(v)
+
+
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)  # JSON true would pass as 1
 
@@ -316,11 +324,13 @@ def _check_entry(path: Path, name: str, info: object, data_len: int) -> tuple[st
             raise FormatError(f"{where}: entry has no '{key}'")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(dtype, str):
-        raise FormatError(f"{where}: dtype {dtype!r} is not a string")
+        raise FormatError(f"{where}: dtype {_show(dtype)} is not a string")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise FormatError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        raise FormatError(f"{where}: shape {_show(shape)} is not a list of non-negative integers")
+    if len(shape) > MAX_DIMS:  # also keeps the product below cheap: 10^5 huge dims took minutes
+        raise FormatError(f"{where}: shape has {len(shape)} dimensions (at most {MAX_DIMS})")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
-        raise FormatError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
+        raise FormatError(f"{where}: data_offsets {_show(offsets)} is not a pair of integers")
     begin, end = offsets
     if begin < 0 or begin > end:
         raise FormatError(f"{where}: data_offsets [{begin}, {end}] are not an ordered pair of offsets")
@@ -330,7 +340,7 @@ def _check_entry(path: Path, name: str, info: object, data_len: int) -> tuple[st
     if dtype not in SUPPORTED_DTYPES:
         if dtype in _OTHER_DTYPES:
             raise UnsupportedError(f"{where} has dtype {dtype}; only BF16, F16 and F32 are supported")
-        raise FormatError(f"{where}: unknown dtype {dtype!r}")
+        raise FormatError(f"{where}: unknown dtype {_show(dtype)}")
     n = 1
     for d in shape:
         n *= d
@@ -352,10 +362,10 @@ def _read_index(index_path: Path) -> tuple[list[Path], dict[str, str]]:
     shards: list[str] = []
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or not shard:
-            raise FormatError(f"{index_path}: tensor '{name}' maps to {shard!r}, not a file name")
+            raise FormatError(f"{index_path}: tensor '{name}' maps to {_show(shard)}, not a file name")
         # A shard must sit beside the index: a path could point anywhere on disk.
         if Path(shard).name != shard or shard in (".", ".."):
-            raise FormatError(f"{index_path}: shard name {shard!r} for tensor '{name}' is not a plain file name")
+            raise FormatError(f"{index_path}: shard name {_show(shard)} for tensor '{name}' is not a plain file name")
         if shard not in shards:
             shards.append(shard)
     if not shards:

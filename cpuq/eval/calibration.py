@@ -26,7 +26,6 @@ from typing import Callable, Optional
 from ..convert.imatrix import Imatrix
 from ..convert.pipeline import Progress, check_destination, check_uses_importance, convert, out_type
 from ..errors import InputError
-from ..gguf_io import partial_file
 from ..runtime.model import Model, load
 from .perplexity import windows
 
@@ -80,12 +79,18 @@ def convert_calibrated(src_dir: str | os.PathLike, dst_path: str | os.PathLike, 
     src, dst = Path(src_dir), Path(dst_path)
     check_uses_importance(out_type(qtype))  # before the calibration's work, not after
     check_destination(src, dst, force)
-    tmp = partial_file(dst, suffix=".calibration-q8_0.gguf")
+    # A fixed name beside the output (convert writes it through its own partial_file): a run
+    # killed before the finally below leaves this one file, which the next calibrated run of
+    # the same output overwrites (force) and removes.
+    tmp = dst.with_name(f".{dst.name}.calibration-q8_0.gguf")
+    written = False
     try:
         first = None if progress is None else (lambda d, t, name: progress(d, t, f"calibration model: {name}"))
         convert(src, tmp, "q8_0", force=True, progress=first)
+        written = True
         im = collect_imatrix(tmp, text, n_ctx=n_ctx, n_chunks=n_chunks, dataset=dataset, n_threads=n_threads,
                              progress=calibration_progress)
         return convert(src, dst, qtype, force=force, progress=progress, imatrix=im, awq=awq)
     finally:
-        tmp.unlink(missing_ok=True)
+        if written:  # else it is not ours: a killed run's, or that of a run writing it now
+            tmp.unlink(missing_ok=True)

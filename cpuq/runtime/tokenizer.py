@@ -31,6 +31,7 @@ import dataclasses
 
 import codecs
 import gc
+import reprlib
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -201,13 +202,13 @@ class Vocab:
         if not isinstance(model, str):
             raise FormatError(f"{where(_KEY + 'model')} is {type(model).__name__}, expected str")
         if model != "gpt2":
-            raise UnsupportedError(f"{source}: tokenizer.ggml.model {model!r} is not supported (only byte-level "
+            raise UnsupportedError(f"{source}: tokenizer.ggml.model {_show(model)} is not supported (only byte-level "
                                    f"BPE, 'gpt2')")
         pre = metadata.get(_KEY + "pre") or "default"  # llama.cpp: missing or empty -> default
         if not isinstance(pre, str):
             raise FormatError(f"{where(_KEY + 'pre')} is {type(pre).__name__}, expected str")
         if pre not in PRE_NAMES:
-            raise UnsupportedError(f"{source}: tokenizer.ggml.pre {pre!r} is not supported (supported: "
+            raise UnsupportedError(f"{source}: tokenizer.ggml.pre {_show(pre)} is not supported (supported: "
                                    f"{', '.join(sorted(PRE_NAMES))})")
         pre_tokenizer = PRE_TOKENIZERS[PRE_NAMES[pre]]
 
@@ -222,7 +223,7 @@ class Vocab:
             first: dict[str, int] = {}
             for i, t in enumerate(tokens):
                 if t in first:
-                    raise FormatError(f"{where(_KEY + 'tokens')} holds {t!r} twice (ids {first[t]} and {i})")
+                    raise FormatError(f"{where(_KEY + 'tokens')} holds {_show(t)} twice (ids {first[t]} and {i})")
                 first[t] = i
 
         types = _token_types(metadata.get(_KEY + "token_type"), n_vocab, where(_KEY + "token_type"))
@@ -255,6 +256,11 @@ class Vocab:
         if controls:
             attrs[np.array(controls)] = CONTROL
         return cls(tokens, types, attrs, merges, pre, pre_tokenizer, ids, add_bos, add_eos, frozenset(eog), index)
+
+
+def _show(v: Any) -> str:
+    """A metadata value for an error message, abbreviated: a file can hold a 100 kB string."""
+    return reprlib.repr(v)
 
 
 def _string_list(value: Any, where: str) -> list[str]:
@@ -297,7 +303,7 @@ def _merges(value: Any, where: str) -> list[tuple[str, str]]:
     for i, m in enumerate(merges):
         cut = m.find(" ", 1)
         if cut < 0:
-            raise FormatError(f"{where}[{i}] is {m!r}, not two tokens separated by a space")
+            raise FormatError(f"{where}[{i}] is {_show(m)}, not two tokens separated by a space")
         out.append((m[:cut], m[cut + 1:]))
     return out
 
