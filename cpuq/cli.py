@@ -47,11 +47,8 @@ def _clean_errors(fn: Callable) -> Callable:
 
 
 def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError
+    from .runtime.model import human_bytes
+    return human_bytes(n, digits=2)
 
 
 def _human_count(n: int) -> str:

@@ -83,10 +83,11 @@ def memory_bytes() -> int | None:
         return None
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float, digits: int = 1) -> str:
+    """1536 -> '1.5 KiB' (the CLI prints its sizes with this too)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
         n /= 1024
     raise AssertionError
 
@@ -236,13 +237,13 @@ class Model:
         memory = memory_bytes()
         advice = f"load with a smaller n_ctx (at most {memory // per_token} here)" if memory else "use a smaller n_ctx"
         if memory is not None and n_ctx * per_token > memory:
-            raise InputError(f"n_ctx={n_ctx}: its KV cache would take {_human(n_ctx * per_token)} "
-                             f"({per_token} bytes per token), more than this machine's {_human(memory)} of "
+            raise InputError(f"n_ctx={n_ctx}: its KV cache would take {human_bytes(n_ctx * per_token)} "
+                             f"({per_token} bytes per token), more than this machine's {human_bytes(memory)} of "
                              f"memory; {advice}")
         try:
             return KVCache(cfg, n_ctx, self.kv_type)
         except (OSError, MemoryError, OverflowError, ValueError) as e:
-            raise InputError(f"n_ctx={n_ctx}: cannot map its KV cache of {_human(n_ctx * per_token)} "
+            raise InputError(f"n_ctx={n_ctx}: cannot map its KV cache of {human_bytes(n_ctx * per_token)} "
                              f"({type(e).__name__}: {e}); {advice}") from None
 
     def _gpu_cache(self, n_ctx: int):

