@@ -29,7 +29,7 @@ except ImportError:  # Windows: no flock; the temporary file is still reused, on
 import numpy as np
 import gguf
 from numba import njit
-from gguf import GGMLQuantizationType, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFEndian, GGUFValueType
 from gguf.gguf_writer import WriterState
 
 from .errors import FormatError, InputError, UnsupportedError
@@ -446,6 +446,62 @@ def _value_bytes(value: Any, vtype: GGUFValueType, sub_type: GGUFValueType | Non
     raise InputError(f"metadata value of type {vtype!r} cannot be written")
 
 
+class _ArrayWriter(gguf.GGUFWriter):
+    """gguf-py's writer with metadata arrays packed whole instead of item by item: a 150k-token
+    vocabulary (tokens, merges, types) cost ~1 s of item-by-item packing, most of a small
+    model's conversion. Same bytes; anything unusual (other endianness, mixed items, a value
+    out of its type's range) goes the library's way, and its errors with it."""
+
+    def _pack_val(self, val: Any, vtype: GGUFValueType, add_vtype: bool,
+                  sub_type: GGUFValueType | None = None) -> bytes:
+        if vtype == GGUFValueType.ARRAY and self.endianess == GGUFEndian.LITTLE and sub_type is not None \
+                and isinstance(val, (list, tuple)) and val:
+            items = _pack_items(val, sub_type)
+            if items is not None:
+                head = struct.pack("<I", vtype) if add_vtype else b""
+                return head + struct.pack("<IQ", sub_type, len(val)) + items
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+
+def _pack_items(val: list | tuple, sub_type: GGUFValueType) -> bytes | None:
+    """The items of a little-endian array as GGUFWriter._pack_val packs them, or None where
+    only it knows (bools, nested arrays, mixed or out-of-range items)."""
+    if sub_type == GGUFValueType.STRING:
+        try:
+            data = [v.encode("utf-8") for v in val]
+        except (AttributeError, UnicodeError):  # bytes or other items, lone surrogates
+            return None
+        # Each item is its u64 length then its bytes: scatter the lengths between the joined bytes.
+        lens = np.fromiter(map(len, data), np.int64, len(data))
+        starts = np.arange(len(data), dtype=np.int64) * 8
+        starts[1:] += np.cumsum(lens[:-1])
+        out = np.empty(8 * len(data) + int(lens.sum()), np.uint8)
+        at = (starts[:, None] + np.arange(8)).ravel()
+        out[at] = lens.astype("<u8").view(np.uint8)
+        rest = np.ones(out.size, bool)
+        rest[at] = False
+        out[rest] = np.frombuffer(b"".join(data), np.uint8)
+        return out.tobytes()
+    fmt = gguf.GGUFWriter._simple_value_packing.get(sub_type)
+    if fmt is None or sub_type == GGUFValueType.BOOL:
+        return None
+    dtype = np.dtype("<" + fmt)
+    kind = int if dtype.kind in "iu" else float
+    if set(map(type, val)) != {kind}:  # struct's rules for numpy scalars, bools, floats as ints
+        return None
+    if kind is int:
+        info = np.iinfo(dtype)
+        if min(val) < info.min or max(val) > info.max:
+            return None
+        return np.array(val, dtype=dtype).tobytes()
+    wide = np.array(val, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        out = wide.astype(dtype)
+    if np.any(np.isinf(out) & np.isfinite(wide)):  # struct raises OverflowError there
+        return None
+    return out.tobytes()
+
+
 class GGUFStreamWriter:
     """Write a GGUF file: metadata and every tensor's info first, then tensor data in
     the declared order, one tensor at a time.
@@ -461,7 +517,7 @@ class GGUFStreamWriter:
     def __init__(self, path: str | os.PathLike, arch: str | None):
         """arch None: a file that is not a model (an importance matrix), without general.architecture."""
         self.path = Path(path)
-        self._writer = gguf.GGUFWriter(self.path, arch or "", use_temp_file=False)
+        self._writer = _ArrayWriter(self.path, arch or "", use_temp_file=False)
         if arch is None:
             self._writer.kv_data[0].pop("general.architecture", None)
         self._pending: list[tuple[str, tuple[int, ...], QType]] = []

@@ -71,6 +71,40 @@ def test_writer_rejects_out_of_order_and_missing_tensors(tmp_path):
     w.abort()
 
 
+V = gguf.GGUFValueType
+
+
+@pytest.mark.parametrize("values, sub", [
+    (["", "a", "\u0120the", "\0", "日本語", "🙂" * 3, "<|im_end|>", "x" * 70_000], V.STRING),
+    ([f"tok{i}" for i in range(5000)], V.STRING),
+    ([0, 1, -1, 2**31 - 1, -2**31], V.INT32),
+    ([0, 255], V.UINT8), ([-128, 127], V.INT8), ([0, 2**16 - 1], V.UINT16), ([-2**15, 2**15 - 1], V.INT16),
+    ([0, 2**32 - 1], V.UINT32), ([0, 2**64 - 1], V.UINT64), ([-2**63, 2**63 - 1], V.INT64),
+    ([0.1, -0.0, float("inf"), 3.4028235e38, 1e-46, 1 / 3], V.FLOAT32),
+    ([0.1, float("nan"), 1e300], V.FLOAT64),
+    # the library's own way: bools, bytes among strings, mixed items
+    ([True, False], V.BOOL), (["a", b"b"], V.STRING), ([1, 2.0], V.FLOAT32), ([1, True], V.INT32),
+])
+def test_array_packing_is_gguf_pys(values, sub):
+    # _ArrayWriter packs metadata arrays whole (a vocabulary's 300k items took ~1 s item by
+    # item); the bytes must be the library's, byte for byte
+    from cpuq.gguf_io import _ArrayWriter
+    ours = _ArrayWriter(None, "qwen2")._pack_val(values, V.ARRAY, True, sub)
+    assert ours == gguf.GGUFWriter(None, "qwen2")._pack_val(values, V.ARRAY, True, sub)
+
+
+@pytest.mark.parametrize("values, sub", [
+    ([2**31], V.INT32), ([-1], V.UINT64), ([1e39], V.FLOAT32), (["\ud800"], V.STRING), ([None], V.STRING),
+    ([1.5], V.INT32),
+])
+def test_array_packing_fails_as_gguf_py_does(values, sub):
+    from cpuq.gguf_io import _ArrayWriter
+    with pytest.raises(Exception) as theirs:
+        gguf.GGUFWriter(None, "qwen2")._pack_val(values, V.ARRAY, True, sub)
+    with pytest.raises(theirs.type):
+        _ArrayWriter(None, "qwen2")._pack_val(values, V.ARRAY, True, sub)
+
+
 # --- bad files --------------------------------------------------------------------
 
 def _tensor_info_offsets(path: Path) -> dict[str, dict[str, int]]:
