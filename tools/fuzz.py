@@ -24,7 +24,7 @@ Seeds (built once per run under --work, a temporary folder by default):
   milliseconds instead of 0.4 s. Most cases mutate the small ones (SMALL_SHARE).
 * safetensors, config: tiny qwen2 and llama checkpoints (hidden 64, one block), converted
   to q8_0. The tokenizer files are never mutated in these targets, so the converter's
-  tokenizer_metadata (0.75 s for the real vocabulary) is memoised on the values it reads.
+  read_tokenizer_files (0.75 s for the real vocabulary) is memoised.
 
 Mutations are structure-aware: the GGUF walker below finds every count, length, type id,
 dimension, offset and string of the header, metadata and tensor infos, and most mutations
@@ -695,31 +695,24 @@ def build_converter_seeds(folder: Path) -> None:
 
 
 def memoised(real):
-    """cpuq.convert.pipeline.tokenizer_metadata memoised: it is a function of the tokenizer
-    files (never mutated here), n_vocab, arch and config.json's *_token_id values, so it is
-    cached on those when they are plain JSON scalars, and a case does not pay 0.75 s to
-    re-read the same tokenizer.json. Install it as pipeline.tokenizer_metadata."""
-    from cpuq.convert.hf_vocab import SPECIAL_KINDS
-
-    @functools.lru_cache(maxsize=4)  # each holds a 150k-token vocabulary: ~35 MB
-    def cached(src, n_vocab, arch, ids):
-        return real(Path(src), n_vocab, {f"{k}_token_id": v for k, v in zip(SPECIAL_KINDS, ids)}, arch)
+    """cpuq.convert.hf_vocab.read_tokenizer_files memoised on its arguments: the tokenizer files
+    are never mutated here, and re-reading the real vocabulary is 0.75 s a case. Install it
+    as hf_vocab.read_tokenizer_files."""
+    @functools.lru_cache(maxsize=8)  # a 150k-token vocabulary each: ~60 MB
+    def cached(src: str, n_vocab: int):
+        return real(Path(src), n_vocab)
 
     @functools.wraps(real)
-    def tokenizer_metadata(src, n_vocab, config, arch):
-        ids = tuple(config.get(f"{k}_token_id") for k in SPECIAL_KINDS)
-        if not all(v is None or type(v) in (int, float, str, bool) for v in ids):
-            return real(src, n_vocab, config, arch)
-        values, types = cached(str(src), n_vocab, arch, ids)
-        return dict(values), dict(types)
-    return tokenizer_metadata
+    def read_tokenizer_files(src_dir, n_vocab):
+        return cached(str(src_dir), n_vocab)
+    return read_tokenizer_files
 
 
 def _prepare(target) -> None:
     """In a worker (or --replay): the converter targets' tokenizer memo."""
     if isinstance(target, ConverterTarget):
-        from cpuq.convert import pipeline
-        pipeline.tokenizer_metadata = memoised(pipeline.tokenizer_metadata)
+        from cpuq.convert import hf_vocab
+        hf_vocab.read_tokenizer_files = memoised(hf_vocab.read_tokenizer_files)
 
 
 TARGETS = {"gguf": GGUFTarget, "safetensors": SafetensorsTarget, "config": ConfigTarget}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +60,23 @@ def _looks_special(text: str) -> bool:
             or (text.startswith("<unused") and text.endswith(">")))
 
 
-def tokenizer_metadata(src_dir: Path, n_vocab: int, config: dict, arch: str) -> tuple[dict[str, Any], dict[str, GGUFValueType]]:
-    """(values, explicit types) of every tokenizer.* key, in the converter's order.
-    `arch` is the GGUF architecture name (llama adds its own keys, llama.py:106-162)."""
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """What the converter reads of a checkpoint's tokenizer files for a vocabulary of n_vocab
+    rows: a function of those alone, not of config.json's other keys."""
+    tok_path: Path
+    tok_json: dict         # tokenizer.json
+    cfg_path: Path
+    tok_config: dict       # tokenizer_config.json, {} if absent or not an object
+    tokens: list[str]      # n_vocab of them, "[PADi]" where the tokenizer has no id i (base.py:1581-1623)
+    types: list[int]
+    merges: list[str]      # as "a b" (vocab.py:186-212)
+    chkhsh: str            # sha256 of CHK_TXT's token ids: names the pre-tokenizer
+    template: Any          # tokenizer_config's chat_template, else chat_template.jinja's text, else None
+
+
+def read_tokenizer_files(src_dir: Path, n_vocab: int) -> TokenizerFiles:
+    """Read and check tokenizer.json and tokenizer_config.json (and chat_template.jinja)."""
     from tokenizers import Tokenizer
 
     if (src_dir / "tokenizer.model").is_file():
@@ -85,10 +100,9 @@ def tokenizer_metadata(src_dir: Path, n_vocab: int, config: dict, arch: str) -> 
     tok_config = _read_json(cfg_path) if cfg_path.is_file() else {}
     if not isinstance(tok_config, dict):
         tok_config = {}
-
     # tokens and types (base.py:1581-1623)
-    added = {t["id"]: t for t in tok_json.get("added_tokens") or []}
     reverse = {i: s for s, i in tokenizer.get_vocab(with_added_tokens=True).items()}
+    added = {t["id"]: t for t in tok_json.get("added_tokens") or []}
     if reverse and max(reverse) >= n_vocab:
         raise FormatError(f"{tok_path}: token id {max(reverse)} is outside vocab_size {n_vocab} of config.json")
     tokens, types = [], []
@@ -107,9 +121,30 @@ def tokenizer_metadata(src_dir: Path, n_vocab: int, config: dict, arch: str) -> 
         else:
             types.append(NORMAL)
         tokens.append(text)
-
+    # merges (vocab.py:186-212)
+    merges = []
+    for m in model.get("merges") or []:
+        if isinstance(m, str):
+            merges.append(m)
+        elif isinstance(m, list) and len(m) == 2:
+            merges.append(" ".join(part.replace(" ", "\u0120") for part in m))
+        else:
+            raise FormatError(f"{tok_path}: merge entry {m!r} is neither 'a b' nor ['a', 'b']")
     ids = tokenizer.encode(CHK_TXT, add_special_tokens=True).ids
-    chkhsh = hashlib.sha256(str(ids).encode()).hexdigest()
+    template = tok_config.get("chat_template")
+    if template is None and (src_dir / "chat_template.jinja").is_file():
+        template = (src_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    return TokenizerFiles(tok_path, tok_json, cfg_path, tok_config, tokens, types, merges,
+                          hashlib.sha256(str(ids).encode()).hexdigest(), template)
+
+
+def tokenizer_metadata(src_dir: Path, n_vocab: int, config: dict, arch: str) -> tuple[dict[str, Any], dict[str, GGUFValueType]]:
+    """(values, explicit types) of every tokenizer.* key, in the converter's order.
+    `arch` is the GGUF architecture name (llama adds its own keys, llama.py:106-162)."""
+    files = read_tokenizer_files(src_dir, n_vocab)
+    tok_path, tok_json, tok_config = files.tok_path, files.tok_json, files.tok_config
+
+    chkhsh = files.chkhsh
     pre = PRE_BY_HASH.get(chkhsh)
     if pre is None:
         raise UnsupportedError(f"{tok_path}: pre-tokenizer not recognised (chkhsh {chkhsh}); "
@@ -121,22 +156,13 @@ def tokenizer_metadata(src_dir: Path, n_vocab: int, config: dict, arch: str) -> 
     values |= {
         "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.pre": pre,
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.tokens": list(files.tokens),  # copies: files may be shared (a memo)
+        "tokenizer.ggml.token_type": list(files.types),
     }
     vtypes = {"tokenizer.ggml.token_type": GGUFValueType.ARRAY, "tokenizer.ggml.token_type[]": GGUFValueType.INT32}
 
-    # merges (vocab.py:186-212)
-    merges = []
-    for m in model.get("merges") or []:
-        if isinstance(m, str):
-            merges.append(m)
-        elif isinstance(m, list) and len(m) == 2:
-            merges.append(" ".join(part.replace(" ", "\u0120") for part in m))
-        else:
-            raise FormatError(f"{tok_path}: merge entry {m!r} is neither 'a b' nor ['a', 'b']")
-    if merges:
-        values["tokenizer.ggml.merges"] = merges
+    if files.merges:
+        values["tokenizer.ggml.merges"] = list(files.merges)
 
     # special ids: tokenizer_config first, then config.json; the first set wins (vocab.py:149-378)
     special: dict[str, int] = {}
@@ -184,13 +210,11 @@ def tokenizer_metadata(src_dir: Path, n_vocab: int, config: dict, arch: str) -> 
     for kind, flag in add.items():
         values[ADD_KEYS[kind]] = flag
 
-    template = tok_config.get("chat_template")
-    if template is None and (src_dir / "chat_template.jinja").is_file():
-        template = (src_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    template = files.template
     if isinstance(template, str) and template:
         values["tokenizer.chat_template"] = template
     elif template is not None and not isinstance(template, str):
-        raise UnsupportedError(f"{cfg_path}: chat_template lists named templates; only one template is supported")
+        raise UnsupportedError(f"{files.cfg_path}: chat_template lists named templates; only one template is supported")
     if arch == "llama" and n_vocab == 49152:
         # SmolLM/SmolLM2/granite: LlamaModel forces add_bos off after set_vocab (llama.py:144-158);
         # a dict update keeps an existing key's position, as gguf-py's re-add does, else appends.

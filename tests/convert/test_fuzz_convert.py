@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import cpuq
 import fuzz  # tools/fuzz.py (conftest puts tools/ on the path)
-from cpuq.convert import pipeline
+from cpuq.convert import hf_vocab
 from make_tiny_checkpoint import QWEN2_VOCAB
 
 pytestmark = pytest.mark.skipif(not QWEN2_VOCAB.exists(), reason=f"{QWEN2_VOCAB} not present")
@@ -26,7 +26,7 @@ def targets(tmp_path_factory):
     # The tokenizer memo (fuzz.memoised) for this module only: it skips re-reading the same
     # unmutated tokenizer.json, 0.75 s a case.
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline, "tokenizer_metadata", fuzz.memoised(pipeline.tokenizer_metadata))
+        mp.setattr(hf_vocab, "read_tokenizer_files", fuzz.memoised(hf_vocab.read_tokenizer_files))
         work = tmp_path_factory.mktemp("fuzz-ckpt")
         yield {"config": fuzz.ConfigTarget(work), "safetensors": fuzz.SafetensorsTarget(work)}
 
