@@ -36,7 +36,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import repeat
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
@@ -170,7 +170,7 @@ def _piece_bytes(text: str) -> bytes:
 @dataclass(frozen=True)
 class Vocab:
     """The tokenizer.ggml.* metadata of a byte-level BPE vocabulary, checked."""
-    tokens: list[str]
+    tokens: Sequence[str]      # a list; a Tokenizer's reads them back from `tokenizers` (_TokenTexts)
     types: np.ndarray          # int8 (n_vocab,): tokenizer.ggml.token_type as written
     attrs: np.ndarray          # int8 (n_vocab,): the types after llama.cpp's by-text overrides (used here)
     merges: list[tuple[str, str]]
@@ -180,7 +180,7 @@ class Vocab:
     add_bos: bool
     add_eos: bool
     eog_ids: frozenset[int]
-    index: dict[str, int]      # token text -> id
+    index: Mapping[str, int]   # token text -> id; a dict, or a Tokenizer's _TokenIds
 
     @property
     def n_vocab(self) -> int:
@@ -391,6 +391,43 @@ class _Pieces:
         return piece
 
 
+class _TokenTexts(Sequence[str]):
+    """Vocab.tokens read back from the built tokenizer, which holds them anyway: as a Python
+    list (and Vocab.index as a dict) a 151k vocabulary kept ~17 MiB resident for nothing."""
+
+    def __init__(self, hf: _HFTokenizer, n_vocab: int):
+        self._hf, self._n = hf, n_vocab
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return self._hf.id_to_token(i % self._n)
+
+
+class _TokenIds(Mapping[str, int]):
+    """Vocab.index (token text -> id) read back from the built tokenizer."""
+
+    def __init__(self, hf: _HFTokenizer, n_vocab: int):
+        self._hf, self._n = hf, n_vocab
+
+    def __getitem__(self, text: str) -> int:
+        i = self._hf.token_to_id(text) if isinstance(text, str) else None
+        if i is None:
+            raise KeyError(text)
+        return i
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[str]:
+        return (self._hf.id_to_token(i) for i in range(self._n))
+
+
 # the tokenizer ---------------------------------------------------------------------------
 
 class Tokenizer:
@@ -405,9 +442,11 @@ class Tokenizer:
     def __init__(self, vocab: Vocab, source: str = "metadata"):
         self.source = source
         self._hf = build_hf_tokenizer(vocab, source=source)
-        # The BPE model holds the merges now; as Python tuples of strings they are ~26 MiB
-        # of a 151k vocabulary's resident memory for nothing.
-        self.vocab = dataclasses.replace(vocab, merges=[])
+        # The BPE model holds the merges, tokens and ids now; as Python objects they are
+        # ~26 MiB (merges) and ~17 MiB (tokens, index) of a 151k vocabulary's resident memory.
+        vocab = dataclasses.replace(vocab, merges=[], tokens=_TokenTexts(self._hf, vocab.n_vocab),
+                                    index=_TokenIds(self._hf, vocab.n_vocab))
+        self.vocab = vocab
         self._hf_lock = threading.Lock()  # encode_special_tokens is a setting of the shared object
         self._special = (vocab.attrs == CONTROL) | (vocab.attrs == UNKNOWN)
         self._pieces = _Pieces(vocab)

@@ -19,7 +19,7 @@ import pytest
 import cpuq
 import hf_tokenizer
 from cpuq import FormatError, GGUFStreamWriter, InputError, UnsupportedError, open_gguf
-from cpuq.runtime.tokenizer import PRE_NAMES, StreamDecoder, Tokenizer, Vocab
+from cpuq.runtime.tokenizer import PRE_NAMES, StreamDecoder, Tokenizer, Vocab, _TokenIds, _TokenTexts
 from make_tiny_checkpoint import QWEN2_VOCAB, make_tiny_checkpoint
 from tests.convert.test_convert_peer import HF_PYTHON, LLAMA_CPP, PEER_PYTHON
 
@@ -51,14 +51,17 @@ def qwen2() -> Tokenizer:
         return Tokenizer.from_gguf(f)
 
 
-@pytest.fixture(scope="module")
-def smollm() -> Tokenizer:
+def _demo_path():
     from cpuq.demo import demo_model_path
     try:
-        path = demo_model_path()
+        return demo_model_path()
     except InputError as e:
         pytest.skip(str(e))
-    with open_gguf(path) as f:
+
+
+@pytest.fixture(scope="module")
+def smollm() -> Tokenizer:
+    with open_gguf(_demo_path()) as f:
         return Tokenizer.from_gguf(f)
 
 
@@ -246,6 +249,29 @@ def test_small_vocabulary_behaviour():
         tok.decode([999])
     with pytest.raises(InputError, match="no BOS"):
         Tokenizer.from_metadata(small_metadata(**{"tokenizer.ggml.bos_token_id": None})).encode("x", add_bos=True)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "smollm", "small"])
+def test_token_texts_and_ids_are_read_back_exactly(name, request):
+    # A Tokenizer keeps no Python list of tokens or dict of ids (~17 MiB for 151k tokens):
+    # token_text/token_id and vocab.tokens/index read them back from `tokenizers`
+    if name == "small":  # with an empty token, which llama.cpp renames [EMPTY_i]
+        md = small_metadata()
+        md["tokenizer.ggml.tokens"] = md["tokenizer.ggml.tokens"][:-1] + [""]
+        tok = Tokenizer.from_metadata(md)
+    else:
+        tok = request.getfixturevalue(name)
+        with open_gguf(QWEN2_VOCAB if name == "qwen2" else _demo_path()) as f:
+            md = {"tokenizer.ggml.tokens": f.get("tokenizer.ggml.tokens")}
+    expected = [t or f"[EMPTY_{i}]" for i, t in enumerate(md["tokenizer.ggml.tokens"])]
+    assert isinstance(tok.vocab.tokens, _TokenTexts) and isinstance(tok.vocab.index, _TokenIds)
+    assert len(tok.vocab.tokens) == tok.n_vocab == len(expected)
+    assert [tok.token_text(i) for i in range(tok.n_vocab)] == expected
+    assert [tok.token_id(t) for t in expected] == list(range(len(expected)))
+    assert tok.vocab.tokens[-1] == expected[-1] and tok.vocab.tokens[2:5] == expected[2:5]
+    assert tok.token_id("no such token \x00") is None and "no such token" not in tok.vocab.index
+    with pytest.raises(IndexError):
+        tok.vocab.tokens[len(expected)]
 
 
 def test_small_vocabulary_through_a_gguf_file(tmp_path):
