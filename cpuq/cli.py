@@ -306,7 +306,8 @@ def chat(
     top_p: float = _TOP_P, min_p: float = _MIN_P, repeat_penalty: float = _REPEAT_PENALTY,
     seed: Optional[int] = _SEED, stop: Optional[list[str]] = _STOP, ignore_eos: bool = _IGNORE_EOS,
 ) -> None:
-    """Chat with a model in the terminal (or over a pipe: one user message per line)."""
+    """Chat with a model in the terminal (or over a pipe: one user message per line; a line
+    that fails is reported and skipped, and the exit code is then 2)."""
     import itertools
 
     from rich.markup import escape
@@ -335,6 +336,7 @@ def chat(
             where = f", {m.gpu_status}" if m.gpu_status != "CPU only" else ""
             err.print(f"{m.path.name}: {m.config.arch}, {m.n_ctx} tokens of context{where}. {CHAT_HELP}",
                       style="dim", highlight=False)
+        failed = 0  # input lines that failed (over a pipe they make the exit code 2)
         for line_number in itertools.count(1):
             try:
                 line = input(">>> " if interactive else "")
@@ -347,6 +349,7 @@ def chat(
                 text = _typed_text(line, f"input line {line_number}").strip()
             except CpuqError as e:
                 err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+                failed += 1
                 continue  # as a turn that fails: the line is skipped and chat goes on
             if not text:
                 continue
@@ -373,12 +376,16 @@ def chat(
                 messages.pop()
                 sys.stdout.write("\n")
                 err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+                failed += 1
                 continue
             sys.stdout.write("\n")
             messages.append({"role": "assistant", "content": "".join(reply)})
             if m.finish_reason == "n_ctx":
                 note += f" (context full at {m.n_ctx} tokens: /reset to start over)"
             err.print(_speed_line(m) + note, style="dim", highlight=False)
+    if failed and not interactive:  # a script reading the replies learns that some are missing
+        err.print(f"{failed} input line{'s' if failed > 1 else ''} failed", style="dim", highlight=False)
+        raise typer.Exit(2)
 
 
 @app.command()

@@ -471,7 +471,7 @@ def test_generate_command_empty_prompt_and_no_limit(demo):
 def test_chat_over_a_pipe_with_invalid_utf8(demo):
     r = cli("chat", str(demo), "--temperature", "0", "-n", "16", "--threads", "1",
             stdin=b"What is the capital of France?\ncaf\xe9 au lait\nAnd of Germany?\n")
-    line = one_error_line(r, 0)  # as any failed turn: the line is skipped, chat goes on (exit 0)
+    line = one_error_line(r)  # as any failed turn: the line is skipped, chat goes on, exit code 2 at the end
     assert line == "error: input line 2: not valid UTF-8 (byte 0xe9 at offset 3)"
     out = r.stdout.splitlines()
     assert out[0] == ">>> What is the capital of France?" and "Paris" in out[1]
@@ -482,5 +482,5 @@ def test_chat_over_a_pipe_with_invalid_utf8(demo):
 def test_chat_over_a_pipe_prompt_too_long(demo):
     r = cli("chat", str(demo), "--ctx", "48", "--temperature", "0", "-n", "4", "--threads", "1",
             stdin=("word " * 60 + "\nHi\n").encode())
-    assert "the context holds 48" in one_error_line(r, 0)
+    assert "the context holds 48" in one_error_line(r)
     assert r.stdout.splitlines()[-2] == ">>> Hi"  # the next line still gets its turn
