@@ -448,9 +448,9 @@ def _value_bytes(value: Any, vtype: GGUFValueType, sub_type: GGUFValueType | Non
 
 class _ArrayWriter(gguf.GGUFWriter):
     """gguf-py's writer with metadata arrays packed whole instead of item by item: a 150k-token
-    vocabulary (tokens, merges, types) cost ~1 s of item-by-item packing, most of a small
-    model's conversion. Same bytes; anything unusual (other endianness, mixed items, a value
-    out of its type's range) goes the library's way, and its errors with it."""
+    vocabulary's tokens, merges and types took 0.41 s item by item, 0.10 s whole. Same
+    bytes; anything unusual (other endianness, mixed items, a value out of its type's range)
+    goes the library's way, and its errors with it."""
 
     def _pack_val(self, val: Any, vtype: GGUFValueType, add_vtype: bool,
                   sub_type: GGUFValueType | None = None) -> bytes:
