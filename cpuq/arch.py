@@ -91,6 +91,11 @@ ROPE_NUMBERS = ("factor", "original_max_position_embeddings", "low_freq_factor",
                 "extrapolation_factor", "attention_factor", "attn_factor", "beta_fast", "beta_slow")
 
 
+# llama3 rope_scaling's keys and their defaults where absent (llama.py:298-326).
+LLAMA3_ROPE_DEFAULTS = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192}
+
+
 def _finite_number(v: Any) -> bool:
     """A finite int or float (not a bool); an int too big for a float is not."""
     if not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, (bool, np.bool_)):
@@ -227,6 +232,15 @@ class ModelConfig:
                                   f"expected an integer from 1 to {MAX_U32}")
             if rope_type == "yarn" and rope.get("factor") is not None and original is None:  # llama.cpp needs it
                 raise FormatError(f"{where}: yarn rope_scaling lacks 'original_max_position_embeddings'")
+            if rope_type == "llama3":  # llama3_rope_freqs divides by these, and by their difference
+                values = {k: rope.get(k, d) for k, d in LLAMA3_ROPE_DEFAULTS.items()}
+                for k, v in values.items():
+                    if v is None:
+                        raise FormatError(f"{where}: llama3 rope_scaling '{k}' is null, expected a number")
+                low, high = values["low_freq_factor"], values["high_freq_factor"]
+                if not 0 < low < high:
+                    raise FormatError(f"{where}: llama3 rope_scaling needs 0 < low_freq_factor < high_freq_factor, "
+                                      f"not {low!r} and {high!r}")
             rope_scaling = tuple(sorted((k, v) for k, v in rope.items() if not isinstance(v, (dict, list))))
 
         return cls(
@@ -387,10 +401,11 @@ def llama3_rope_freqs(cfg: ModelConfig) -> np.ndarray:
     """The rope_freqs.weight factors LlamaModel emits for rope_type llama3 (llama.py:298-326)."""
     rope = dict(cfg.rope_scaling or ())
     base, dim = cfg.rope_theta, cfg.head_dim
-    factor = float(rope.get("factor", 8.0))
-    low_freq_factor = float(rope.get("low_freq_factor", 1.0))
-    high_freq_factor = float(rope.get("high_freq_factor", 4.0))
-    old_context_len = int(rope.get("original_max_position_embeddings", 8192))
+    d = LLAMA3_ROPE_DEFAULTS  # ModelConfig.from_hf checked the values
+    factor = float(rope.get("factor", d["factor"]))
+    low_freq_factor = float(rope.get("low_freq_factor", d["low_freq_factor"]))
+    high_freq_factor = float(rope.get("high_freq_factor", d["high_freq_factor"]))
+    old_context_len = int(rope.get("original_max_position_embeddings", d["original_max_position_embeddings"]))
     # torch computes all of this in float32 (Python scalars join a float32 tensor as float32);
     # numpy's scalar promotion (NEP 50) does the same with np.float32 values.
     f32 = np.float32

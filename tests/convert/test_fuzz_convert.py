@@ -120,6 +120,20 @@ def test_config_found_by_fuzzing(targets, scratch, changes, words):
     _rejected(targets["config"], k, _config(targets, **changes), scratch, cpuq.FormatError, *words)
 
 
+@pytest.mark.parametrize("rope, words", [
+    # seed 3's config run, cases 71972, 77864, 87125: ZeroDivisionError, ZeroDivisionError, TypeError
+    ({"type": "llama3", "high_freq_factor": 0}, ["0 < low_freq_factor < high_freq_factor", "not 1.0 and 0"]),
+    ({"type": "llama3", "high_freq_factor": 4.0, "original_max_position_embeddings": 4.0, "low_freq_factor": 0},
+     ["0 < low_freq_factor < high_freq_factor", "not 0 and 4.0"]),
+    ({"type": "llama3", "factor": None}, ["llama3 rope_scaling 'factor' is null"]),
+    ({"rope_type": "llama3", "low_freq_factor": 4.0, "high_freq_factor": 4.0}, ["not 4.0 and 4.0"]),
+])
+def test_llama3_rope_scaling_found_by_fuzzing(targets, scratch, rope, words):
+    k = [s[0] for s in targets["config"].seeds].index("llama")
+    data = fuzz._dumps({**json.loads(targets["config"].seeds[k][2]), "rope_scaling": rope})
+    _rejected(targets["config"], k, data, scratch, cpuq.FormatError, "config.json", *words)
+
+
 def test_deeply_nested_config_is_not_valid_json(targets, scratch):
     # json.loads raised RecursionError, which the reader did not catch
     _rejected(targets["config"], 0, b"[" * 100_000 + b"]" * 100_000, scratch, cpuq.FormatError,
