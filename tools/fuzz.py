@@ -746,7 +746,7 @@ def worker(args) -> None:
             proto.write(f"start {i}\n")
             try:
                 k, data = target.make(case_rng(args.target, args.seed, i))
-                outcome = target.run(k, data, scratch)
+                outcome = "skipped" if args.grep and args.grep.encode() not in data else target.run(k, data, scratch)
             except MemoryError:
                 proto.write(f"fail {i} memory {json.dumps('MemoryError')}\n")
             except Exception as e:
@@ -766,6 +766,8 @@ class Worker:
         self.scratch = _scratch_root()  # the driver's to remove: a killed worker cannot
         cmd = [sys.executable, __file__, "--worker", "--target", args.target, "--work", str(args.work),
                "--seed", str(args.seed), "--mem-mb", str(args.mem_mb), "--scratch", str(self.scratch)]
+        if args.grep:
+            cmd += ["--grep", args.grep]
         self.log = open(log, "ab")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env,
                                      start_new_session=True)
@@ -879,8 +881,9 @@ def drive(args) -> int:
             w.kill()
     wall = time.monotonic() - t0
     n_pass = sum(passes.values())
+    shown = (*target.outcomes, *(["skipped"] if passes.get("skipped") else []))
     print(f"fuzz {args.target}: {args.cases} cases (seed {args.seed}, {args.workers} workers): "
-          f"passed {n_pass} ({', '.join(f'{o} {passes[o]}' for o in target.outcomes)}), "
+          f"passed {n_pass} ({', '.join(f'{o} {passes[o]}' for o in shown)}), "
           f"failed {sum(failures.values())} ({', '.join(f'{k} {failures[k]}' for k in FAILURE_KINDS)}), "
           f"slowest case {slowest[0]:.2f} s (#{slowest[1]}), {wall:.0f} s wall")
     return 1 if failures else 0
@@ -917,6 +920,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--failures", type=Path, default=Path(tempfile.gettempdir()) / "cpuq-fuzz-failures",
                     help="where failing inputs (and the workers' logs) go")
     ap.add_argument("--replay", type=Path, help="run one saved failing input in this process")
+    ap.add_argument("--grep", help="run only the cases whose mutated input holds this text (the others pass as "
+                                   "'skipped'): re-check the cases a fix can change")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)  # a worker's folder for its cases
     args = ap.parse_args(argv)
