@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import math
 import re
-import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import FormatError, InputError, UnsupportedError
+from .errors import FormatError, InputError, UnsupportedError, abbreviated as _show
 
 
 @dataclass(frozen=True)
@@ -105,10 +104,6 @@ def _finite_number(v: Any) -> bool:
     except OverflowError:
         return False
 
-
-def _show(v: Any) -> str:
-    """A value for an error message, abbreviated: a file can hold a 100 kB string or deep nesting."""
-    return reprlib.repr(v)
 
 
 @dataclass(frozen=True)

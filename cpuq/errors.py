@@ -4,6 +4,13 @@ Every message names the file, tensor or key at fault and what is wrong with it.
 The CLI turns any CpuqError into that line on stderr and exit code 2.
 Imports nothing from cpuq.
 """
+import reprlib
+
+
+def abbreviated(value: object) -> str:
+    """A value read from a file, for a message: its repr, abbreviated (a file can hold a
+    100 kB string or nesting thousands deep)."""
+    return reprlib.repr(value)
 
 
 class CpuqError(Exception):

@@ -14,7 +14,6 @@ Imports from cpuq: errors, quants (for the type table). Nothing above them.
 from __future__ import annotations
 
 import os
-import reprlib
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from numba import njit
 from gguf import GGMLQuantizationType, GGUFEndian, GGUFValueType
 from gguf.gguf_writer import WriterState
 
-from .errors import FormatError, InputError, UnsupportedError
+from .errors import FormatError, InputError, UnsupportedError, abbreviated
 from .quants import QType, qtype_from_id
 
 GGUF_MAGIC = 0x46554747  # b"GGUF" read little-endian
@@ -163,7 +162,7 @@ def _string_array_extents(data: np.ndarray, start: int, n: int, path: Path) -> t
 def _quoted(name: str) -> str:
     """A name read from the file, quoted for a one-line message: as it is when short and
     printable, else its repr, abbreviated (a lying file can put a newline or 100 kB in one)."""
-    return f"'{name}'" if len(name) <= 200 and name.isprintable() else reprlib.repr(name)
+    return f"'{name}'" if len(name) <= 200 and name.isprintable() else abbreviated(name)
 
 
 def _decode(raw: bytes, path: Path, what: str) -> str:
@@ -463,6 +462,9 @@ class _ArrayWriter(gguf.GGUFWriter):
         return super()._pack_val(val, vtype, add_vtype, sub_type)
 
 
+_U64 = struct.Struct("<Q")
+
+
 def _pack_items(val: list | tuple, sub_type: GGUFValueType) -> bytes | None:
     """The items of a little-endian array as GGUFWriter._pack_val packs them, or None where
     only it knows (bools, nested arrays, mixed or out-of-range items)."""
@@ -471,17 +473,10 @@ def _pack_items(val: list | tuple, sub_type: GGUFValueType) -> bytes | None:
             data = [v.encode("utf-8") for v in val]
         except (AttributeError, UnicodeError):  # bytes or other items, lone surrogates
             return None
-        # Each item is its u64 length then its bytes: scatter the lengths between the joined bytes.
-        lens = np.fromiter(map(len, data), np.int64, len(data))
-        starts = np.arange(len(data), dtype=np.int64) * 8
-        starts[1:] += np.cumsum(lens[:-1])
-        out = np.empty(8 * len(data) + int(lens.sum()), np.uint8)
-        at = (starts[:, None] + np.arange(8)).ravel()
-        out[at] = lens.astype("<u8").view(np.uint8)
-        rest = np.ones(out.size, bool)
-        rest[at] = False
-        out[rest] = np.frombuffer(b"".join(data), np.uint8)
-        return out.tobytes()
+        parts = [b""] * (2 * len(data))  # each item: its u64 length, then its bytes
+        parts[::2] = map(_U64.pack, map(len, data))
+        parts[1::2] = data
+        return b"".join(parts)
     fmt = gguf.GGUFWriter._simple_value_packing.get(sub_type)
     if fmt is None or sub_type == GGUFValueType.BOOL:
         return None
@@ -506,12 +501,12 @@ class GGUFStreamWriter:
     """Write a GGUF file: metadata and every tensor's info first, then tensor data in
     the declared order, one tensor at a time.
 
-        w = GGUFStreamWriter(path, arch="qwen2")
-        w.add_metadata({"general.name": "x", ...})
-        w.add_tensor_info("token_embd.weight", (n_vocab, n_embd), QTYPES["Q8_0"])
-        w.begin()
-        w.write_tensor("token_embd.weight", blocks)   # uint8 (rows, row_bytes) or float array
-        w.close()
+        with GGUFStreamWriter(path, arch="qwen2") as w:  # an exception: abort()
+            w.add_metadata({"general.name": "x", ...})
+            w.add_tensor_info("token_embd.weight", (n_vocab, n_embd), QTYPES["Q8_0"])
+            w.begin()
+            w.write_tensor("token_embd.weight", blocks)   # uint8 (rows, row_bytes) or float array
+            w.close()
     """
 
     def __init__(self, path: str | os.PathLike, arch: str | None):
@@ -616,6 +611,14 @@ class GGUFStreamWriter:
             raise InputError(f"{self.path}: {len(self._pending)} declared tensors were never written "
                              f"(first: '{self._pending[0][0]}')")
         self._writer.close()
+
+    def __enter__(self) -> "GGUFStreamWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        """On an exception (an interrupt too), abort(): the caller removes the file."""
+        if exc_type is not None:
+            self.abort()
 
     def abort(self) -> None:
         """Close the file handle without finishing it (the caller deletes the file)."""

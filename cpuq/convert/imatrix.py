@@ -86,36 +86,29 @@ class Imatrix:
             raise InputError(f"{dst}: the importance matrix names no dataset (imatrix.datasets needs one)")
         f32 = get_qtype("F32")
         u32 = GGUFValueType.UINT32
-        with partial_file(dst) as tmp:
-            w = None
+        with partial_file(dst) as tmp:  # removes the file unless it is moved into place
             try:
-                w = GGUFStreamWriter(tmp, arch=None)
-                w.add_metadata({"general.type": "imatrix", "imatrix.datasets": list(self.datasets),
-                                "imatrix.chunk_count": int(self.chunk_count),
-                                "imatrix.chunk_size": int(self.chunk_size)},
-                               {"imatrix.datasets": GGUFValueType.ARRAY, "imatrix.datasets[]": GGUFValueType.STRING,
-                                "imatrix.chunk_count": u32, "imatrix.chunk_size": u32})
-                names = sorted(self.sums)
-                for name in names:
-                    # llama.cpp writes ggml_n_dims dimensions: trailing ones dropped (one matrix: 1-D)
-                    n_mat, n_per_row = self.sums[name].shape
-                    w.add_tensor_info(name + SUMS, (n_mat, n_per_row) if n_mat > 1 else (n_per_row,), f32)
-                    w.add_tensor_info(name + COUNTS, (n_mat, 1) if n_mat > 1 else (1,), f32)
-                w.begin()
-                for name in names:
-                    w.write_tensor(name + SUMS, self.sums[name].astype(np.float32))
-                    w.write_tensor(name + COUNTS, self.counts[name].astype(np.float32))
-                w.close()
-                w = None
+                with GGUFStreamWriter(tmp, arch=None) as w:
+                    w.add_metadata({"general.type": "imatrix", "imatrix.datasets": list(self.datasets),
+                                    "imatrix.chunk_count": int(self.chunk_count),
+                                    "imatrix.chunk_size": int(self.chunk_size)},
+                                   {"imatrix.datasets": GGUFValueType.ARRAY,
+                                    "imatrix.datasets[]": GGUFValueType.STRING,
+                                    "imatrix.chunk_count": u32, "imatrix.chunk_size": u32})
+                    names = sorted(self.sums)
+                    for name in names:
+                        # llama.cpp writes ggml_n_dims dimensions: trailing ones dropped (one matrix: 1-D)
+                        n_mat, n_per_row = self.sums[name].shape
+                        w.add_tensor_info(name + SUMS, (n_mat, n_per_row) if n_mat > 1 else (n_per_row,), f32)
+                        w.add_tensor_info(name + COUNTS, (n_mat, 1) if n_mat > 1 else (1,), f32)
+                    w.begin()
+                    for name in names:
+                        w.write_tensor(name + SUMS, self.sums[name].astype(np.float32))
+                        w.write_tensor(name + COUNTS, self.counts[name].astype(np.float32))
+                    w.close()
                 os.replace(tmp, dst)
             except OSError as e:
-                if w is not None:
-                    w.abort()  # close the handle; partial_file removes the file
                 raise InputError(f"{dst}: write failed: {e.strerror}; nothing was written") from None
-            except BaseException:
-                if w is not None:
-                    w.abort()
-                raise
         return dst
 
     @classmethod

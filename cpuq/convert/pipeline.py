@@ -532,59 +532,52 @@ def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str 
         types = {**gen_types, **arch_types, **tok_types, **{k: u32 for k in (*extra, *versions)}}
 
         total_bytes = sum(ckpt.nbytes(p.hf_name) for p in plans if p.hf_name is not None)
-        with partial_file(dst) as tmp:
-            writer = None
+
+        if out.via_llama_quantize:
+            # llama-quantize re-sets these two keys, which moves them to the end (notes 1.6).
+            order = [gen_values, arch_values, extra, tok_values,
+                     {"general.quantization_version": GGML_QUANT_VERSION, "general.file_type": out.file_type}]
+        else:
+            order = [gen_values, arch_values, {"general.file_type": out.file_type}, extra,
+                     {"general.quantization_version": GGML_QUANT_VERSION}, tok_values]
+        if imatrix is not None:
+            im_values, im_types = _imatrix_metadata(imatrix, im_file or (imatrix.path and str(imatrix.path)))
+            if awq:  # the tensors are not llama-quantize's: say why
+                im_values["cpuq.channel_scaling"] = "awq: input channels scaled by the importance matrix"
+            order.append(im_values)
+            types.update(im_types)
+        with partial_file(dst) as tmp:  # removes the file unless it is moved into place
             need = None
             try:
-                writer = GGUFStreamWriter(tmp, arch=cfg.arch)
-                if out.via_llama_quantize:
-                    # llama-quantize re-sets these two keys, which moves them to the end (notes 1.6).
-                    order = [gen_values, arch_values, extra, tok_values,
-                             {"general.quantization_version": GGML_QUANT_VERSION, "general.file_type": out.file_type}]
-                else:
-                    order = [gen_values, arch_values, {"general.file_type": out.file_type}, extra,
-                             {"general.quantization_version": GGML_QUANT_VERSION}, tok_values]
-                if imatrix is not None:
-                    im_values, im_types = _imatrix_metadata(imatrix, im_file or (imatrix.path and str(imatrix.path)))
-                    if awq:  # the tensors are not llama-quantize's: say why
-                        im_values["cpuq.channel_scaling"] = "awq: input channels scaled by the importance matrix"
-                    order.append(im_values)
-                    types.update(im_types)
-                for values in order:
-                    writer.add_metadata(values, types)
-                for p in plans:
-                    writer.add_tensor_info(p.name, p.shape, p.qtype)
-                # The whole file (the vocabulary is megabytes too), checked inside partial_file,
-                # which has emptied any leftover of a killed run.
-                need = writer.file_bytes()
-                _check_space(dst, need)
-                writer.begin()
-                done = 0
-                for p in plans:
-                    if progress is not None:
-                        progress(done, total_bytes, p.name)  # name the tensor while it is being written
-                    def pieces(p=p):
-                        nonlocal done
-                        if scaler is None:
-                            parts = _tensor_pieces(ckpt, cfg, p, out, importances.get(p.name))
-                        else:
-                            parts = _tensor_pieces(ckpt, cfg, p, out, scaler.importance(p.name),
-                                                   scaler.transform(p.name))
-                        for data, n in parts:
-                            yield data
-                            done += n
-                            if progress is not None:
-                                progress(done, total_bytes, p.name)
-                    writer.write_tensor_parts(p.name, pieces())
-                writer.close()
-                writer = None
+                with GGUFStreamWriter(tmp, arch=cfg.arch) as writer:
+                    for values in order:
+                        writer.add_metadata(values, types)
+                    for p in plans:
+                        writer.add_tensor_info(p.name, p.shape, p.qtype)
+                    # The whole file (the vocabulary is megabytes too), checked inside partial_file,
+                    # which has emptied any leftover of a killed run.
+                    need = writer.file_bytes()
+                    _check_space(dst, need)
+                    writer.begin()
+                    done = 0
+                    for p in plans:
+                        if progress is not None:
+                            progress(done, total_bytes, p.name)  # name the tensor while it is being written
+                        def pieces(p=p):
+                            nonlocal done
+                            if scaler is None:
+                                parts = _tensor_pieces(ckpt, cfg, p, out, importances.get(p.name))
+                            else:
+                                parts = _tensor_pieces(ckpt, cfg, p, out, scaler.importance(p.name),
+                                                       scaler.transform(p.name))
+                            for data, n in parts:
+                                yield data
+                                done += n
+                                if progress is not None:
+                                    progress(done, total_bytes, p.name)
+                        writer.write_tensor_parts(p.name, pieces())
+                    writer.close()
                 os.replace(tmp, dst)
             except OSError as e:
-                if writer is not None:
-                    writer.abort()
-                raise _write_error(e, dst, need) from None  # partial_file removes the temporary file
-            except BaseException:
-                if writer is not None:
-                    writer.abort()
-                raise
+                raise _write_error(e, dst, need) from None
     return dst

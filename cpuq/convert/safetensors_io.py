@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from ..errors import FormatError, InputError, UnsupportedError
+from ..errors import FormatError, InputError, UnsupportedError, abbreviated as _show
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -305,10 +304,6 @@ def _json_kind(v: object) -> str:
              float: "a number", type(None): "null"}
     return kinds.get(type(v), type(v).__name__)
 
-
-def _show(v: object) -> str:
-    """A header value for an error message, abbreviated: a header can hold a 100 kB string."""
-    return reprlib.repr(v)
 
 
 def _is_int(v: object) -> bool:

@@ -31,7 +31,6 @@ import dataclasses
 
 import codecs
 import gc
-import reprlib
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _HFTokenizer
 
-from ..errors import FormatError, InputError, UnsupportedError
+from ..errors import FormatError, InputError, UnsupportedError, abbreviated as _show
 
 if TYPE_CHECKING:
     from ..gguf_io import GGUFFile
@@ -257,10 +256,6 @@ class Vocab:
             attrs[np.array(controls)] = CONTROL
         return cls(tokens, types, attrs, merges, pre, pre_tokenizer, ids, add_bos, add_eos, frozenset(eog), index)
 
-
-def _show(v: Any) -> str:
-    """A metadata value for an error message, abbreviated: a file can hold a 100 kB string."""
-    return reprlib.repr(v)
 
 
 def _string_list(value: Any, where: str) -> list[str]:
