@@ -293,36 +293,92 @@ def _k_scales_mins(b, w):
     return scale, minimum
 
 
-def _ints_q4_k(b, w, xsum):
+def _lanes16(lo: int, hi: int) -> ir.Constant:
+    """<32 x i16>: lo in lanes 0-15, hi in lanes 16-31."""
+    return ir.Constant(V32S, [lo] * 16 + [hi] * 16)
+
+
+def _sum_q4_k(b, w, xp, xsum):
+    """Q4_K read as <32 x i16> words: word i of the 64 bytes of a half-block holds two bytes,
+    so `& 15`, `>> 8 & 15`, `>> 4 & 15` and `>> 12` give the even and odd elements of two
+    groups each, in i16 lanes with no shuffles (x comes in the matching order, X_ORDERS).
+    pmaddwd sums lane pairs of one group, so each i32 lane takes one scale (vpmulld)."""
     scale, minimum = _k_scales_mins(b, w)
-    v8f = ir.VectorType(F32, 8)
-    xsum8 = b.load(b.bitcast(xsum, v8f.as_pointer()), align=4)
-    mterm = b.fmul(b.fmul(_splat(b, _half(b, w, 2), 8), b.uitofp(minimum, v8f)), xsum8)
-    sc16 = b.zext(scale, ir.VectorType(I16, 8))
-    out = []
-    for pair in range(4):
-        lo, hi = _nibbles(b, _load(b, w, 16 + 32 * pair, V32B))
-        for j, q in ((2 * pair, lo), (2 * pair + 1, hi)):
-            out.append(b.mul(b.zext(q, V32S), _pick(b, sc16, [j] * 32)))  # <= 15 * 63
-    return out, _half(b, w, 0), mterm
+    xsum8 = b.load(b.bitcast(xsum, V8F.as_pointer()), align=4)
+    mterm = b.fmul(b.fmul(_splat(b, _half(b, w, 2), 8), b.uitofp(minimum, V8F)), xsum8)
+    sc32 = b.zext(scale, ir.VectorType(I32, 8))
+    acc = None
+    for h in range(2):
+        q = _load(b, w, 16 + 64 * h, V32S)
+        parts = (b.and_(q, _vconst(V32S, 15)), b.and_(b.lshr(q, _vconst(V32S, 8)), _vconst(V32S, 15)),
+                 b.and_(b.lshr(q, _vconst(V32S, 4)), _vconst(V32S, 15)), b.lshr(q, _vconst(V32S, 12)))
+        acc = _scaled_pairs(b, acc, parts, xp, h, sc32, [[4 * h] * 8 + [4 * h + 2] * 8,
+                                                          [4 * h + 1] * 8 + [4 * h + 3] * 8])
+    return acc, _half(b, w, 0), mterm
 
 
-def _ints_q6_k(b, w, xsum):
-    sc16 = b.sext(_load(b, w, 192, V16B), ir.VectorType(I16, 16))
-    # scale byte 2g + k belongs to group g's elements 16k .. 16k+15
-    return ([b.mul(b.sext(q, V32S), _pick(b, sc16, [2 * g] * 16 + [2 * g + 1] * 16))  # |.| <= 32 * 128
-             for g, q in _q6_k_groups(b, w)], _half(b, w, 208), None)
+def _sum_q6_k(b, w, xp, xsum):
+    """Q6_K as _sum_q4_k: the 64 ql bytes of a half-block as words give the low 4 bits of
+    four (group, parity) sets; its 32 qh bytes, in both halves of a register, give their top
+    2 bits by one variable shift per set. Scales are per 16 elements: 4 per i32 lane set."""
+    sc32 = b.sext(_load(b, w, 192, V16B), V16I)
+    v16s = ir.VectorType(I16, 16)
+    acc = None
+    for h in range(2):
+        ql = _load(b, w, 64 * h, V32S)
+        qh16 = _load(b, w, 128 + 32 * h, v16s)
+        qh = _concat(b, qh16, qh16)
+        low = (ql, b.lshr(ql, _vconst(V32S, 8)), b.lshr(ql, _vconst(V32S, 4)), b.lshr(ql, _vconst(V32S, 12)))
+        top = (b.shl(qh, _lanes16(4, 2)), b.lshr(qh, _lanes16(4, 6)), b.lshr(qh, _lanes16(0, 2)),
+               b.lshr(qh, _lanes16(8, 10)))
+        parts = [b.sub(b.or_(b.and_(lo, _vconst(V32S, 15)), b.and_(hi, _vconst(V32S, 48))), _vconst(V32S, 32))
+                 for lo, hi in zip(low, top)]
+        s = 8 * h
+        acc = _scaled_pairs(b, acc, parts, xp, h, sc32, [[s] * 4 + [s + 1] * 4 + [s + 2] * 4 + [s + 3] * 4,
+                                                          [s + 4] * 4 + [s + 5] * 4 + [s + 6] * 4 + [s + 7] * 4])
+    return acc, _half(b, w, 208), None
+
+
+def _scaled_pairs(b, acc, parts, xp, h, scales, picks):
+    """acc + sum over the two sets (parts 0+1, parts 2+3) of pmaddwd(parts, x) * scales[pick]:
+    parts are half-block h's four <32 x i16> value sets in X_ORDERS' order."""
+    for s in range(2):
+        xs = [b.load(b.bitcast(b.gep(xp, [ir.Constant(I64, (4 * h + 2 * s + k) * 32)]), V32S.as_pointer()), align=2)
+              for k in range(2)]
+        t = b.add(_pmaddwd(b, parts[2 * s], xs[0]), _pmaddwd(b, parts[2 * s + 1], xs[1]))
+        term = b.mul(t, _pick(b, scales, picks[s]))
+        acc = term if acc is None else b.add(acc, term)
+    return acc
+
+
+def _x_order(sets) -> "list[int]":
+    """The element order of x that _sum_q4_k/_sum_q6_k read: for each half-block h and
+    value set (group per lane half, parity), 32 lanes: lanes 0-15 even/odd elements of the
+    first group, 16-31 of the second."""
+    order = []
+    for h in range(2):
+        for g_lo, g_hi, parity in sets:
+            for lane in range(32):
+                g = 4 * h + (g_lo if lane < 16 else g_hi)
+                order.append(32 * g + 2 * (lane % 16) + parity)
+    return order
 
 
 # ggml type id -> integer-values builder, for the types decode steps spend their time in.
 # Legacy blocks (one group): (w, dx, xsum) -> (q <32 x i8>, <16 x float> scale, dx included).
 BLOCK_INTS = {8: _ints_q8_0, 6: _ints_q5_0}
-# K-quant superblocks (8 groups with small integer scales): (w, xsum) -> ([<32 x i16> q * scale
-# per group], d, minimum terms or None). Their products with x's int16 sum in int32 over the
-# whole block (no overflow: 16 products per lane, each <= 32 * 128 * 32767 in magnitude,
-# sum < 2^31), converted once per block, when x's groups share one scale per 256 elements
-# (matvec.quantize_x gives that when k is a multiple of 256, as every K-quant row is).
-BLOCK_K_INTS = {12: _ints_q4_k, 14: _ints_q6_k}
+# K-quant superblocks: (w, x (i16*, the block's 256 values in X_ORDERS[type]), xsum) ->
+# (<16 x i32> sum of x times the block's integers times their small scales, d, minimum
+# terms or None). No overflow in int32: 16 products per lane, each <= 32 * 128 * 32767 in
+# magnitude, sum < 2^31; converted once per block, when x's groups share one scale per 256
+# elements (matvec.quantize_x gives that when k is a multiple of 256, as every K-quant row is).
+BLOCK_K_INTS = {12: _sum_q4_k, 14: _sum_q6_k}
+# The value sets of a half-block as the K builders read them: (group in lanes 0-15, group
+# in lanes 16-31, parity), groups relative to the half-block; X_ORDERS: the x index of
+# each of a block's 256 positions in that order.
+X_SETS = {12: [(0, 2, 0), (0, 2, 1), (1, 3, 0), (1, 3, 1)], 14: [(0, 1, 0), (0, 1, 1), (2, 3, 0), (2, 3, 1)]}
+X_ORDERS = {t: _x_order(sets) for t, sets in X_SETS.items()}
+X_ORDER_ROW = {12: 1, 14: 2}  # the row of matvec's xq that holds each order (0: natural)
 
 
 def host_cpu_features() -> dict:
@@ -373,7 +429,8 @@ def _intrinsic_fn(module: ir.Module, name: str, ret, args) -> ir.Function:
 def _build_dot_i16_fn(module: ir.Module, name: str, ggml_type: int) -> ir.Function:
     """float name(i16* xq, float* dx, float* xsum, i8* w, i64 nb): the dot product of nb
     blocks with x given per 32-element group g as xq[32g:32g+32] * dx[g] (int16, see
-    matvec's quantize_x) and xsum[g] = the group's float sum (for the minimum terms)."""
+    matvec's quantize_x; K-quants read each block's 256 values in X_ORDERS[type]) and
+    xsum[g] = the group's float sum (for the minimum terms)."""
     qk, nbytes, _ = BLOCK_IR[ggml_type]
     groups = qk // 32
     fnty = ir.FunctionType(F32, [I16.as_pointer(), F32.as_pointer(), F32.as_pointer(), I8.as_pointer(), I64])
@@ -381,7 +438,6 @@ def _build_dot_i16_fn(module: ir.Module, name: str, ggml_type: int) -> ir.Functi
     fn.linkage = "internal"
     xq, dx, xsum, w, nb = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    izero = ir.Constant(V16I, None)
 
     def block(i, state):
         acc, macc = state
@@ -393,12 +449,10 @@ def _build_dot_i16_fn(module: ir.Module, name: str, ggml_type: int) -> ir.Functi
             return b.load(b.bitcast(b.gep(xq, [at]), V32S.as_pointer()), align=2)
 
         if ggml_type in BLOCK_K_INTS:
-            qs, d, minimum = BLOCK_K_INTS[ggml_type](b, blk, b.gep(xsum, [g0]))
-            sums = [izero, izero]  # two chains of int32 adds (vpdpwssd with AVX512-VNNI)
-            for g, q in enumerate(qs):
-                sums[g % 2] = b.add(sums[g % 2], _pmaddwd(b, q, x_group(g)))
+            xblk = b.gep(xq, [b.mul(g0, ir.Constant(I64, 32))])
+            isum, d, minimum = BLOCK_K_INTS[ggml_type](b, blk, xblk, b.gep(xsum, [g0]))
             scale = _splat(b, b.fmul(d, b.load(b.gep(dx, [g0]))), 16)
-            t = b.fmul(b.sitofp(b.add(*sums), V16F), scale)
+            t = b.fmul(b.sitofp(isum, V16F), scale)
         else:
             q, scale = BLOCK_INTS[ggml_type](b, blk, b.gep(dx, [g0]), b.gep(xsum, [g0]))
             t = b.fmul(b.sitofp(_pmaddwd(b, b.sext(q, V32S), x_group(0)), V16F), scale)
@@ -535,11 +589,12 @@ def decode_row_fast(typingctx, ggml_type, w, r, dst, nb):
 def dot_row_q(typingctx, ggml_type, x, xq, dx, xsum, w, r, nb):
     """dot_row_q(ggml_type, x, xq, dx, xsum, w, r, nb) -> float32: sum over the first nb
     blocks of row r of w (uint8 (m, row_bytes) of a type in BLOCK_IR; others give 0) times
-    x (f32, >= nb*QK), which is also given as int16 groups (xq, dx, xsum from
-    matvec.quantize_x). Types in BLOCK_INTS / BLOCK_K_INTS on a host with pmaddwd
-    (PMADDWD_LANES > 0) multiply in integers; others multiply the float values with x. The
-    caller guarantees 0 <= r < m and nb within both arrays."""
-    if not _type_arg(ggml_type):
+    x (f32, >= nb*QK), which is also given as int16 groups (xq: (3, >= nb*QK), dx, xsum
+    from matvec.quantize_x; xq's rows 1 and 2 in X_ORDERS for Q4_K and Q6_K). Types in
+    BLOCK_INTS / BLOCK_K_INTS on a host with pmaddwd (PMADDWD_LANES > 0) multiply in
+    integers; others multiply the float values with x. The caller guarantees 0 <= r < m,
+    xq's 3 rows and nb within all the arrays."""
+    if not _type_arg(ggml_type) or not (isinstance(xq, types.Array) and xq.ndim == 2):
         return None
     literal = getattr(ggml_type, "literal_value", None)
     sig = types.float32(ggml_type, x, xq, dx, xsum, w, types.intp, types.intp)
@@ -553,9 +608,62 @@ def dot_row_q(typingctx, ggml_type, x, xq, dx, xsum, w, r, nb):
         def emit(t):
             if PMADDWD_LANES and (t in BLOCK_INTS or t in BLOCK_K_INTS):
                 fn = _function(builder.module, f"cpuq_dot_i16_row_{t}", lambda m, name: _build_dot_i16_fn(m, name, t))
-                return builder.call(fn, [data[1], data[2], data[3], row, nbv])
+                order = ir.Constant(I64, X_ORDER_ROW.get(t, 0))
+                xrow = _row_pointer(context, builder, signature.args[2], xqv, order)
+                return builder.call(fn, [builder.bitcast(xrow, I16.as_pointer()), data[2], data[3], row, nbv])
             return builder.call(_row_fn(builder.module, t, True), [data[0], row, nbv])
 
         return _by_type(builder, tv if literal is None else literal, emit, F32)
+
+    return sig, codegen
+
+
+def _build_order_fn(module: ir.Module, name: str) -> ir.Function:
+    """void name(i16* src, i16* dst1, i16* dst2, i64 nb): dst1 and dst2 = each of nb blocks
+    of 256 values of src in X_ORDERS[Q4_K] and X_ORDERS[Q6_K]: one two-register shuffle
+    (vpermt2w) per 32 values, as the sets are pairs of groups' even or odd elements."""
+    p16 = I16.as_pointer()
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [p16, p16, p16, I64]), name)
+    fn.linkage = "internal"
+    src, dst1, dst2, nb = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+
+    def vec(base, i, j):
+        at = b.add(b.mul(i, ir.Constant(I64, 256)), ir.Constant(I64, 32 * j))
+        return b.bitcast(b.gep(base, [at]), V32S.as_pointer())
+
+    def block(i, state):
+        groups = [b.load(vec(src, i, g), align=2) for g in range(8)]
+        for dst, t in ((dst1, 12), (dst2, 14)):
+            for h in range(2):
+                for k, (g_lo, g_hi, parity) in enumerate(X_SETS[t]):
+                    idx = [2 * lane + parity for lane in range(16)] + [32 + 2 * lane + parity for lane in range(16)]
+                    v = b.shuffle_vector(groups[4 * h + g_lo], groups[4 * h + g_hi], ir.Constant(ir.VectorType(I32, 32), idx))
+                    b.store(v, vec(dst, i, 4 * h + k), align=2)
+        return []
+
+    _loop(b, nb, block, [])
+    b.ret_void()
+    return fn
+
+
+@intrinsic
+def order_x(typingctx, xq):
+    """order_x(xq): xq (3, n) int16; rows 1 and 2 of each whole 256 values = row 0's in
+    X_ORDERS[Q4_K] and X_ORDERS[Q6_K] (the rest of them is left alone). Needs 3 rows."""
+    if not (isinstance(xq, types.Array) and xq.ndim == 2 and xq.dtype == types.int16):
+        return None
+    sig = types.void(xq)
+
+    def codegen(context, builder, signature, args):
+        aty, = signature.args
+        a = context.make_array(aty)(context, builder, args[0])
+        rows = [builder.bitcast(_row_pointer(context, builder, aty, args[0], ir.Constant(I64, r)), I16.as_pointer())
+                for r in range(3)]
+        n = cgutils.unpack_tuple(builder, a.shape)[1]
+        nb = builder.sdiv(n, ir.Constant(I64, 256))
+        fn = _function(builder.module, "cpuq_order_x", _build_order_fn)
+        builder.call(fn, [*rows, nb])
+        return context.get_dummy_value()
 
     return sig, codegen

@@ -8,8 +8,10 @@ x in integers: for the types decode spends its time in (Q8_0, Q5_0, Q4_K, Q6_K),
 hosts, x is rounded once per product to int16 per span of 256 elements (of 32 when k is
 not a multiple of 256; scale = max|x| / 32767) and each block's integers are multiplied
 with it by pmaddwd: half the vector instructions of converting every weight to float,
-Q5_0 16 -> 23 GB/s; K-quant blocks also fold their 6-bit scales into the integers and sum
-in int32 (vpdpwssd with AVX512-VNNI). The rounding error is 2^-16 of a span's largest |x|
+Q5_0 16 -> 23 GB/s. K-quant blocks (Q4_K, Q6_K) are read as 16-bit words, whose
+masks and shifts give the even and odd elements of two groups with no shuffles (x is
+copied once per product into that order, blocks.X_ORDERS), and sum in int32 (vpdpwssd
+with AVX512-VNNI), each group's products times its small scale. The rounding error is 2^-16 of a span's largest |x|
 at most, ~2e-5 of a product's range measured (llama.cpp rounds x to int8: 2^-8). Other
 types, and other hosts, multiply in float32.
 Up to three matrices that multiply the same x (q, k, v; gate, up) share one parallel
@@ -25,7 +27,7 @@ from typing import Sequence
 import numpy as np
 from numba import njit, prange
 
-from .blocks import dot_row_q
+from .blocks import dot_row_q, order_x
 from .matmul import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, matmul, n_blocks
 
 BLOCK_TYPES = (Q8_0, Q5_0, Q4_K, Q6_K, Q4_0, Q4_1, Q5_1, Q5_K)
@@ -33,35 +35,49 @@ BLOCK_TYPES = (Q8_0, Q5_0, Q4_K, Q6_K, Q4_0, Q4_1, Q5_1, Q5_K)
 
 @njit(cache=True)
 def quantize_x(x, xq, dx, xsum):
-    """x: (k,) f32 (k a multiple of 32) -> xq: int16 and per 32-element group g: dx[g], the
-    scale of x[32g:32g+32] ~ xq * dx[g], and xsum[g], the group's float sum. Groups are
-    rounded in spans of 256 elements sharing one scale (max |x| / 32767 over the span) when
-    k is a multiple of 256, else of 32: K-quant blocks then sum their 8 groups' integer
-    products before converting them once. A span holding NaN/inf gets dx = NaN, so products
-    with it are NaN, as in float."""
-    n_groups = min(x.shape[0] // 32, dx.shape[0], xsum.shape[0], xq.shape[0] // 32)
+    """x: (k,) f32 (k a multiple of 32) -> xq: (3, k) int16 and per 32-element group g:
+    dx[g], the scale of x[32g:32g+32] ~ xq[0, 32g:32g+32] * dx[g], and xsum[g], the group's
+    float sum. Groups are rounded in spans of 256 elements sharing one scale (max |x| / 32767
+    over the span) when k is a multiple of 256, else of 32: K-quant blocks then sum their 8
+    groups' integer products before converting them once. xq's rows 1 and 2 hold row 0 in
+    blocks.X_ORDERS (Q4_K, Q6_K) per whole 256 elements (the rest is not written). A span
+    holding NaN/inf gets dx = NaN, so products with it are NaN, as in float."""
+    xq0 = xq[0]
+    n_groups = min(x.shape[0] // 32, dx.shape[0], xsum.shape[0], xq0.shape[0] // 32)
     span = 8 if x.shape[0] % 256 == 0 else 1
     for g in range(n_groups):
         total = np.float32(0.0)
         for j in range(32):
             total += x[g * 32 + j]
         xsum[g] = total
+    one = np.empty(1, np.int32)
     for s0 in range(0, n_groups, span):
         s1 = min(n_groups, s0 + span)
-        amax = np.float32(0.0)
-        for j in range(s0 * 32, s1 * 32):
-            amax = max(amax, abs(x[j]))
-        if not np.isfinite(amax):
+        # loops over slices from 0: a loop from s0 * 32 does not vectorize (Numba's
+        # negative-index wraparound); |x| as the float's bits is an exact integer max.
+        xs, qs = x[s0 * 32:s1 * 32], xq0[s0 * 32:s1 * 32]
+        bits = xs.view(np.int32)
+        amax = np.int32(0)
+        for j in range(bits.shape[0]):
+            a = bits[j] & np.int32(0x7FFFFFFF)
+            amax = a if a > amax else amax
+        if amax >= np.int32(0x7F800000):  # inf or NaN
             d = np.float32(np.nan)
         else:
-            d = amax / np.float32(32767.0)
+            one[0] = amax
+            d = one.view(np.float32)[0] / np.float32(32767.0)
         dx[s0:s1] = d
         if not (d > 0.0):  # zero, or NaN
-            xq[s0 * 32:s1 * 32] = 0
+            qs[:] = 0
             continue
         inv = np.float32(1.0) / d
-        for j in range(s0 * 32, s1 * 32):
-            xq[j] = np.int16(min(32767.0, max(-32767.0, np.rint(x[j] * inv))))
+        for j in range(xs.shape[0]):
+            v = np.rint(xs[j] * inv)
+            v = v if v < np.float32(32767.0) else np.float32(32767.0)
+            v = v if v > np.float32(-32767.0) else np.float32(-32767.0)
+            qs[j] = np.int16(v)
+    if xq.shape[0] == 3:
+        order_x(xq[:, :n_groups // 8 * 256])
 
 
 @njit(cache=True, inline="always")
@@ -78,7 +94,7 @@ def matvec3(x, w0, t0, out0, w1, t1, out1, w2, t2, out2):
     m1 = min(w1.shape[0], out1.shape[0])
     m2 = min(w2.shape[0], out2.shape[0])
     n_groups = x.shape[0] // 32
-    xq = np.empty(n_groups * 32, np.int16)
+    xq = np.empty((3, n_groups * 32), np.int16)
     dx = np.empty(n_groups, np.float32)
     xsum = np.empty(n_groups, np.float32)
     quantize_x(x, xq, dx, xsum)
@@ -99,6 +115,7 @@ _NONE_OUT = np.zeros(0, np.float32)
 def matvec_many(x: np.ndarray, weights: Sequence[tuple[np.ndarray, int]]) -> list[np.ndarray]:
     """x: (k,) f32; weights: up to three (w uint8 (m_i, row_bytes_i), ggml_type_i) ->
     [(m_i,) f32 = W_i @ x], the block types in one parallel region."""
+    x = np.ascontiguousarray(x)  # quantize_x reads x's bits
     outs = [np.empty(w.shape[0], np.float32) for w, _ in weights]
     fused = [(w, t, o) for (w, t), o in zip(weights, outs) if t in BLOCK_TYPES]
     for (w, t), o in zip(weights, outs):

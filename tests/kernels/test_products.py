@@ -10,8 +10,8 @@ import pytest
 
 import cpuq
 from cpuq.kernels.matmul import dequantize_rows, get_rows, matmul
-from cpuq.kernels.blocks import BLOCK_INTS, BLOCK_K_INTS, PMADDWD_LANES
-from cpuq.kernels.matvec import matvec, matvec_many
+from cpuq.kernels.blocks import BLOCK_INTS, BLOCK_K_INTS, PMADDWD_LANES, X_ORDERS
+from cpuq.kernels.matvec import matvec, matvec_many, quantize_x
 
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 
@@ -55,6 +55,36 @@ def test_matmul_and_matvec(qtype, n):
             assert np.abs(v - ref[0]).max() <= 1e-4 * np.abs(ref).max()
         else:
             assert np.abs(v - ref[0]).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_matvec_non_finite_x(qtype, bad):
+    """A NaN or inf in x gives NaN (its span of x gets a NaN scale; float products would
+    give NaN or inf), and an all-zero x gives zeros."""
+    t, data, _ = _weights(qtype, 9, 512)
+    x = np.random.default_rng(4).standard_normal(512, dtype=np.float32)
+    x[300] = bad
+    out = np.empty(9, np.float32)
+    matvec(x, data, int(t.ggml_type), out)
+    assert np.isnan(out).all()
+    matvec(np.zeros(512, np.float32), data, int(t.ggml_type), out)
+    assert not out.any()
+
+
+def test_x_orders():
+    """quantize_x's rows 1 and 2 are row 0 in the orders the Q4_K / Q6_K integer products
+    read, per whole 256 values (k = 800: three blocks and a 32-value tail, not written)."""
+    k = 800
+    x = np.random.default_rng(3).standard_normal(k, dtype=np.float32)
+    xq = np.zeros((3, k), np.int16)
+    quantize_x(x, xq, np.empty(k // 32, np.float32), np.empty(k // 32, np.float32))
+    for row, t in ((1, 12), (2, 14)):
+        order = np.array(X_ORDERS[t])
+        assert sorted(order) == list(range(256))
+        for base in range(0, 768, 256):
+            np.testing.assert_array_equal(xq[row, base:base + 256], xq[0, base:base + 256][order])
+        assert not xq[row, 768:].any()
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "F16"])
