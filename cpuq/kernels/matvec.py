@@ -108,8 +108,9 @@ def matvec3(x, w0, t0, out0, w1, t1, out1, w2, t2, out2):
             out2[r - m0 - m1] = _dot(t2, x, xq, dx, xsum, w2, r - m0 - m1)
 
 
-_NONE_W = np.zeros((0, 34), np.uint8)
-_NONE_OUT = np.zeros(0, np.float32)
+# an empty matrix (with its type and output) for matvec3's unused places
+NONE_W, NONE_TYPE, NONE_OUT = np.zeros((0, 34), np.uint8), Q8_0, np.zeros(0, np.float32)
+NONE_W.setflags(write=False)  # as the mapped weights, and as Numba types a global: one matvec3 signature
 
 
 def matvec_many(x: np.ndarray, weights: Sequence[tuple[np.ndarray, int]]) -> list[np.ndarray]:
@@ -122,7 +123,7 @@ def matvec_many(x: np.ndarray, weights: Sequence[tuple[np.ndarray, int]]) -> lis
         if t not in BLOCK_TYPES:
             matmul(x.reshape(1, -1), w, t, o.reshape(1, -1))
     if fused:
-        fused += [(_NONE_W, Q8_0, _NONE_OUT)] * (3 - len(fused))
+        fused += [(NONE_W, NONE_TYPE, NONE_OUT)] * (3 - len(fused))
         (w0, t0, o0), (w1, t1, o1), (w2, t2, o2) = fused
         matvec3(x, w0, t0, o0, w1, t1, o1, w2, t2, o2)
     return outs

@@ -24,6 +24,7 @@ from ..kernels.matmul import get_rows, matmul
 from ..kernels.matvec import matvec_many
 from ..kernels.norms import rms_norm
 from ..kernels.rope import apply_rope, rope_tables
+from ..kernels.step import attention_step, mlp_step
 from .gemm import Gemm
 from .weights import Layer, Matrix, Weights
 
@@ -131,10 +132,20 @@ def _norm(x: np.ndarray, weight: np.ndarray, eps: float, gemm: Gemm | None = Non
     return out
 
 
+_EMPTY = np.zeros(0, np.float32)  # kernels.step's stand-in for a bias or q/k norm the model lacks
+
+
 def attention_block(x, layer: Layer, il: int, cfg: ModelConfig, cache: KVCache, start: int, cos, sin, neox,
                     gemm: Gemm | None, observe: Observer | None = None):
     n = x.shape[0]
     hd = cfg.head_dim
+    scale = np.float32(1.0 / math.sqrt(hd))
+    if n == 1 and observe is None:  # a decode step: the same kernels in one Numba call (kernels.step)
+        e = lambda a: _EMPTY if a is None else a  # noqa: E731
+        return attention_step(x[0], layer.attn_norm, cfg.rms_eps, layer.wq.data, layer.wq.ggml_type, e(layer.bq),
+                              layer.wk.data, layer.wk.ggml_type, e(layer.bk), layer.wv.data, layer.wv.ggml_type,
+                              e(layer.bv), e(layer.q_norm), e(layer.k_norm), cos, sin, neox, cache.k[il], cache.v[il],
+                              start, scale, layer.wo.data, layer.wo.ggml_type, cfg.n_head, cfg.n_head_kv, hd)[None]
     h = _norm(x, layer.attn_norm, cfg.rms_eps, gemm)
     q, k, v = _linears(h, gemm, layer.wq, layer.wk, layer.wv, observe=observe)
     for t, bias in ((q, layer.bq), (k, layer.bk), (v, layer.bv)):
@@ -154,7 +165,6 @@ def attention_block(x, layer: Layer, il: int, cfg: ModelConfig, cache: KVCache, 
     _rows(gemm, n, qk_rows)
     store_kv(cache.k[il], cache.v[il], k, v, start)
     out = np.empty_like(q)
-    scale = np.float32(1.0 / math.sqrt(hd))
     if not _batched(gemm, n):
         attention(q, cache.k[il], cache.v[il], start, scale, out)
     else:
@@ -163,6 +173,9 @@ def attention_block(x, layer: Layer, il: int, cfg: ModelConfig, cache: KVCache, 
 
 
 def mlp_block(x, layer: Layer, cfg: ModelConfig, gemm: Gemm | None, observe: Observer | None = None):
+    if x.shape[0] == 1 and observe is None:  # a decode step (kernels.step)
+        return mlp_step(x[0], layer.ffn_norm, cfg.rms_eps, layer.w_gate.data, layer.w_gate.ggml_type,
+                        layer.w_up.data, layer.w_up.ggml_type, layer.w_down.data, layer.w_down.ggml_type)[None]
     h = _norm(x, layer.ffn_norm, cfg.rms_eps, gemm)
     gate, up = _linears(h, gemm, layer.w_gate, layer.w_up, observe=observe)
     _rows(gemm, x.shape[0], lambda lo, hi: swiglu(gate[lo:hi], up[lo:hi], gate[lo:hi]))

@@ -115,3 +115,24 @@ def test_cache_reuse_gives_the_same_logits(sources, tmp_path):
         m._ingest(IDS[:10])
         last = m._ingest(IDS)  # reuses the first 10 positions
     np.testing.assert_allclose(last, whole[-1], rtol=0, atol=1e-4 * np.abs(whole[-1]).max())
+
+
+@pytest.mark.parametrize("name,qtype", [("qwen2", "q4_k_m"), ("qwen3", "q4_k_m"), ("llama", "q8_0"),
+                                        ("qwen2_yarn", "f16")])
+def test_one_token_steps_are_the_composed_kernels(name, qtype, sources, tmp_path):
+    """kernels.step (a decode step's stages in one Numba call each) gives bit-identical
+    logits to forward's stage-by-stage path, which an observer forces: biases (qwen2), q/k
+    norms (qwen3), non-neox rope (llama), YaRN, and F16 matrices (matmul, not matvec3)."""
+    from cpuq.runtime import forward as fw
+    with cpuq.load(cpuq.convert(sources[name], tmp_path / "m.gguf", qtype), n_ctx=64) as m:
+        def steps(observe):
+            cache = fw.KVCache(m.config, 64)
+            out = []
+            for t in IDS[:12]:
+                out.append(fw.forward(m.weights, m.config, m._rope, np.array([t], np.int64), cache, 0,
+                                      observe=observe))
+            return np.concatenate(out)
+        seen = []
+        stagewise = steps(lambda x, names: seen.append(names))
+        assert seen  # the observer ran: the stage-by-stage path
+        np.testing.assert_array_equal(steps(None), stagewise)
