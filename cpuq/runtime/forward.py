@@ -21,7 +21,7 @@ from ..arch import ModelConfig
 from ..kernels.activations import swiglu
 from ..kernels.attention import attention, store_kv
 from ..kernels.matmul import get_rows, matmul
-from ..kernels.matvec import matvec_many
+from ..kernels.matvec import BLOCK_TYPES, matvec_many
 from ..kernels.norms import rms_norm
 from ..kernels.rope import apply_rope, rope_tables
 from ..kernels.step import attention_step, mlp_step
@@ -135,12 +135,17 @@ def _norm(x: np.ndarray, weight: np.ndarray, eps: float, gemm: Gemm | None = Non
 _EMPTY = np.zeros(0, np.float32)  # kernels.step's stand-in for a bias or q/k norm the model lacks
 
 
+def _one_step(x, observe: Observer | None, *ws: Matrix) -> bool:
+    """Whether kernels.step runs this stage: one token, no observer, block types only."""
+    return x.shape[0] == 1 and observe is None and all(w.ggml_type in BLOCK_TYPES for w in ws)
+
+
 def attention_block(x, layer: Layer, il: int, cfg: ModelConfig, cache: KVCache, start: int, cos, sin, neox,
                     gemm: Gemm | None, observe: Observer | None = None):
     n = x.shape[0]
     hd = cfg.head_dim
     scale = np.float32(1.0 / math.sqrt(hd))
-    if n == 1 and observe is None:  # a decode step: the same kernels in one Numba call (kernels.step)
+    if _one_step(x, observe, layer.wq, layer.wk, layer.wv, layer.wo):  # the same kernels in one Numba call
         e = lambda a: _EMPTY if a is None else a  # noqa: E731
         return attention_step(x[0], layer.attn_norm, cfg.rms_eps, layer.wq.data, layer.wq.ggml_type, e(layer.bq),
                               layer.wk.data, layer.wk.ggml_type, e(layer.bk), layer.wv.data, layer.wv.ggml_type,
@@ -173,7 +178,7 @@ def attention_block(x, layer: Layer, il: int, cfg: ModelConfig, cache: KVCache, 
 
 
 def mlp_block(x, layer: Layer, cfg: ModelConfig, gemm: Gemm | None, observe: Observer | None = None):
-    if x.shape[0] == 1 and observe is None:  # a decode step (kernels.step)
+    if _one_step(x, observe, layer.w_gate, layer.w_up, layer.w_down):
         return mlp_step(x[0], layer.ffn_norm, cfg.rms_eps, layer.w_gate.data, layer.w_gate.ggml_type,
                         layer.w_up.data, layer.w_up.ggml_type, layer.w_down.data, layer.w_down.ggml_type)[None]
     h = _norm(x, layer.ffn_norm, cfg.rms_eps, gemm)

@@ -118,11 +118,11 @@ def test_cache_reuse_gives_the_same_logits(sources, tmp_path):
 
 
 @pytest.mark.parametrize("name,qtype", [("qwen2", "q4_k_m"), ("qwen3", "q4_k_m"), ("llama", "q8_0"),
-                                        ("qwen2_yarn", "f16")])
+                                        ("qwen2_yarn", "q5_0")])
 def test_one_token_steps_are_the_composed_kernels(name, qtype, sources, tmp_path):
     """kernels.step (a decode step's stages in one Numba call each) gives bit-identical
     logits to forward's stage-by-stage path, which an observer forces: biases (qwen2), q/k
-    norms (qwen3), non-neox rope (llama), YaRN, and F16 matrices (matmul, not matvec3)."""
+    norms (qwen3), non-neox rope (llama), YaRN."""
     from cpuq.runtime import forward as fw
     with cpuq.load(cpuq.convert(sources[name], tmp_path / "m.gguf", qtype), n_ctx=64) as m:
         def steps(observe):
