@@ -105,7 +105,6 @@ def _finite_number(v: Any) -> bool:
         return False
 
 
-
 @dataclass(frozen=True)
 class ModelConfig:
     """The hyperparameters of one model, whatever file they came from."""
@@ -396,11 +395,10 @@ def llama3_rope_freqs(cfg: ModelConfig) -> np.ndarray:
     """The rope_freqs.weight factors LlamaModel emits for rope_type llama3 (llama.py:298-326)."""
     rope = dict(cfg.rope_scaling or ())
     base, dim = cfg.rope_theta, cfg.head_dim
-    d = LLAMA3_ROPE_DEFAULTS  # ModelConfig.from_hf checked the values
-    factor = float(rope.get("factor", d["factor"]))
-    low_freq_factor = float(rope.get("low_freq_factor", d["low_freq_factor"]))
-    high_freq_factor = float(rope.get("high_freq_factor", d["high_freq_factor"]))
-    old_context_len = int(rope.get("original_max_position_embeddings", d["original_max_position_embeddings"]))
+    v = {k: rope.get(k, d) for k, d in LLAMA3_ROPE_DEFAULTS.items()}  # ModelConfig.from_hf checked them
+    factor, low_freq_factor = float(v["factor"]), float(v["low_freq_factor"])
+    high_freq_factor = float(v["high_freq_factor"])
+    old_context_len = int(v["original_max_position_embeddings"])
     # torch computes all of this in float32 (Python scalars join a float32 tensor as float32);
     # numpy's scalar promotion (NEP 50) does the same with np.float32 values.
     f32 = np.float32

@@ -305,7 +305,6 @@ def _json_kind(v: object) -> str:
     return kinds.get(type(v), type(v).__name__)
 
 
-
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)  # JSON true would pass as 1
 

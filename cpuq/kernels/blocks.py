@@ -626,6 +626,7 @@ def _build_order_fn(module: ir.Module, name: str) -> ir.Function:
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [p16, p16, p16, I64]), name)
     fn.linkage = "internal"
     src, dst1, dst2, nb = fn.args
+    rows = {1: dst1, 2: dst2}
     b = ir.IRBuilder(fn.append_basic_block("entry"))
 
     def vec(base, i, j):
@@ -634,12 +635,13 @@ def _build_order_fn(module: ir.Module, name: str) -> ir.Function:
 
     def block(i, state):
         groups = [b.load(vec(src, i, g), align=2) for g in range(8)]
-        for dst, t in ((dst1, 12), (dst2, 14)):
+        for t, row in X_ORDER_ROW.items():
             for h in range(2):
                 for k, (g_lo, g_hi, parity) in enumerate(X_SETS[t]):
-                    idx = [2 * lane + parity for lane in range(16)] + [32 + 2 * lane + parity for lane in range(16)]
-                    v = b.shuffle_vector(groups[4 * h + g_lo], groups[4 * h + g_hi], ir.Constant(ir.VectorType(I32, 32), idx))
-                    b.store(v, vec(dst, i, 4 * h + k), align=2)
+                    idx = ir.Constant(ir.VectorType(I32, 32), [2 * lane + parity for lane in range(16)]
+                                      + [32 + 2 * lane + parity for lane in range(16)])
+                    v = b.shuffle_vector(groups[4 * h + g_lo], groups[4 * h + g_hi], idx)
+                    b.store(v, vec(rows[row], i, 4 * h + k), align=2)
         return []
 
     _loop(b, nb, block, [])

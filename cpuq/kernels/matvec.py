@@ -11,9 +11,9 @@ with it by pmaddwd: half the vector instructions of converting every weight to f
 Q5_0 16 -> 23 GB/s. K-quant blocks (Q4_K, Q6_K) are read as 16-bit words, whose
 masks and shifts give the even and odd elements of two groups with no shuffles (x is
 copied once per product into that order, blocks.X_ORDERS), and sum in int32 (vpdpwssd
-with AVX512-VNNI), each group's products times its small scale. The rounding error is 2^-16 of a span's largest |x|
-at most, ~2e-5 of a product's range measured (llama.cpp rounds x to int8: 2^-8). Other
-types, and other hosts, multiply in float32.
+with AVX512-VNNI), each group's products times its small scale. The rounding error is
+2^-16 of a span's largest |x| at most, ~2e-5 of a product's range measured (llama.cpp
+rounds x to int8: 2^-8). Other types, and other hosts, multiply in float32.
 Up to three matrices that multiply the same x (q, k, v; gate, up) share one parallel
 region: a decode step runs ~100 of them, and each costs a thread wake-up and a dispatch.
 Values are decoded exactly as quants.decode does; the sum's order differs, as any BLAS's.

@@ -257,7 +257,6 @@ class Vocab:
         return cls(tokens, types, attrs, merges, pre, pre_tokenizer, ids, add_bos, add_eos, frozenset(eog), index)
 
 
-
 def _string_list(value: Any, where: str) -> list[str]:
     if isinstance(value, np.ndarray):
         value = value.tolist()
