@@ -211,9 +211,10 @@ def _values_q5_k(b, w):  # [d | dmin | 12 scale bytes | qh 32 bytes | 128 nibble
     return out
 
 
-def _q6_k_groups(b, w):
-    """The 8 groups of 32 signed 6-bit values (q - 32) of a Q6_K block, in element order:
-    group 4 * half + quarter takes its low 4 bits from ql and bits 2*quarter.. of qh."""
+def _q6_k_groups(b, w, offset: int = 32):
+    """The 8 groups of 32 6-bit values q - offset of a Q6_K block (q - 32: the signed
+    values; 0: q as stored, 0..63), in element order: group 4 * half + quarter takes its low
+    4 bits from ql and bits 2*quarter.. of qh."""
     for half in range(2):
         ql_a, ql_b = _load(b, w, 64 * half, V32B), _load(b, w, 64 * half + 32, V32B)
         qh = _load(b, w, 128 + 32 * half, V32B)
@@ -221,7 +222,7 @@ def _q6_k_groups(b, w):
         lo_b, hi_b = _nibbles(b, ql_b)
         for quarter, nib in enumerate((lo_a, lo_b, hi_a, hi_b)):
             top = b.and_(b.lshr(qh, _vconst(V32B, 2 * quarter)), _vconst(V32B, 3))
-            yield 4 * half + quarter, b.sub(b.or_(nib, b.shl(top, _vconst(V32B, 4))), _vconst(V32B, 32))
+            yield 4 * half + quarter, b.sub(b.or_(nib, b.shl(top, _vconst(V32B, 4))), _vconst(V32B, offset))
 
 
 def _values_q6_k(b, w):  # [ql 128 | qh 64 | 16 int8 scales | d]; element groups of 16 share a scale

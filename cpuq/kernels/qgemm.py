@@ -35,11 +35,13 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..quants.decode import _half_at, _k_scale_min, _u32_at
-from .blocks import F32, I8, I32, I64, V16F, V16I, _FAST, _function, _intrinsic_fn, _loop, _splat, host_cpu_features
-from .matmul import BLOCK_BYTES, BLOCK_ELEMS, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, n_blocks
+from .blocks import (BLOCK_IR, F32, I8, I32, I64, V16B, V16F, V16I, V32B, _FAST, _by_type, _concat, _function, _half,
+                     _high_bits, _intrinsic_fn, _k_scales_mins, _load, _loop, _nibbles, _q6_k_groups, _row_pointer,
+                     _splat, _vconst, host_cpu_features)
+from .matmul import BLOCK_ELEMS, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, n_blocks
 
 ROWS = 16  # weight rows per strip: the 16 int32 lanes of a 512-bit register
 TOKENS = 8  # tokens per pass over a strip: 8 int32 + 8 float accumulators stay in registers
@@ -100,112 +102,185 @@ def group_size(ggml_type):
 
 # ---------------------------------------------------------------------------------------------
 # Weight rows -> unsigned bytes in the strip layout, and per-group a, b.
+#
+# In LLVM vector IR (blocks.py's helpers): each of 16 rows' block is unpacked in element
+# order, 32 values to a <32 x i8> unit and its group factors to a vector, as the decode
+# kernels do; the 16 rows' units, as <8 x i32> words, are then transposed to words across
+# rows (three rounds of two-register shuffles) and stored whole. Element-by-element Numba
+# loops doing the same scattered 4-byte stores ran at 0.9-2.9 G values/s: at 32 tokens
+# most of a prompt chunk's product time, since a chunk unpacks whole matrices.
 
-# Four consecutive elements of a row are one uint32 of the strip (u viewed as uint32:
-# (k/4, 16)), so the unpackers move a word of 4 values per step: nibbles by masks, the
-# fifth/sixth bits spread from their flag words. ~6x the per-element loops' speed, which
-# matters for short prompt chunks (the whole matrix is unpacked whatever the tokens).
-_NIBBLES = np.uint32(0x0F0F0F0F)
+def _unpack_q8_0(b, w):  # u = q + 128 (q's sign bit flipped); a = d, b = 128 d
+    d = _half(b, w, 0)
+    return [b.xor(_load(b, w, 2, V32B), _vconst(V32B, 0x80))], d, b.fmul(d, ir.Constant(F32, 128.0))
 
 
-@njit(cache=True, inline="always")
-def _spread4(bits):
-    """The low 4 bits of `bits` -> bit 0 of each byte of a uint32 (bit j -> byte j)."""
-    return ((bits & np.uint32(15)) * np.uint32(0x00204081)) & np.uint32(0x01010101)
+def _unpack_q4_0(b, w):  # u = the nibble; a = d, b = 8 d
+    d = _half(b, w, 0)
+    return [_concat(b, *_nibbles(b, _load(b, w, 2, V16B)))], d, b.fmul(d, ir.Constant(F32, 8.0))
 
 
-@njit(cache=True, inline="always")
-def _unpack_row(ggml_type, src, rr, nb, u32, a, b):
-    """Row src (bytes of one weight row) into strip row rr: nb blocks."""
-    size = BLOCK_BYTES[ggml_type]
-    if ggml_type == Q4_K or ggml_type == Q5_K:
-        qs_at = 16 if ggml_type == Q4_K else 48
-        for blk in range(nb):
-            o = blk * size
-            d = _half_at(src, o)
-            dmin = _half_at(src, o + 2)
-            for sub in range(8):
-                scale, minimum = _k_scale_min(src, o + 4, sub)
-                g = blk * 8 + sub
-                a[g, rr] = d * np.float32(scale)
-                b[g, rr] = dmin * np.float32(minimum)
-            for pair in range(4):  # 32 bytes: sub-block 2 * pair in the low nibbles, the next in the high
-                q_at = o + qs_at + pair * 32
-                w0 = (blk * 256 + pair * 64) // 4
-                for j in range(8):
-                    word = _u32_at(src, q_at + 4 * j)
-                    lo = word & _NIBBLES
-                    hi = (word >> np.uint32(4)) & _NIBBLES
-                    if ggml_type == Q5_K:  # fifth bits: bit s of byte l for sub-block s
-                        h = _u32_at(src, o + 16 + 4 * j)
-                        lo |= ((h >> np.uint32(2 * pair)) & np.uint32(0x01010101)) << np.uint32(4)
-                        hi |= ((h >> np.uint32(2 * pair + 1)) & np.uint32(0x01010101)) << np.uint32(4)
-                    u32[(w0 + j) * 16 + rr] = lo
-                    u32[(w0 + 8 + j) * 16 + rr] = hi
-    elif ggml_type == Q6_K:
-        for blk in range(nb):
-            o = blk * size
-            d = _half_at(src, o + 208)
-            for g16 in range(16):
-                scale = np.int32(src[o + 192 + g16])
-                scale = scale - 256 if scale >= 128 else scale
-                a[blk * 16 + g16, rr] = d * np.float32(scale)
-                b[blk * 16 + g16, rr] = a[blk * 16 + g16, rr] * np.float32(32.0)
-            for half in range(2):
-                for quarter in range(4):
-                    lo_at = o + half * 64 + (quarter & 1) * 32
-                    lo_shift = np.uint32((quarter >> 1) * 4)
-                    hi_shift = np.uint32(quarter * 2)
-                    w0 = (blk * 256 + half * 128 + quarter * 32) // 4
-                    for j in range(8):
-                        lo = (_u32_at(src, lo_at + 4 * j) >> lo_shift) & _NIBBLES
-                        hi = (_u32_at(src, o + 128 + half * 32 + 4 * j) >> hi_shift) & np.uint32(0x03030303)
-                        u32[(w0 + j) * 16 + rr] = lo | (hi << np.uint32(4))
-    elif ggml_type == Q8_0:
-        for blk in range(nb):
-            o = blk * size
-            d = _half_at(src, o)
-            a[blk, rr] = d
-            b[blk, rr] = d * np.float32(128.0)
-            for j in range(8):  # int8 q -> q + 128
-                u32[(blk * 8 + j) * 16 + rr] = _u32_at(src, o + 2 + 4 * j) ^ np.uint32(0x80808080)
-    else:  # Q4_0 Q4_1 Q5_0 Q5_1: [d | m? | qh? | 16 bytes, element j low nibble, j+16 high]
-        has_m = ggml_type == Q4_1 or ggml_type == Q5_1
-        has_h = ggml_type == Q5_0 or ggml_type == Q5_1
-        for blk in range(nb):
-            o = blk * size
-            d = _half_at(src, o)
-            a[blk, rr] = d
-            if has_m:
-                b[blk, rr] = -_half_at(src, o + 2)
+def _unpack_q4_1(b, w):  # a = d, b = -m
+    return [_concat(b, *_nibbles(b, _load(b, w, 4, V16B)))], _half(b, w, 0), b.fneg(_half(b, w, 2))
+
+
+def _q5_units(b, w, qh_at: int, qs_at: int):
+    q = _concat(b, *_nibbles(b, _load(b, w, qs_at, V16B)))
+    return [b.or_(q, _high_bits(b, _load(b, w, qh_at, I32), 4))]
+
+
+def _unpack_q5_0(b, w):  # a = d, b = 16 d
+    d = _half(b, w, 0)
+    return _q5_units(b, w, 2, 6), d, b.fmul(d, ir.Constant(F32, 16.0))
+
+
+def _unpack_q5_1(b, w):  # a = d, b = -m
+    return _q5_units(b, w, 4, 8), _half(b, w, 0), b.fneg(_half(b, w, 2))
+
+
+def _k_factors(b, w):
+    """Q4_K/Q5_K: a = d * scale, b = dmin * min for the 8 sub-blocks, two <8 x float>."""
+    v8f = ir.VectorType(F32, 8)
+    scale, minimum = _k_scales_mins(b, w)
+    return (b.fmul(_splat(b, _half(b, w, 0), 8), b.uitofp(scale, v8f)),
+            b.fmul(_splat(b, _half(b, w, 2), 8), b.uitofp(minimum, v8f)))
+
+
+def _unpack_q4_k(b, w):
+    units = []
+    for pair in range(4):  # 32 bytes: sub-block 2 * pair in the low nibbles, the next in the high
+        units += _nibbles(b, _load(b, w, 16 + 32 * pair, V32B))
+    return [units, *_k_factors(b, w)]
+
+
+def _unpack_q5_k(b, w):  # fifth bit of sub-block j: bit j of qh's byte
+    qh = _load(b, w, 16, V32B)
+    units = []
+    for pair in range(4):
+        for j, q in zip((2 * pair, 2 * pair + 1), _nibbles(b, _load(b, w, 48 + 32 * pair, V32B))):
+            bit = b.and_(b.lshr(qh, _vconst(V32B, j)), _vconst(V32B, 1))
+            units.append(b.or_(q, b.shl(bit, _vconst(V32B, 4))))
+    return [units, *_k_factors(b, w)]
+
+
+def _unpack_q6_k(b, w):  # u = q (0..63); a = d * scale per 16 elements, b = 32 a
+    a = b.fmul(_splat(b, _half(b, w, 208), 16), b.sitofp(_load(b, w, 192, V16B), V16F))
+    return [q for _, q in _q6_k_groups(b, w, offset=0)], a, b.fmul(a, _vconst(V16F, 32.0))
+
+
+UNPACK_IR = {Q8_0: _unpack_q8_0, Q4_0: _unpack_q4_0, Q4_1: _unpack_q4_1, Q5_0: _unpack_q5_0, Q5_1: _unpack_q5_1,
+             Q4_K: _unpack_q4_k, Q5_K: _unpack_q5_k, Q6_K: _unpack_q6_k}
+
+
+def _transpose16(b: ir.IRBuilder, rows: list) -> list:
+    """16 vectors of n lanes (n = 8 or 16; row r's lane j) -> n vectors of 16 lanes (vector
+    j's lane r). Rows r and r + 8 share a register when n = 8; then each round swaps one
+    bit of the vector index with the same bit of the lane index (one shuffle per vector)."""
+    n = rows[0].type.count
+    v = [_concat(b, rows[i], rows[i + 8]) for i in range(8)] if n == 8 else list(rows)
+    for t in range(n.bit_length() - 1):
+        bit = 1 << t
+        new = list(v)
+        for i in (i for i in range(n) if not i & bit):
+            for c in (0, 1):
+                mask = [((lane >> t) & 1) * 16 + ((lane & ~bit) | (c << t)) for lane in range(16)]
+                new[i | c * bit] = b.shuffle_vector(v[i], v[i | bit], ir.Constant(ir.VectorType(I32, 16), mask))
+        v = new
+    return v
+
+
+def _build_unpack_fn(module: ir.Module, name: str, ggml_type: int) -> ir.Function:
+    """void name(i8* w, i64 stride, i64 rows, i64 nb, i8* u, float* a, float* b): the first
+    nb blocks of `rows` (1..16) rows `stride` bytes apart from w -> u (element e of row r at
+    byte 64 (e/4) + 4r + e%4), a and b (group g of row r at 16g + r); lanes of rows past
+    `rows` are zeros (their loads read the last row)."""
+    qk, nbytes, _ = BLOCK_IR[ggml_type]
+    groups = qk // (16 if ggml_type == Q6_K else 32)
+    pf = F32.as_pointer()
+    fnty = ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I64, I64, I64, I8.as_pointer(), pf, pf])
+    fn = ir.Function(module, fnty, name)
+    fn.linkage = "internal"
+    w, stride, rows, nb, u, a, bb = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    c = lambda v: ir.Constant(I64, v)  # noqa: E731
+    last = b.sub(rows, c(1))
+    starts = [b.gep(w, [b.mul(b.select(b.icmp_signed("<", c(r), rows), c(r), last), stride)]) for r in range(ROWS)]
+    keep = b.icmp_signed("<", ir.Constant(V16I, list(range(ROWS))), _splat(b, b.trunc(rows, I32), 16))
+
+    def store(v, base, index):  # 64 bytes: 16 lanes of i32 or float
+        zero = ir.Constant(v.type, None)
+        b.store(b.select(keep, v, zero), b.bitcast(b.gep(base, [index]), v.type.as_pointer()), align=4)
+
+    def block(i, _):
+        parts = [UNPACK_IR[ggml_type](b, b.gep(start, [b.mul(i, c(nbytes))])) for start in starts]
+        for j in range(qk // 32):
+            words = _transpose16(b, [b.bitcast(p[0][j], ir.VectorType(I32, 8)) for p in parts])
+            for k, v in enumerate(words):
+                store(v, u, b.mul(b.add(b.mul(i, c(qk // 4)), c(8 * j + k)), c(64)))
+        for f, base in ((1, a), (2, bb)):
+            if groups == 1:
+                v = ir.Constant(V16F, None)
+                for r, p in enumerate(parts):
+                    v = b.insert_element(v, p[f], ir.Constant(I32, r))
+                vs = [v]
             else:
-                b[blk, rr] = d * np.float32(16.0 if has_h else 8.0)
-            qh = _u32_at(src, o + 2 + 2 * has_m) if has_h else np.uint32(0)
-            qs = o + 2 + 2 * has_m + 4 * has_h
-            for j in range(4):
-                word = _u32_at(src, qs + 4 * j)
-                lo = (word & _NIBBLES) | (_spread4(qh >> np.uint32(4 * j)) << np.uint32(4))
-                hi = ((word >> np.uint32(4)) & _NIBBLES) | (_spread4(qh >> np.uint32(16 + 4 * j)) << np.uint32(4))
-                u32[(blk * 8 + j) * 16 + rr] = lo
-                u32[(blk * 8 + 4 + j) * 16 + rr] = hi
+                vs = _transpose16(b, [p[f] for p in parts])
+            for g, v in enumerate(vs):
+                store(v, base, b.mul(b.add(b.mul(i, c(groups)), c(g)), c(16)))
+        return []
+
+    _loop(b, nb, block, [])
+    b.ret_void()
+    return fn
+
+
+@intrinsic
+def _unpack_rows(typingctx, ggml_type, w, r0, rows, nb, u, a, b):
+    """_unpack_rows(ggml_type, w, r0, rows, nb, u, a, b): _build_unpack_fn's function on rows
+    r0 .. r0+rows-1 of w (types in UNPACK_IR; others leave u, a, b alone). The caller
+    guarantees 1 <= rows <= 16, r0 + rows <= m, and nb blocks within the rows, u and a, b."""
+    arrays = (u, a, b)
+    if not (isinstance(ggml_type, types.Integer) and all(isinstance(t, types.Array) and t.layout == "C"
+                                                          for t in arrays)):
+        return None
+    sig = types.void(ggml_type, w, types.intp, types.intp, types.intp, u, a, b)
+
+    def codegen(context, builder, signature, args):
+        tv, wv, r0v, rowsv, nbv, *outs = args
+        wa = context.make_array(signature.args[1])(context, builder, wv)
+        stride = cgutils.unpack_tuple(builder, wa.strides)[0]
+        start = _row_pointer(context, builder, signature.args[1], wv, r0v)
+        data = [builder.bitcast(context.make_array(t)(context, builder, v).data, p)
+                for t, v, p in zip(signature.args[5:], outs, (I8.as_pointer(), F32.as_pointer(), F32.as_pointer()))]
+
+        def emit(t):
+            fn = _function(builder.module, f"cpuq_qgemm_unpack_{t}", lambda m, name: _build_unpack_fn(m, name, t))
+            builder.call(fn, [start, stride, rowsv, nbv, *data])
+
+        _by_type(builder, tv, emit)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @njit(cache=True, nogil=True)
 def unpack_strip(w, ggml_type, r0, u, a, b):
     """Rows r0 .. r0+15 of w (uint8 (m, row_bytes) of a type in TYPES) -> u: (k/4 * 64,)
-    uint8, a, b: (k/G, 16) f32, k = u.shape[0] // 16; rows past m and elements past the
-    row's whole blocks are zeros."""
+    uint8, a, b: (k/G, 16) f32, all C-contiguous, k = u.shape[0] // 16; rows past m and
+    elements past the row's whole blocks are zeros."""
     k = u.shape[0] // 16
-    u[:] = 0
-    a[:] = 0.0
-    b[:] = 0.0
-    if ggml_type not in TYPES:  # the tables below index by type
+    if ggml_type not in TYPES or a.shape[1] != ROWS or b.shape != a.shape or not 0 <= r0 < w.shape[0]:
+        u[:] = 0
+        a[:] = 0.0
+        b[:] = 0.0
         return
     per = a.shape[0] * group_size(ggml_type) // BLOCK_ELEMS[ggml_type]  # blocks the group arrays hold
     nb = min(n_blocks(ggml_type, k, w.shape[1]), per)
-    u32 = u[:k * ROWS].view(np.uint32)
-    for rr in range(min(ROWS, w.shape[0] - r0)):
-        _unpack_row(ggml_type, w[r0 + rr], rr, nb, u32, a, b)
+    done = nb * BLOCK_ELEMS[ggml_type]  # elements
+    u[done * ROWS:] = 0
+    a[done // group_size(ggml_type):] = 0.0
+    b[done // group_size(ggml_type):] = 0.0
+    _unpack_rows(ggml_type, w, r0, min(ROWS, w.shape[0] - r0), nb, u, a, b)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,6 +60,28 @@ def test_every_type_against_float64(qtype, n):
     assert np.all(np.abs(out - ref) <= _rounding_bound(x, dense) + 1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("qtype", TYPES)
+def test_unpack_strip_holds_the_weights(qtype):
+    """The strip layout itself: a * u - b gives every weight exactly as cpuq.dequantize
+    (gguf-py's decoders) does (the products are exact in float64, so one float32 rounding
+    of each is the decoders' one rounding); lanes of rows past m are zeros. The last strip
+    of 21 rows holds 5."""
+    m, k = 21, 512
+    data, t, dense = _weights(qtype, m, k, seed=7)
+    group = int(Q.group_size(t))
+    for r0 in (0, 16):
+        u = np.full(k * Q.ROWS, 0xAB, np.uint8)  # garbage where nothing is written would show
+        a, b = np.full((2, k // group, Q.ROWS), np.nan, np.float32)
+        Q.unpack_strip(data, t, r0, u, a, b)
+        u_rows = u.reshape(k // 4, Q.ROWS, 4).transpose(1, 0, 2).reshape(Q.ROWS, k).astype(np.float64)
+        a_rows = np.repeat(a.T.astype(np.float64), group, axis=1)
+        b_rows = np.repeat(b.T.astype(np.float64), group, axis=1)
+        got = (a_rows * u_rows - b_rows).astype(np.float32)
+        rows = min(Q.ROWS, m - r0)
+        assert np.array_equal(got[:rows], dense[r0:r0 + rows].astype(np.float32))
+        assert not u_rows[rows:].any() and not a[:, rows:].any() and not b[:, rows:].any()
+
+
 def test_row_range_and_partial_strips():
     """r0..r1 not on strip boundaries of the matrix: only those columns are written."""
     m, k = 50, 256
