@@ -5,10 +5,12 @@ pairs per instruction, once per digit.
 
 Why: on this kind of core a 512-bit vpdpbusd issues about once per cycle (64 multiply-adds),
 where float32 FMAs give 16 per cycle: the sgemm route (decode a tile to float32, then BLAS)
-is bound by the float multiply-adds, this one by unpacking and scales. Why two digits: one
-(llama.cpp's Q8 rounding, to 2^-8 of each 32 values' largest |x|) is twice as fast but loses
-the small values that share a group with an outlier channel (real models have activations
-of ~450 beside ~1); it turned the demo model's "Paris" into nonsense, as it does in llama.cpp.
+is bound by the float multiply-adds, this one by the scales and, for short chunks, the
+unpacking (~20% of a 32-token chunk's time, the whole matrix being unpacked whatever the
+tokens). Why two digits: one (llama.cpp's Q8 rounding, to 2^-8 of each 32 values' largest
+|x|) is twice as fast but loses the small values that share a group with an outlier
+channel (real models have activations of ~450 beside ~1); it turned the demo model's
+"Paris" into nonsense, as it does in llama.cpp.
 
 Every block type is read as w[r, i] = a[r, g] * u[r, i] - b[r, g] for i in group g (16 or
 32 elements) with u an unsigned byte: Q4_K a = d*scale, b = dmin*min; Q6_K a = d*scale,

@@ -36,8 +36,9 @@ SCORES_BYTES = 4 << 20
 # the masked-out triangle is mostly skipped (512-token prompt: 56% of the full products).
 PART_TOKENS = 64
 MIN_TOKENS = 32  # below this, the fused per-row kernels beat decoding tiles (measured, 0.5B shapes)
-# The int8 products beat them from 2 tokens on (Qwen3-0.6B Q4_K_M, 2 threads: 2 tokens 128 vs
-# 175 ms, 4: 129 vs 198, 8: 131 vs 246, 12: 156 vs 271; one token is a decode step)
+# The int8 products beat them from 2 tokens on (Qwen3-0.6B Q4_K_M, 2 threads, Model.logits of n
+# tokens, 11-24: 2 tokens 138 vs 255 ms, 4: 133 vs 336, 8: 133 vs 357, 12: 160 vs 389; one token
+# is a decode step)
 MIN_TOKENS_INT8 = 2
 # Up to this many tokens, tile @ x.T plus a transposed copy beats x @ tile.T written in place
 # (one-thread sgemm, k=1024, 1536 rows: 32 tokens 52 -> 83 GFLOP/s, 128: 81 -> 87; 512: 92 -> 84).
