@@ -71,13 +71,22 @@ def _attend(q, k_cache, v_cache, start, scale, out, job):
     # per (block, dimension) cost more than the multiply-adds at a 4k context.
     vector_keys = block == BLOCK_POSITIONS and k_cache.shape[2] == hd  # block_scores' shapes
     vector_values = hd % 16 == 0 and v_cache.shape[3] == hd  # block_values' shapes
+    # The last, partial block too: all its positions (in the cache's memory, the unused ones
+    # stale or zeros) into `part`, the used ones kept. Element by element it was ~30 us of a
+    # Qwen3-0.6B layer's ~50 at 128-160 positions.
+    part = np.empty(block, np.float32)
     for b0 in range(0, n_keys, block):
         cnt = min(block, n_keys - b0)
         kb = k_cache[b0 // block, g]
         for hh in range(heads):
             sb = scores[hh, b0:b0 + cnt]
-            if vector_keys and cnt == block:
-                block_scores(qs[hh], kb, sb)
+            if vector_keys:
+                if cnt == block:
+                    block_scores(qs[hh], kb, sb)
+                else:
+                    part[:] = 0.0
+                    block_scores(qs[hh], kb, part)
+                    sb += part[:cnt]
                 continue
             for d in range(hd):
                 qd = qs[hh, d]

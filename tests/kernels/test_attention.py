@@ -80,6 +80,10 @@ def test_attention_matches_numpy_on_fp16_cache(n_head, n_kv, hd, block, start, n
     v_cache = np.zeros((n_blocks, n_kv, block, hd), dtype)
     k, v = rng.standard_normal((2, total, n_kv, hd), dtype=np.float32)
     store_kv(k_cache, v_cache, k, v, 0)
+    nan = np.float16(np.nan).view(np.uint16) if dtype == np.uint16 else np.nan
+    for p in range(total, n_blocks * block):  # positions not (yet) used: a stale NaN must not reach out
+        k_cache[p // block, :, :, p % block] = nan
+        v_cache[p // block, :, p % block, :] = nan
     q = rng.standard_normal((n, n_head, hd), dtype=np.float32)
     out = np.empty_like(q)
     scale = np.float32(hd ** -0.5)
