@@ -319,21 +319,24 @@ def _sum_q4_k(b, w, xp, xsum):
 
 
 def _sum_q6_k(b, w, xp, xsum):
-    """Q6_K as _sum_q4_k: the 64 ql bytes of a half-block as words give the low 4 bits of
-    four (group, parity) sets; its 32 qh bytes, in both halves of a register, give their top
-    2 bits by one variable shift per set. Scales are per 16 elements: 4 per i32 lane set."""
+    """Q6_K as _sum_q4_k. A half-block's 64 ql bytes hold quarters 0|1 in their low nibbles
+    and 2|3 in their high ones; its 32 qh bytes, in both halves of a register, give each
+    quarter's top 2 bits at bits 4-5 of the byte by one word shift per register half and a
+    mask. That makes two registers of 6-bit values, one per byte, whose words' low and high
+    bytes are the four (group, parity) sets. Scales are per 16 elements: 4 per i32 lane set."""
     sc32 = b.sext(_load(b, w, 192, V16B), V16I)
     v16s = ir.VectorType(I16, 16)
+    nibbles, tops, low_byte = _vconst(V32S, 0x0F0F), _vconst(V32S, 0x3030), _vconst(V32S, 0x00FF)
     acc = None
     for h in range(2):
         ql = _load(b, w, 64 * h, V32S)
         qh16 = _load(b, w, 128 + 32 * h, v16s)
         qh = _concat(b, qh16, qh16)
-        low = (ql, b.lshr(ql, _vconst(V32S, 8)), b.lshr(ql, _vconst(V32S, 4)), b.lshr(ql, _vconst(V32S, 12)))
-        top = (b.shl(qh, _lanes16(4, 2)), b.lshr(qh, _lanes16(4, 6)), b.lshr(qh, _lanes16(0, 2)),
-               b.lshr(qh, _lanes16(8, 10)))
-        parts = [b.sub(b.or_(b.and_(lo, _vconst(V32S, 15)), b.and_(hi, _vconst(V32S, 48))), _vconst(V32S, 32))
-                 for lo, hi in zip(low, top)]
+        q01 = b.or_(b.and_(ql, nibbles), b.and_(b.shl(qh, _lanes16(4, 2)), tops))
+        q23 = b.or_(b.and_(b.lshr(ql, _vconst(V32S, 4)), nibbles), b.and_(b.lshr(qh, _lanes16(0, 2)), tops))
+        sets = (b.and_(q01, low_byte), b.lshr(q01, _vconst(V32S, 8)), b.and_(q23, low_byte),
+                b.lshr(q23, _vconst(V32S, 8)))
+        parts = [b.sub(q, _vconst(V32S, 32)) for q in sets]
         s = 8 * h
         acc = _scaled_pairs(b, acc, parts, xp, h, sc32, [[s] * 4 + [s + 1] * 4 + [s + 2] * 4 + [s + 3] * 4,
                                                           [s + 4] * 4 + [s + 5] * 4 + [s + 6] * 4 + [s + 7] * 4])
