@@ -40,6 +40,11 @@ MIN_TOKENS = 32  # below this, the fused per-row kernels beat decoding tiles (me
 # tokens, 11-24: 2 tokens 138 vs 255 ms, 4: 133 vs 336, 8: 133 vs 357, 12: 160 vs 389; one token
 # is a decode step)
 MIN_TOKENS_INT8 = 2
+# With the int8 products, chunks shorter than this run as one-token steps (kernels.step), token
+# by token: a chunk's ~300 rounds of worker tasks cost more than a few steps (Qwen3-0.6B
+# Q4_K_M, 2 threads, after 40 tokens, 11-24: 2 tokens 111 ms as a chunk vs 35 as steps, 4: 129
+# vs 71, 6: 124 vs 107, 8: 129 vs 152, 12: 173 vs 228). Elsewhere: not measured, not done.
+STEP_TOKENS_INT8 = 8
 # Up to this many tokens, tile @ x.T plus a transposed copy beats x @ tile.T written in place
 # (one-thread sgemm, k=1024, 1536 rows: 32 tokens 52 -> 83 GFLOP/s, 128: 81 -> 87; 512: 92 -> 84).
 SMALL_BATCH = 128
@@ -64,6 +69,7 @@ class Gemm:
         self.n_threads = n_threads
         self.int8 = int8  # block types through kernels.qgemm (needs AVX512-VNNI)
         self.min_tokens = MIN_TOKENS_INT8 if int8 else MIN_TOKENS  # shorter chunks: the per-row kernels
+        self.step_tokens = STEP_TOKENS_INT8 if int8 else 1  # shorter chunks: one-token steps (Model._forward)
         self._pool = ThreadPoolExecutor(n_threads, thread_name_prefix="cpuq-gemm")
 
     @contextlib.contextmanager

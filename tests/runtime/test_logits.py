@@ -109,12 +109,36 @@ def test_cache_reuse_gives_the_same_logits(sources, tmp_path):
     path = cpuq.convert(sources["qwen3"], tmp_path / "m.gguf", "q8_0")
     with cpuq.load(path, n_ctx=64) as m:
         whole = m.logits(IDS)
-        # Both pieces long enough for the prompt products (gemm.MIN_TOKENS_INT8 = 2; 32 on hosts
+        # Both pieces long enough for the prompt products (gemm.STEP_TOKENS_INT8 = 8; 32 on hosts
         # without AVX512-VNNI, where all three take the per-row kernels), as the whole is: then
         # only float32 summation order differs, not how x is rounded.
         m._ingest(IDS[:10])
         last = m._ingest(IDS)  # reuses the first 10 positions
     np.testing.assert_allclose(last, whole[-1], rtol=0, atol=1e-4 * np.abs(whole[-1]).max())
+
+
+def test_short_chunks_run_as_one_token_steps(sources, tmp_path):
+    """With the int8 products, chunks shorter than gemm.STEP_TOKENS_INT8 run token by token
+    through kernels.step: every position's logits equal one-token calls' bit for bit, and
+    agree with the chunk products (which step_tokens = 1 forces). The two round x
+    differently (int16 per 256 values, two int8 digits per 32): relative RMS 1.4e-4
+    measured, against 7.1e-2 for either from the F32 file's logits (the Q4_K_M rounding);
+    the bound, 1e-3, is 1.4% of that, and a wrong position or cache slot gives O(1)."""
+    from cpuq.runtime import forward as fw
+    with cpuq.load(cpuq.convert(sources["qwen3"], tmp_path / "m.gguf", "q4_k_m"), n_ctx=64) as m:
+        if m._gemm.step_tokens <= 5:
+            pytest.skip("no AVX512-VNNI: short chunks take the per-row kernels whole")
+        short = IDS[:5]
+        split = m.logits(short)
+        cache = fw.KVCache(m.config, 64)
+        steps = [fw.forward(m.weights, m.config, m._rope, np.array([t], np.int64), cache, 0) for t in short]
+        np.testing.assert_array_equal(split, np.concatenate(steps))
+        last = m.eval(short)  # the last position only
+        m._gemm.step_tokens = 1
+        chunk = m.logits(short)
+    assert split.shape == chunk.shape == (5, m.config.n_vocab)
+    np.testing.assert_array_equal(last, split[-1])
+    assert _rel_rms(split, chunk) <= 1e-3
 
 
 @pytest.mark.parametrize("name,qtype", [("qwen2", "q4_k_m"), ("qwen3", "q4_k_m"), ("llama", "q8_0"),
