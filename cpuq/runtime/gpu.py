@@ -303,7 +303,10 @@ class GpuOffload:
                              splits(cache.n_ctx) if n <= MATVEC_MAX_TOKENS else 1)
                 b.x.set(np.ascontiguousarray(x, np.float32))
                 self._pass(b, cache, n, logits_from)
-            out = (b.logits if self.with_output else b.x[logits_from:]).get()
+            if self.with_output:  # no logits rows asked for: no buffer was made for them
+                out = b.logits.get() if n_out else np.empty((0, self.cfg.n_vocab), np.float32)
+            else:
+                out = b.x[logits_from:].get()
         return out
 
     def _pass(self, b: _Buffers, cache: GpuCache, n: int, logits_from: int) -> None:

@@ -525,7 +525,8 @@ class Model:
 
     def _forward(self, tokens: np.ndarray, cache: KVCache, logits_from: int,
                  observe: Observer | None = None) -> np.ndarray:
-        if 1 < tokens.size < self._gemm.step_tokens and observe is None:  # token by token (gemm.STEP_TOKENS_INT8)
+        # token by token (gemm.STEP_TOKENS_INT8; measured on the CPU, so not with GPU offload)
+        if 1 < tokens.size < self._gemm.step_tokens and observe is None and self._gpu is None:
             return np.concatenate([self._forward(tokens[i:i + 1], cache, 0 if i >= logits_from else 1)
                                    for i in range(tokens.size)])
         if tokens.size < self._gemm.min_tokens:

@@ -133,6 +133,24 @@ def test_tiny_models_agree_with_cpu_and_hf(cp, tiny, name, gpu_layers):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gpu_layers", [1, -1])
+def test_chunks_with_no_rows_asked_for(cp, tiny, monkeypatch, gpu_layers):
+    """logits(ids, first) whose first chunks need no output rows (perplexity's windows past
+    N_BATCH tokens; 4 here): those chunks still fill the GPU's cache, the rows asked for
+    agree with the CPU's."""
+    from cpuq.runtime import model as model_mod
+    monkeypatch.setattr(model_mod, "N_BATCH", 4)
+    with cpuq.load(tiny["qwen3", "f32"], n_ctx=64) as cpu, \
+            cpuq.load(tiny["qwen3", "f32"], n_ctx=64, gpu_layers=gpu_layers) as g:
+        ref = cpu.logits(IDS[:14], first=9)
+        got = g.logits(IDS[:14], first=9)
+    assert got.shape == ref.shape == (5, ref.shape[1])
+    err = _rel_rms(got, ref)
+    print(f"gpu_layers={gpu_layers}: rows after skipped chunks vs CPU {err:.2e}")
+    assert err <= 1e-4  # as the steps above; 2.3e-5 measured (H100, both gpu_layers)
+
+
+@pytest.mark.gpu
 def test_q8_0_prompt_then_steps_and_chat_cache(cp, tiny):
     """A prompt (cuBLAS), then steps that read its keys (graph), across a reset and with
     a prefix reused from the cache, as generate/chat use them."""
