@@ -141,6 +141,34 @@ def _high_bits(b: ir.IRBuilder, qh32, shift: int):
 
 
 # ---------------------------------------------------------------------------------------------
+# One block's stored integers in element order, as <32 x i8> groups (also kernels.qgemm's).
+
+def _q4_ints(b, w, qs_at: int):
+    """16 bytes at w + qs_at: element j in the low nibble of byte j, j + 16 in the high."""
+    return _concat(b, *_nibbles(b, _load(b, w, qs_at, V16B)))
+
+
+def _q5_ints(b, w, qh_at: int, qs_at: int):
+    """_q4_ints with each element's fifth bit from the flag word at w + qh_at."""
+    return b.or_(_q4_ints(b, w, qs_at), _high_bits(b, _load(b, w, qh_at, I32), 4))
+
+
+def _k_ints(b, w, qs_at: int, qh_at: int | None = None):
+    """The 8 sub-blocks of a Q4_K (qs at 16) or Q5_K (qs at 48, fifth bits in the 32 qh bytes at
+    16: bit j of byte l for sub-block j) block: 4 x 32 bytes, sub-block 2 * pair in the low
+    nibbles, the next in the high."""
+    qh = None if qh_at is None else _load(b, w, qh_at, V32B)
+    out = []
+    for pair in range(4):
+        for j, q in zip((2 * pair, 2 * pair + 1), _nibbles(b, _load(b, w, qs_at + 32 * pair, V32B))):
+            if qh is not None:
+                bit = b.and_(b.lshr(qh, _vconst(V32B, j)), _vconst(V32B, 1))
+                q = b.or_(q, b.shl(bit, _vconst(V32B, 4)))
+            out.append(q)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # One block -> its values as <32 x float> groups, in element order (ggml-common.h layouts).
 
 def _values_q8_0(b, w):  # [d f16 | 32 x int8]
@@ -148,26 +176,21 @@ def _values_q8_0(b, w):  # [d f16 | 32 x int8]
 
 
 def _values_q4_0(b, w):  # [d | 16 bytes: element j low nibble of byte j, j+16 high]; d * (q - 8)
-    lo, hi = _nibbles(b, _load(b, w, 2, V16B))
-    q = b.sub(_concat(b, lo, hi), _vconst(V32B, 8))
+    q = b.sub(_q4_ints(b, w, 2), _vconst(V32B, 8))
     return [_scaled(b, _to_float(b, q, True), _half(b, w, 0))]
 
 
 def _values_q4_1(b, w):  # [d | m | 16 bytes]; d * q + m
-    lo, hi = _nibbles(b, _load(b, w, 4, V16B))
-    return [_scaled(b, _to_float(b, _concat(b, lo, hi), False), _half(b, w, 0), _half(b, w, 2))]
+    return [_scaled(b, _to_float(b, _q4_ints(b, w, 4), False), _half(b, w, 0), _half(b, w, 2))]
 
 
 def _values_q5_0(b, w):  # [d | qh u32: bit j = 5th bit of element j | 16 bytes]; d * (q - 16)
-    lo, hi = _nibbles(b, _load(b, w, 6, V16B))
-    q = b.or_(_concat(b, lo, hi), _high_bits(b, _load(b, w, 2, I32), 4))
+    q = _q5_ints(b, w, 2, 6)
     return [_scaled(b, _to_float(b, b.sub(q, _vconst(V32B, 16)), True), _half(b, w, 0))]
 
 
 def _values_q5_1(b, w):  # [d | m | qh u32 | 16 bytes]; d * q + m
-    lo, hi = _nibbles(b, _load(b, w, 8, V16B))
-    q = b.or_(_concat(b, lo, hi), _high_bits(b, _load(b, w, 4, I32), 4))
-    return [_scaled(b, _to_float(b, q, False), _half(b, w, 0), _half(b, w, 2))]
+    return [_scaled(b, _to_float(b, _q5_ints(b, w, 4, 8), False), _half(b, w, 0), _half(b, w, 2))]
 
 
 def _k_scale_min(b, w, s: int, j: int):
@@ -190,25 +213,14 @@ def _k_sub_values(b, qf, d, dmin, scale, minimum):
 
 def _values_q4_k(b, w):  # [d | dmin | 12 scale bytes | 128 bytes: 4 x (32 low | 32 high nibbles)]
     d, dmin = _half(b, w, 0), _half(b, w, 2)
-    out = []
-    for pair in range(4):
-        lo, hi = _nibbles(b, _load(b, w, 16 + 32 * pair, V32B))
-        for j, q in ((2 * pair, lo), (2 * pair + 1, hi)):
-            out.append(_k_sub_values(b, _to_float(b, q, False), d, dmin, *_k_scale_min(b, w, 4, j)))
-    return out
+    return [_k_sub_values(b, _to_float(b, q, False), d, dmin, *_k_scale_min(b, w, 4, j))
+            for j, q in enumerate(_k_ints(b, w, 16))]
 
 
 def _values_q5_k(b, w):  # [d | dmin | 12 scale bytes | qh 32 bytes | 128 nibble bytes]
     d, dmin = _half(b, w, 0), _half(b, w, 2)
-    qh = _load(b, w, 16, V32B)
-    out = []
-    for pair in range(4):
-        lo, hi = _nibbles(b, _load(b, w, 48 + 32 * pair, V32B))
-        for j, q in ((2 * pair, lo), (2 * pair + 1, hi)):
-            bit = b.and_(b.lshr(qh, _vconst(V32B, j)), _vconst(V32B, 1))
-            q = b.or_(q, b.shl(bit, _vconst(V32B, 4)))
-            out.append(_k_sub_values(b, _to_float(b, q, False), d, dmin, *_k_scale_min(b, w, 4, j)))
-    return out
+    return [_k_sub_values(b, _to_float(b, q, False), d, dmin, *_k_scale_min(b, w, 4, j))
+            for j, q in enumerate(_k_ints(b, w, 48, qh_at=16))]
 
 
 def _q6_k_groups(b, w, offset: int = 32):
@@ -266,9 +278,7 @@ def _ints_q8_0(b, w, dx, xsum):
 
 
 def _ints_q5_0(b, w, dx, xsum):
-    lo, hi = _nibbles(b, _load(b, w, 6, V16B))
-    q = b.or_(_concat(b, lo, hi), _high_bits(b, _load(b, w, 2, I32), 4))
-    return b.sub(q, _vconst(V32B, 16)), _splat(b, b.fmul(_half(b, w, 0), b.load(dx)), 16)
+    return b.sub(_q5_ints(b, w, 2, 6), _vconst(V32B, 16)), _splat(b, b.fmul(_half(b, w, 0), b.load(dx)), 16)
 
 
 def _pick(b, v, idx):

@@ -41,8 +41,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .blocks import (BLOCK_IR, F32, I8, I32, I64, V16B, V16F, V16I, V32B, _FAST, _by_type, _concat, _function, _half,
-                     _high_bits, _intrinsic_fn, _k_scales_mins, _load, _loop, _nibbles, _q6_k_groups, _row_pointer,
-                     _splat, _vconst, host_cpu_features)
+                     _intrinsic_fn, _k_ints, _k_scales_mins, _load, _loop, _q4_ints, _q5_ints, _q6_k_groups,
+                     _row_pointer, _splat, _vconst, host_cpu_features)
 from .matmul import BLOCK_ELEMS, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, n_blocks
 
 ROWS = 16  # weight rows per strip: the 16 int32 lanes of a 512-bit register
@@ -119,25 +119,20 @@ def _unpack_q8_0(b, w):  # u = q + 128 (q's sign bit flipped); a = d, b = 128 d
 
 def _unpack_q4_0(b, w):  # u = the nibble; a = d, b = 8 d
     d = _half(b, w, 0)
-    return [_concat(b, *_nibbles(b, _load(b, w, 2, V16B)))], d, b.fmul(d, ir.Constant(F32, 8.0))
+    return [_q4_ints(b, w, 2)], d, b.fmul(d, ir.Constant(F32, 8.0))
 
 
 def _unpack_q4_1(b, w):  # a = d, b = -m
-    return [_concat(b, *_nibbles(b, _load(b, w, 4, V16B)))], _half(b, w, 0), b.fneg(_half(b, w, 2))
-
-
-def _q5_units(b, w, qh_at: int, qs_at: int):
-    q = _concat(b, *_nibbles(b, _load(b, w, qs_at, V16B)))
-    return [b.or_(q, _high_bits(b, _load(b, w, qh_at, I32), 4))]
+    return [_q4_ints(b, w, 4)], _half(b, w, 0), b.fneg(_half(b, w, 2))
 
 
 def _unpack_q5_0(b, w):  # a = d, b = 16 d
     d = _half(b, w, 0)
-    return _q5_units(b, w, 2, 6), d, b.fmul(d, ir.Constant(F32, 16.0))
+    return [_q5_ints(b, w, 2, 6)], d, b.fmul(d, ir.Constant(F32, 16.0))
 
 
 def _unpack_q5_1(b, w):  # a = d, b = -m
-    return _q5_units(b, w, 4, 8), _half(b, w, 0), b.fneg(_half(b, w, 2))
+    return [_q5_ints(b, w, 4, 8)], _half(b, w, 0), b.fneg(_half(b, w, 2))
 
 
 def _k_factors(b, w):
@@ -149,20 +144,11 @@ def _k_factors(b, w):
 
 
 def _unpack_q4_k(b, w):
-    units = []
-    for pair in range(4):  # 32 bytes: sub-block 2 * pair in the low nibbles, the next in the high
-        units += _nibbles(b, _load(b, w, 16 + 32 * pair, V32B))
-    return [units, *_k_factors(b, w)]
+    return (_k_ints(b, w, 16), *_k_factors(b, w))
 
 
-def _unpack_q5_k(b, w):  # fifth bit of sub-block j: bit j of qh's byte
-    qh = _load(b, w, 16, V32B)
-    units = []
-    for pair in range(4):
-        for j, q in zip((2 * pair, 2 * pair + 1), _nibbles(b, _load(b, w, 48 + 32 * pair, V32B))):
-            bit = b.and_(b.lshr(qh, _vconst(V32B, j)), _vconst(V32B, 1))
-            units.append(b.or_(q, b.shl(bit, _vconst(V32B, 4))))
-    return [units, *_k_factors(b, w)]
+def _unpack_q5_k(b, w):
+    return (_k_ints(b, w, 48, qh_at=16), *_k_factors(b, w))
 
 
 def _unpack_q6_k(b, w):  # u = q (0..63); a = d * scale per 16 elements, b = 32 a
