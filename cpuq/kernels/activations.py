@@ -22,4 +22,6 @@ def swiglu(gate, up, out):
             row[j] = _expf(-g[j])
         for j in range(f):
             row[j] = g[j] / (np.float32(1.0) + row[j]) * u[j]
-        out[i, :f] = row
+        o = out[i]
+        for j in range(f):  # not out[i, :f] = row: its shape-mismatch error compiles ~2 s of string code
+            o[j] = row[j]
