@@ -2,6 +2,7 @@
 and the llama.cpp oracle (skips `peer` tests when it is not built)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# No cold-start child compilers (runtime.warmup) beside the tests, but in its own test.
+os.environ["CPUQ_JIT_HELPER"] = "0"
 sys.path.insert(0, str(ROOT / "tools"))
 
 # Tensor types a tiny file carries, with row lengths each type accepts.

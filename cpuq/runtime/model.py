@@ -28,6 +28,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from numbers import Integral
@@ -45,6 +46,7 @@ from .gemm import Gemm
 from .sampling import Sampler, SamplingParams
 from .template import ChatTemplate
 from .tokenizer import Tokenizer, utf8_text
+from .warmup import StepCompiler
 from .weights import load_weights
 
 N_BATCH = 512  # prompt tokens per forward call: bounds activation memory, keeps matmuls wide
@@ -204,6 +206,10 @@ class Model:
         except BaseException:
             self.close()
             raise
+        # a cold cache's step kernels, compiled on the other core meanwhile (runtime.warmup)
+        self._step_compiler = None if self._gpu is not None else StepCompiler.start(self.path, self.weights, kv_type)
+        if self._step_compiler is not None:
+            weakref.finalize(self, self._step_compiler.stop)
         self._tokens: list[int] = []  # what the cache holds, position by position
         self.finish_reason: str | None = None  # of the last generate/chat: "stop", "eos", "length", "n_ctx"
         self.timings = Timings()
@@ -529,6 +535,9 @@ class Model:
         if 1 < tokens.size < self._gemm.step_tokens and observe is None and self._gpu is None:
             return np.concatenate([self._forward(tokens[i:i + 1], cache, 0 if i >= logits_from else 1)
                                    for i in range(tokens.size)])
+        if tokens.size == 1 and self._step_compiler is not None:  # its kernels from the cache, not compiled again
+            self._step_compiler.wait()
+            self._step_compiler = None
         if tokens.size < self._gemm.min_tokens:
             with self._turns:
                 return forward(self.weights, self.config, self._rope, tokens, cache, logits_from, observe=observe,
@@ -543,6 +552,8 @@ class Model:
         with self._using("close"):
             if hasattr(self, "_gemm"):
                 self._gemm.close()
+            if getattr(self, "_step_compiler", None) is not None:
+                self._step_compiler.stop()
             self._gpu = None  # the GPU memory goes back to CuPy's pool
             if hasattr(self, "_cache"):
                 self._cache.gpu = None
