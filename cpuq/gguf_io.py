@@ -265,6 +265,7 @@ class GGUFFile:
         self.path = path
         self.version = int(reader.fields["GGUF.version"].parts[0][0])
         self.file_size = len(reader.data)
+        self.mapped = np.asarray(reader.data).reshape(-1).view(np.uint8)  # the whole file; tensors' data are views of it
         self.alignment = int(reader.alignment)
         self.data_offset = int(reader.data_offset)
         self._fields = {name: f for name, f in reader.fields.items() if not name.startswith("GGUF.")}
@@ -326,6 +327,7 @@ class GGUFFile:
         """Drop the mmap; views handed out before keep it alive until they go."""
         self._reader = None
         self.tensors = {}
+        self.mapped = None
 
     def __enter__(self) -> "GGUFFile":
         return self

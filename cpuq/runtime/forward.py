@@ -24,7 +24,7 @@ from ..kernels.matmul import get_rows, matmul
 from ..kernels.matvec import BLOCK_TYPES, matvec_many
 from ..kernels.norms import rms_norm
 from ..kernels.rope import apply_rope, rope_tables
-from ..kernels.step import attention_step, mlp_step
+from ..kernels.step import attention_step, blocks_step, mlp_step
 from .gemm import Gemm
 from .weights import Layer, Matrix, Weights
 
@@ -140,6 +140,46 @@ def _one_step(x, observe: Observer | None, *ws: Matrix) -> bool:
     return x.shape[0] == 1 and observe is None and all(w.ggml_type in BLOCK_TYPES for w in ws)
 
 
+@dataclass(frozen=True)
+class StepPack:
+    """Every block's one-token arguments as arrays, for kernels.step.blocks_step (one Numba
+    call per token for all blocks): the matrices as (byte offset, rows, row bytes) in the
+    file's mapping with their type ids, the vectors stacked per block ((n_layer, 0) for what
+    the model lacks)."""
+    buf: np.ndarray
+    at: np.ndarray
+    types: np.ndarray
+    vectors: tuple[np.ndarray, ...]  # attn_norm, bq, bk, bv, q_norm, k_norm, ffn_norm
+
+    @classmethod
+    def build(cls, w: Weights, buf: np.ndarray | None) -> "StepPack | None":
+        """None unless every block's matrices are BLOCK_TYPES rows lying whole inside buf
+        (the file's uint8 mapping), and each vector is present in all blocks or in none."""
+        if buf is None or not w.layers:
+            return None
+        base, size = buf.__array_interface__["data"][0], buf.nbytes
+        at = np.zeros((len(w.layers), 7, 3), np.int64)
+        types = np.zeros((len(w.layers), 7), np.int64)
+        for il, layer in enumerate(w.layers):
+            for j, m in enumerate((layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down)):
+                off = m.data.__array_interface__["data"][0] - base
+                if (m.ggml_type not in BLOCK_TYPES or not m.data.flags.c_contiguous or off < 0
+                        or off + m.data.nbytes > size):
+                    return None
+                at[il, j] = off, m.data.shape[0], m.data.shape[1]
+                types[il, j] = m.ggml_type
+        vectors = []
+        for name in ("attn_norm", "bq", "bk", "bv", "q_norm", "k_norm", "ffn_norm"):
+            vs = [getattr(layer, name) for layer in w.layers]
+            if all(v is None for v in vs):
+                vectors.append(np.zeros((len(vs), 0), np.float32))
+            elif any(v is None for v in vs) or len({v.shape for v in vs}) != 1:
+                return None
+            else:
+                vectors.append(np.stack(vs).astype(np.float32))
+        return cls(buf, at, types, tuple(vectors))
+
+
 def attention_block(x, layer: Layer, il: int, cfg: ModelConfig, cache: KVCache, start: int, cos, sin, neox,
                     gemm: Gemm | None, observe: Observer | None = None):
     n = x.shape[0]
@@ -189,7 +229,8 @@ def mlp_block(x, layer: Layer, cfg: ModelConfig, gemm: Gemm | None, observe: Obs
 
 
 def forward(w: Weights, cfg: ModelConfig, rope: Rope, tokens: np.ndarray, cache: KVCache,
-            logits_from: int, gemm: Gemm | None = None, observe: Observer | None = None, gpu=None) -> np.ndarray:
+            logits_from: int, gemm: Gemm | None = None, observe: Observer | None = None, gpu=None,
+            steps: StepPack | None = None) -> np.ndarray:
     """Run `tokens` (n,) int64 at positions cache.n_past .. +n-1, append their keys and
     values to the cache, and return the logits after tokens logits_from .. n-1 of this call,
     (n - logits_from, n_vocab) (n - 1: the last token's only; n: none, (0, n_vocab); the
@@ -199,16 +240,22 @@ def forward(w: Weights, cfg: ModelConfig, rope: Rope, tokens: np.ndarray, cache:
     matrix product in the blocks and the names of the matrices that multiply it (what
     llama.cpp's importance matrix collects; not the output matrix's). gpu: a
     runtime.gpu.GpuOffload that runs the blocks from gpu.first_layer on (cache.gpu holds
-    their keys and values) and, if it has it, the output matrix."""
+    their keys and values) and, if it has it, the output matrix. steps: w's StepPack, for
+    one token's blocks in one kernels.step call."""
     n = tokens.shape[0]
     start = cache.n_past
     x = np.empty((n, cfg.n_embd), np.float32)
     get_rows(w.token_embd.data, w.token_embd.ggml_type, tokens, x)
     cos, sin = rope.tables(np.arange(start, start + n), w.rope_freqs)
     n_cpu = len(w.layers) if gpu is None else gpu.first_layer
-    for il, layer in enumerate(w.layers[:n_cpu]):
-        x += attention_block(x, layer, il, cfg, cache, start, cos, sin, rope.neox, gemm, observe)
-        x += mlp_block(x, layer, cfg, gemm, observe)
+    if n == 1 and observe is None and steps is not None:  # the per-block loop below, in one Numba call
+        blocks_step(x[0], n_cpu, steps.buf, steps.at, steps.types, *steps.vectors, cfg.rms_eps, cos, sin, rope.neox,
+                    cache.k, cache.v, start, np.float32(1.0 / math.sqrt(cfg.head_dim)), cfg.n_head, cfg.n_head_kv,
+                    cfg.head_dim)
+    else:
+        for il, layer in enumerate(w.layers[:n_cpu]):
+            x += attention_block(x, layer, il, cfg, cache, start, cos, sin, rope.neox, gemm, observe)
+            x += mlp_block(x, layer, cfg, gemm, observe)
     if gpu is None:
         x = x[min(max(logits_from, 0), n):]
     else:  # rows logits_from.. come back: the logits, or the hidden state for the CPU's output matrix

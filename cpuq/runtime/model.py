@@ -41,7 +41,7 @@ import numpy as np
 from ..arch import ModelConfig
 from ..errors import InputError, UnsupportedError
 from ..gguf_io import open_gguf
-from .forward import KVCache, Observer, Rope, forward
+from .forward import KVCache, Observer, Rope, StepPack, forward
 from .gemm import Gemm
 from .sampling import Sampler, SamplingParams
 from .template import ChatTemplate
@@ -181,6 +181,7 @@ class Model:
         try:
             self.config = ModelConfig.from_gguf(self._file)
             self.weights = load_weights(self._file, self.config)
+            self._steps = StepPack.build(self.weights, self._file.mapped)
             self.tokenizer = Tokenizer.from_gguf(self._file)
             self.template = ChatTemplate(self._file.get("tokenizer.chat_template"),
                                          bos_token=self.tokenizer.token_text(self.tokenizer.bos_id)
@@ -541,7 +542,7 @@ class Model:
         if tokens.size < self._gemm.min_tokens:
             with self._turns:
                 return forward(self.weights, self.config, self._rope, tokens, cache, logits_from, observe=observe,
-                               gpu=self._gpu)
+                               gpu=self._gpu, steps=self._steps)
         with self._turns, self._gemm.session():
             return forward(self.weights, self.config, self._rope, tokens, cache, logits_from, self._gemm, observe,
                            self._gpu)

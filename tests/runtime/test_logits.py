@@ -144,19 +144,32 @@ def test_short_chunks_run_as_one_token_steps(sources, tmp_path):
 @pytest.mark.parametrize("name,qtype", [("qwen2", "q4_k_m"), ("qwen3", "q4_k_m"), ("llama", "q8_0"),
                                         ("qwen2_yarn", "q5_0")])
 def test_one_token_steps_are_the_composed_kernels(name, qtype, sources, tmp_path):
-    """kernels.step (a decode step's stages in one Numba call each) gives bit-identical
-    logits to forward's stage-by-stage path, which an observer forces: biases (qwen2), q/k
-    norms (qwen3), non-neox rope (llama), YaRN."""
+    """kernels.step (a decode step's stages in one Numba call each, and blocks_step: every
+    block in one call) gives bit-identical logits to forward's stage-by-stage path, which an
+    observer forces: biases (qwen2), q/k norms (qwen3), non-neox rope (llama), YaRN."""
     from cpuq.runtime import forward as fw
     with cpuq.load(cpuq.convert(sources[name], tmp_path / "m.gguf", qtype), n_ctx=64) as m:
-        def steps(observe):
+        def steps(observe, pack=None):
             cache = fw.KVCache(m.config, 64)
             out = []
             for t in IDS[:12]:
                 out.append(fw.forward(m.weights, m.config, m._rope, np.array([t], np.int64), cache, 0,
-                                      observe=observe))
+                                      observe=observe, steps=pack))
             return np.concatenate(out)
         seen = []
         stagewise = steps(lambda x, names: seen.append(names))
         assert seen  # the observer ran: the stage-by-stage path
         np.testing.assert_array_equal(steps(None), stagewise)
+        assert m._steps is not None  # what Model passes for one token
+        np.testing.assert_array_equal(steps(None, m._steps), stagewise)
+
+
+def test_float_matrices_take_the_block_by_block_steps(golden, sources, tmp_path):
+    """blocks_step reads block types only: an F16 file has no StepPack, and its one-token
+    steps (forward's per-block path) meet test_f16_logits_as_close_as_llama_cpp's bar."""
+    with cpuq.load(cpuq.convert(sources["qwen3"], tmp_path / "m.gguf", "f16"), n_ctx=64) as m:
+        assert m._steps is None
+        got = np.stack([m.eval([t]) for t in IDS])
+    ours = _rel_rms(got[:, golden["qwen3/columns"]], golden["qwen3/hf"])
+    theirs = _rel_rms(golden["qwen3/llama_f16"], golden["qwen3/hf"])
+    assert ours <= 1.5 * theirs, f"cpuq {ours:.2e} vs llama.cpp {theirs:.2e} (relative RMS vs HF)"
