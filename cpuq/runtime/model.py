@@ -208,7 +208,8 @@ class Model:
             self.close()
             raise
         # a cold cache's step kernels, compiled on the other core meanwhile (runtime.warmup)
-        self._step_compiler = None if self._gpu is not None else StepCompiler.start(self.path, self.weights, kv_type)
+        self._step_compiler = None if self._gpu is not None else StepCompiler.start(self.path, self.weights, kv_type,
+                                                                                    self._steps is not None)
         if self._step_compiler is not None:
             weakref.finalize(self, self._step_compiler.stop)
         self._tokens: list[int] = []  # what the cache holds, position by position

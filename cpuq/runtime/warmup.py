@@ -11,10 +11,11 @@ same calls, so the same Numba signatures, compiled into the same cache. The pare
 one-token forward pass waits for the child, then loads them from the cache.
 
 The child writes MARKER (<NUMBA_CACHE_DIR>/cpuq-warm/<key>) when done; the key covers what
-differs between models in the step kernels' argument types (biases, q/k norms, the weight
-and cache types), so a warm cache starts no child. CPUQ_JIT_HELPER=0 turns it off.
+differs between models in the step kernels' argument types (the cache type; for files
+whose blocks cannot run as kernels.step.blocks_step, each tensor's), so a warm cache starts
+no child. CPUQ_JIT_HELPER=0 turns it off.
 
-Imports the standard library and numba; the child imports runtime.model.
+Imports the standard library, numba and cpuq.kernels.matvec; the child imports runtime.model.
 """
 from __future__ import annotations
 
@@ -28,21 +29,27 @@ ENV = "CPUQ_JIT_HELPER"
 WAIT_S = 600  # a child still compiling after this is killed, and the parent compiles for itself
 
 
-def marker_path(weights, kv_type: str) -> Path | None:
+def marker_path(weights, kv_type: str, packed: bool) -> Path | None:
     """Where the child marks this kind of model's step kernels as compiled, or None when
-    there is no cache directory to write to."""
+    there is no cache directory to write to. packed: the model has a forward.StepPack, so
+    its blocks run as kernels.step.blocks_step, whose argument types do not depend on the
+    file (its weight types are run-time integers, its vectors stacked arrays)."""
     import numba
+
+    from ..kernels.matvec import BLOCK_TYPES
     cache = numba.config.CACHE_DIR or os.environ.get("NUMBA_CACHE_DIR")
     if not cache:
         return None
-    layer = weights.layers[0] if weights.layers else None
-    parts = [kv_type, numba.__version__, sys.version]
-    if layer is not None:
-        for a in (layer.bq, layer.bk, layer.bv, layer.q_norm, layer.k_norm, layer.attn_norm, layer.ffn_norm):
-            parts.append("-" if a is None else str(numba.typeof(a)))
-        matrices = [m for lay in weights.layers for m in (lay.wq, lay.wk, lay.wv, lay.wo, lay.w_gate, lay.w_up,
-                                                          lay.w_down)]
-        parts += sorted({f"{m.ggml_type}:{numba.typeof(m.data)}" for m in [*matrices, weights.output]})
+    parts = [kv_type, numba.__version__, sys.version,
+             "block" if weights.output.ggml_type in BLOCK_TYPES else str(weights.output.ggml_type)]
+    if packed:
+        parts.append("blocks_step")
+    else:  # forward's per-block path: its kernels and their signatures follow the tensors
+        for layer in weights.layers:
+            for a in (layer.bq, layer.bk, layer.bv, layer.q_norm, layer.k_norm, layer.attn_norm, layer.ffn_norm):
+                parts.append("-" if a is None else str(numba.typeof(a)))
+            for m in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down):
+                parts.append(f"{m.ggml_type}:{numba.typeof(m.data)}")
     key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     return Path(cache) / "cpuq-warm" / key
 
@@ -55,12 +62,12 @@ class StepCompiler:
         self._proc = proc
 
     @classmethod
-    def start(cls, path: Path, weights, kv_type: str) -> "StepCompiler | None":
+    def start(cls, path: Path, weights, kv_type: str, packed: bool) -> "StepCompiler | None":
         """The child for the model at `path`, or None: turned off, a warm cache, no writable
         cache directory, or no way to start a process."""
         if os.environ.get(ENV, "1") == "0":
             return None
-        marker = marker_path(weights, kv_type)
+        marker = marker_path(weights, kv_type, packed)
         if marker is None or marker.exists():
             return None
         try:
