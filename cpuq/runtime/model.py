@@ -213,6 +213,9 @@ class Model:
         if self._step_compiler is not None:
             weakref.finalize(self, self._step_compiler.stop)
         self._tokens: list[int] = []  # what the cache holds, position by position
+        # The last token of a generation that max_tokens ended: in the context but not yet in
+        # the cache (evaluating it would cost a step whose logits nobody reads); eval runs it first.
+        self._pending: list[int] = []
         self.finish_reason: str | None = None  # of the last generate/chat: "stop", "eos", "length", "n_ctx"
         self.timings = Timings()
 
@@ -333,6 +336,7 @@ class Model:
         keep = min(keep, len(ids) - 1)  # the last token is always evaluated, for its logits
         self._cache.n_past = keep
         del self._tokens[keep:]
+        self._pending = []
         start = time.perf_counter()
         self.timings = Timings(prompt_tokens=len(ids) - keep)
         logits = self._append(arr[keep:])
@@ -343,13 +347,18 @@ class Model:
         """Evaluate `ids` after the tokens the context already holds (nothing is re-evaluated
         or reused, as llama.cpp's llama_decode) and return float32 (n_vocab,): the logits
         after the last one. InputError if they do not fit in n_ctx; `reset()` empties the
-        context. The same forward pass generate/chat run; `cpuq bench` times it."""
+        context. The same forward pass generate/chat run; `cpuq bench` times it. After a
+        generation that max_tokens ended, the context holds its last token unevaluated (a step
+        whose logits nobody would read), and eval runs it first."""
         arr = self._check_ids(ids)
         with self._using("eval"):
-            if len(self._tokens) + arr.size > self.n_ctx:
-                raise InputError(f"{arr.size} more tokens do not fit: the context holds {len(self._tokens)} of "
+            held = len(self._tokens) + len(self._pending)
+            if held + arr.size > self.n_ctx:
+                raise InputError(f"{arr.size} more tokens do not fit: the context holds {held} of "
                                  f"{self.n_ctx} (reset(), or load with a larger n_ctx)")
+            arr = np.concatenate([np.array(self._pending, np.int64), arr])
             self._cache.n_past = len(self._tokens)  # as _ingest: the token list is the truth
+            self._pending = []
             return self._append(arr)
 
     def _append(self, arr: np.ndarray) -> np.ndarray:
@@ -367,6 +376,7 @@ class Model:
         with self._using("reset"):
             self._cache.clear()
             self._tokens = []
+            self._pending = []
 
     # one call at a time -------------------------------------------------------------------
     def _begin(self, what: str) -> "_Call":
@@ -494,7 +504,7 @@ class Model:
         hold = max((len(s) for s in stop), default=1) - 1
         self.finish_reason = "length"
         start = time.perf_counter()
-        for _ in (range(max_tokens) if max_tokens is not None else itertools.count()):
+        for i in (range(max_tokens) if max_tokens is not None else itertools.count()):
             token = sampler.sample(logits, self._tokens)
             self.timings.generated_tokens += 1
             self.timings.generate_seconds = time.perf_counter() - start
@@ -517,6 +527,9 @@ class Model:
                 held = ""
             if len(self._tokens) >= self.n_ctx:
                 self.finish_reason = "n_ctx"
+                break
+            if max_tokens is not None and i == max_tokens - 1:
+                self._pending = [token]  # the context's, evaluated only if eval continues it
                 break
             logits = self._step(token)
             self.timings.generate_seconds = time.perf_counter() - start

@@ -87,6 +87,30 @@ def test_eval_appends_to_the_context(model):
     model.reset()
 
 
+def test_eval_continues_a_generation_that_max_tokens_ended(model, monkeypatch):
+    """The last token max_tokens allows is sampled but not evaluated (its logits would go
+    unread: a step per generate call); it is still part of the context, so eval runs it
+    first. The same logits as evaluating every token by hand, bit for bit (the same calls:
+    the hand-made side also ends with eval([last, next]))."""
+    prompt = model.tokenize("The capital of France is")
+    model.reset()
+    logits, tokens = model.eval(prompt), []
+    for _ in range(3):
+        tokens.append(int(logits.argmax()))
+        logits = model.eval(tokens[-1:])
+    tokens.append(int(logits.argmax()))
+    expected = model.eval([tokens[-1], 42])
+    model.reset()
+    steps = []
+    step = model._step
+    monkeypatch.setattr(model, "_step", lambda t: steps.append(t) or step(t))
+    text = "".join(model.generate(prompt, max_tokens=4, temperature=0, ignore_eos=True))
+    assert text == model.detokenize(tokens) and model.finish_reason == "length"
+    assert steps == tokens[:3]  # three steps for four tokens
+    np.testing.assert_array_equal(model.eval([42]), expected)
+    model.reset()
+
+
 def test_bad_arguments(model):
     with pytest.raises(InputError, match="outside the vocabulary"):
         model.logits([1, 2, 10**6])
