@@ -48,6 +48,11 @@ STEP_TOKENS_INT8 = 8
 # Up to this many tokens, tile @ x.T plus a transposed copy beats x @ tile.T written in place
 # (one-thread sgemm, k=1024, 1536 rows: 32 tokens 52 -> 83 GFLOP/s, 128: 81 -> 87; 512: 92 -> 84).
 SMALL_BATCH = 128
+# Up to this many rows, split's row-wise kernels (norms, RoPE, SwiGLU, quantizing x) run on the
+# calling thread: a round of worker tasks costs ~80 us, more than their work on a few rows
+# (Qwen3-0.6B Q4_K_M, 2 threads, a chunk of 12 / 32 / 64 tokens, median of 12 alternated:
+# 217 -> 178, 243 -> 222, 383 -> 417 ms; the same logits bit for bit).
+INLINE_ROWS = 32
 
 _controller: ThreadpoolController | None = None
 
@@ -159,7 +164,11 @@ class Gemm:
             pass
 
     def split(self, n: int, fn) -> None:
-        """fn(lo, hi) for n_threads equal ranges covering rows [0, n), in the workers."""
+        """fn(lo, hi) for n_threads equal ranges covering rows [0, n), in the workers; up to
+        INLINE_ROWS rows, fn(0, n) on the calling thread."""
+        if n <= INLINE_ROWS:
+            fn(0, n)
+            return
         bounds = np.linspace(0, n, self.n_threads + 1).astype(int)
         ranges = [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
         for _ in self._pool.map(lambda r: fn(*r), ranges):
