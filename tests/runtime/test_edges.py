@@ -18,7 +18,7 @@ import cpuq
 from cpuq import InputError
 from cpuq.runtime import model as model_mod
 
-from .test_model import demo, model  # noqa: F401  (the demo model's fixtures)
+from .test_model import model  # noqa: F401  (the demo model fixture; demo is in conftest.py)
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
