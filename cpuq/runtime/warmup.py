@@ -86,10 +86,6 @@ class StepCompiler:
             return None
         return cls(proc)
 
-    @property
-    def running(self) -> bool:
-        return self._proc.poll() is None
-
     def wait(self) -> None:
         """Until the child has finished (whatever its outcome: the parent compiles what it
         did not leave in the cache)."""
