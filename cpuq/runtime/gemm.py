@@ -10,8 +10,9 @@ Why worker threads and a one-thread BLAS: Numba's OpenMP threads spin between pa
 regions (decode depends on that: its ~200 small regions per token would otherwise pay a
 wake-up each), and OpenBLAS's own threads spin too; on a machine with few cores the two
 pools then steal each other's cores (prefill ran at half speed). So here `n_threads`
-Python threads each decode a tile and call sgemm limited to one thread (threadpoolctl,
-for the duration of a prompt chunk only); both release the GIL.
+Python threads (the calling thread and n_threads - 1 workers) each decode a tile and call
+sgemm limited to one thread (threadpoolctl, for the duration of a prompt chunk only); both
+release the GIL.
 
 Imports numpy, threadpoolctl and cpuq.kernels; nothing of models or files.
 """
@@ -65,7 +66,7 @@ def _blas_controller() -> ThreadpoolController:
 
 
 class Gemm:
-    """A pool of `n_threads` workers for a prompt chunk's forward pass: its matmuls
+    """`n_threads` threads (the caller and a pool) for a prompt chunk's forward pass: its matmuls
     (`linear`) and its row-wise kernels (`split`, so that no Numba parallel region, whose
     OpenMP threads would then spin against these workers, runs during the chunk). Use
     `with gemm.session():` around the chunk."""
@@ -75,7 +76,8 @@ class Gemm:
         self.int8 = int8  # block types through kernels.qgemm (needs AVX512-VNNI)
         self.min_tokens = MIN_TOKENS_INT8 if int8 else MIN_TOKENS  # shorter chunks: the per-row kernels
         self.step_tokens = STEP_TOKENS_INT8 if int8 else 1  # shorter chunks: one-token steps (Model._forward)
-        self._pool = ThreadPoolExecutor(n_threads, thread_name_prefix="cpuq-gemm")
+        # n_threads - 1 workers: the calling thread takes tasks too (see _each)
+        self._pool = ThreadPoolExecutor(max(1, n_threads - 1), thread_name_prefix="cpuq-gemm")
 
     @contextlib.contextmanager
     def session(self):
@@ -95,12 +97,12 @@ class Gemm:
         for i, (w, _) in enumerate(weights):  # equal parts, a multiple of n_threads of them
             m = w.shape[0]
             parts = self.n_threads * max(1, -(-m * k * 4 // (self.n_threads * TILE_BYTES)))
-            if int8[i]:  # whole strips
-                strips = -(-m // ROWS)
-                bounds = np.minimum(m, np.linspace(0, strips, min(strips, parts) + 1).astype(int) * ROWS)
-            else:
-                bounds = np.linspace(0, m, min(m, parts) + 1).astype(int)
-            tasks += [(i, int(r0), int(r1)) for r0, r1 in zip(bounds[:-1], bounds[1:])]
+            unit = ROWS if int8[i] else 1  # the int8 products take whole strips
+            units = -(-m // unit)
+            parts = min(units, parts)
+            # integers, not np.linspace: ~30 us a call, 112 calls in a chunk
+            bounds = [min(m, units * j // parts * unit) for j in range(parts + 1)]
+            tasks += [(i, r0, r1) for r0, r1 in zip(bounds[:-1], bounds[1:])]
 
         def run(task):
             i, r0, r1 = task
@@ -115,8 +117,7 @@ class Gemm:
             else:
                 np.matmul(x, tile.T, out=outs[i][:, r0:r1])  # a column block: sgemm writes it in place (ldc)
 
-        for _ in self._pool.map(run, tasks):  # re-raises a worker's exception here
-            pass
+        self._each(run, tasks)
         return outs
 
     def _quantize(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -160,8 +161,7 @@ class Gemm:
                 np.matmul(scores, values[:seen], out=og[r0:r1])
             out[:, g * group:(g + 1) * group] = og.reshape(n, group, hd)
 
-        for _ in self._pool.map(run, range(n_head_kv)):
-            pass
+        self._each(run, range(n_head_kv))
 
     def split(self, n: int, fn) -> None:
         """fn(lo, hi) for n_threads equal ranges covering rows [0, n), in the workers; up to
@@ -171,8 +171,46 @@ class Gemm:
             return
         bounds = np.linspace(0, n, self.n_threads + 1).astype(int)
         ranges = [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
-        for _ in self._pool.map(lambda r: fn(*r), ranges):
-            pass
+        self._each(lambda r: fn(*r), ranges)
+
+    def _each(self, fn, items) -> None:
+        """fn(item) for every item, on n_threads threads: the workers and the calling
+        thread, each taking the next item when done with one. Before, the calling thread
+        waited while the workers ran them all: it paid a wake-up to start the round and one
+        to see it end (a 32-token chunk has ~300 rounds), and an uneven split of tasks (q
+        and k, v of different sizes; Q6_K rows slower than Q4_K) idled a worker. Re-raises
+        the first exception, after every running task has stopped."""
+        items = list(items)
+        if self.n_threads == 1 or len(items) == 1:
+            for item in items:
+                fn(item)
+            return
+        queue = iter(items)  # a list iterator's next() is atomic under the GIL
+        stop = []  # set on the first exception: the others take no further items
+
+        def drain():
+            for item in queue:
+                if stop:
+                    return
+                try:
+                    fn(item)
+                except BaseException:
+                    stop.append(True)
+                    raise
+
+        helpers = [self._pool.submit(drain) for _ in range(min(self.n_threads, len(items)) - 1)]
+        error = None
+        try:
+            drain()
+        except BaseException as e:
+            error = e
+        for f in helpers:  # every helper stops before this returns: they write into the caller's arrays
+            try:
+                f.result()
+            except BaseException as e:
+                error = error or e
+        if error is not None:
+            raise error
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -74,3 +74,49 @@ def test_attention_through_blas_matches_the_kernel(monkeypatch, start, parts_by)
     finally:
         g.close()
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)  # float32 sums in other orders; values ~1
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_each_runs_every_item_once_the_calling_thread_too(n_threads):
+    import threading
+    import time
+    gemm = Gemm(n_threads)
+    done, lock = [], threading.Lock()
+
+    def fn(item):
+        time.sleep(0.002)  # long enough that every thread gets items
+        with lock:
+            done.append((item, threading.get_ident()))
+
+    gemm._each(fn, range(40))
+    gemm.close()
+    assert sorted(i for i, _ in done) == list(range(40))
+    threads = {t for _, t in done}
+    assert threading.get_ident() in threads  # the caller works instead of waiting
+    assert len(threads) <= n_threads
+
+
+def test_each_reraises_after_every_running_item_stopped():
+    import threading
+    import time
+    gemm = Gemm(3)
+    running, started, lock = [0], [], threading.Lock()
+
+    def fn(item):
+        with lock:
+            running[0] += 1
+            started.append(item)
+        try:
+            if item == 2:
+                raise ValueError("item 2")
+            time.sleep(0.02)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    with pytest.raises(ValueError, match="item 2"):
+        gemm._each(fn, range(100))
+    assert running[0] == 0  # no task still writing into the caller's arrays
+    assert len(started) < 100  # the others took no further items
+    gemm._each(fn, [0, 1])  # the pool still works
+    gemm.close()
