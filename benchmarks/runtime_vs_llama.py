@@ -31,6 +31,8 @@ at the deepest context. Time to first token: a fresh process per run (Numba's ca
 the page cache warm) that imports the runtime, loads the file with n_ctx 4096, evaluates a
 32-token prompt and samples one token greedily (cpuq: `Model.generate`; llama.cpp:
 `Llama.generate`), timed from just before the parent spawns it; its ru_maxrss is reported too.
+Children run with Python's default bytecode caching (PYTHONDONTWRITEBYTECODE removed), so
+the workers leave compiled modules for the time-to-first-token processes.
 
 Writes OUT/runtime_vs_llama.md (also printed), .json (every sample) and .png (decode
 tok/s against context depth, one line per model/type and runtime; needs the `bench`
@@ -224,6 +226,11 @@ def ttft(runtime: str, path: Path, ids: list[int], threads: int, flash_attn: boo
 
 def _env(runtime: str, threads: int) -> dict[str, str]:
     env = dict(os.environ)
+    # Python's default: modules' bytecode cached on first import, as on a user's machine
+    # (pip compiles an installed package's). With PYTHONDONTWRITEBYTECODE set (this
+    # sandbox sets it), every time-to-first-token process compiled cpuq's ~30 modules
+    # from source (~0.1 s; an editable install) while llama_cpp's came compiled.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     if runtime == "cpuq":
         env["NUMBA_NUM_THREADS"] = str(threads)
     return env
