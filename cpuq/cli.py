@@ -330,6 +330,7 @@ def chat(
         except ImportError:
             pass
     with _load(model, ctx, threads, kv_type, gpu_layers) as m:
+        m.template  # noqa: B018  (compiled on first use: a template that does not compile fails here, exit 2)
         first = [{"role": "system", "content": system}] if system else []
         messages = list(first)
         if interactive:

@@ -33,7 +33,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numba
 import numpy as np
@@ -44,10 +44,12 @@ from ..gguf_io import open_gguf
 from .forward import KVCache, Observer, Rope, StepPack, forward
 from .gemm import Gemm
 from .sampling import Sampler, SamplingParams
-from .template import ChatTemplate
 from .tokenizer import Tokenizer, utf8_text
 from .warmup import StepCompiler
 from .weights import load_weights
+
+if TYPE_CHECKING:
+    from .template import ChatTemplate
 
 N_BATCH = 512  # prompt tokens per forward call: bounds activation memory, keeps matmuls wide
 
@@ -183,11 +185,7 @@ class Model:
             self.weights = load_weights(self._file, self.config)
             self._steps = StepPack.build(self.weights, self._file.mapped)
             self.tokenizer = Tokenizer.from_gguf(self._file)
-            self.template = ChatTemplate(self._file.get("tokenizer.chat_template"),
-                                         bos_token=self.tokenizer.token_text(self.tokenizer.bos_id)
-                                         if self.tokenizer.bos_id is not None else "",
-                                         eos_token=self.tokenizer.token_text(self.tokenizer.eos_id)
-                                         if self.tokenizer.eos_id is not None else "")
+            self._template: ChatTemplate | None = None  # see the template property
             if self.tokenizer.n_vocab > self.config.n_vocab:
                 raise InputError(f"{self.path}: the tokenizer has {self.tokenizer.n_vocab} tokens but token_embd "
                                  f"only {self.config.n_vocab} rows")
@@ -218,6 +216,19 @@ class Model:
         self._pending: list[int] = []
         self.finish_reason: str | None = None  # of the last generate/chat: "stop", "eos", "length", "n_ctx"
         self.timings = Timings()
+
+    @property
+    def template(self) -> "ChatTemplate":
+        """The file's chat template (ChatML if it has none), compiled on first use: jinja2's
+        import and first compile are ~0.1 s of a load that generate does not need.
+        FormatError if it does not compile (`cpuq chat` asks for it right after loading)."""
+        if self._template is None:
+            from .template import ChatTemplate
+            tok = self.tokenizer
+            self._template = ChatTemplate(self._file.get("tokenizer.chat_template"),
+                                          bos_token=tok.token_text(tok.bos_id) if tok.bos_id is not None else "",
+                                          eos_token=tok.token_text(tok.eos_id) if tok.eos_id is not None else "")
+        return self._template
 
     def _offload(self, gpu_layers: int):
         """The GPU part for gpu_layers, or None with a warning (one line: why) when there is

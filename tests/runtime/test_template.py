@@ -461,3 +461,31 @@ def test_hostile_template_in_a_gguf_runs_nothing(tmp_path):
     assert r.returncode == 2 and "error: chat template: line 1: " in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert not canary.exists()
+
+
+def test_a_template_that_does_not_compile_fails_chat_not_load(tmp_path):
+    """The template compiles on first use (jinja2 is ~0.1 s of a load): such a file loads
+    and generates, Model.chat raises the FormatError, and `cpuq chat` stops with it before
+    reading any input (one error line for two input lines, exit 2)."""
+    import sys
+
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    src = make_tiny_checkpoint(tmp_path / "ckpt", arch="qwen2", dtype="f32", seed=5)
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m.content }}"  # no endfor
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    path = cpuq.convert(src, tmp_path / "broken.gguf", "q8_0")
+    with cpuq.load(path, n_ctx=64) as m:
+        assert m._template is None  # not compiled by the load
+        "".join(m.generate([1, 2, 3], max_tokens=2, temperature=0, ignore_eos=True))
+        assert m.finish_reason == "length" and m.timings.generated_tokens == 2
+        with pytest.raises(FormatError, match=r"^chat template: line 1: "):
+            m.chat(USER, max_tokens=2)
+    cli = Path(sys.executable).with_name("cpuq")
+    r = subprocess.run([str(cli), "chat", str(path), "-c", "64"], input="Hi\nHello\n", capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert [line for line in r.stderr.splitlines() if "error:" in line] == \
+        [line for line in r.stderr.splitlines() if line.startswith("error: chat template: line 1: ")], r.stderr
+    assert r.stderr.count("error:") == 1, r.stderr
