@@ -185,7 +185,8 @@ class Model:
             self.weights = load_weights(self._file, self.config)
             self._steps = StepPack.build(self.weights, self._file.mapped)
             self.tokenizer = Tokenizer.from_gguf(self._file)
-            self._template: ChatTemplate | None = None  # see the template property
+            self._template_source = self._file.get("tokenizer.chat_template")  # compiled by the template property
+            self._template: ChatTemplate | None = None
             if self.tokenizer.n_vocab > self.config.n_vocab:
                 raise InputError(f"{self.path}: the tokenizer has {self.tokenizer.n_vocab} tokens but token_embd "
                                  f"only {self.config.n_vocab} rows")
@@ -225,7 +226,7 @@ class Model:
         if self._template is None:
             from .template import ChatTemplate
             tok = self.tokenizer
-            self._template = ChatTemplate(self._file.get("tokenizer.chat_template"),
+            self._template = ChatTemplate(self._template_source,
                                           bos_token=tok.token_text(tok.bos_id) if tok.bos_id is not None else "",
                                           eos_token=tok.token_text(tok.eos_id) if tok.eos_id is not None else "")
         return self._template
