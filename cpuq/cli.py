@@ -46,6 +46,38 @@ def _clean_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+class _Interrupts:
+    """Ctrl-C that Python would swallow. A KeyboardInterrupt raised while the main thread
+    runs a `__del__` (llvmlite's, while Numba compiles or loads a kernel: the main thread
+    takes a share of a prompt's work) is "ignored": a traceback on stderr, and the reply
+    went on. Inside this context such an interrupt is recorded instead, silently, and
+    `check()` raises it at the next piece of the reply (or right after the prompt)."""
+
+    def __init__(self):
+        self.pending = False
+        self._previous = None
+
+    def __enter__(self) -> "_Interrupts":
+        self._previous = sys.unraisablehook
+
+        def hook(unraisable):
+            if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+                self.pending = True
+            else:
+                self._previous(unraisable)
+
+        sys.unraisablehook = hook
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.unraisablehook = self._previous
+
+    def check(self) -> None:
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
 def _human_bytes(n: int) -> str:
     from .runtime.model import human_bytes
     return human_bytes(n, digits=2)
@@ -281,11 +313,14 @@ def generate(
 ) -> None:
     """Print the model's continuation of PROMPT (streamed as it is generated)."""
     prompt = _typed_text(prompt, "--prompt")  # before the model loads
-    with _load(model, ctx, threads, kv_type, gpu_layers) as m:
-        for piece in m.generate(prompt, max_tokens=n, **_sampling(temperature, top_k, top_p, min_p,
-                                                                   repeat_penalty, seed, stop, ignore_eos)):
+    with _load(model, ctx, threads, kv_type, gpu_layers) as m, _Interrupts() as interrupts:
+        stream = m.generate(prompt, max_tokens=n, **_sampling(temperature, top_k, top_p, min_p,
+                                                              repeat_penalty, seed, stop, ignore_eos))
+        interrupts.check()
+        for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()
+            interrupts.check()
         sys.stdout.write("\n")
         err.print(_speed_line(m), style="dim", highlight=False)
 
@@ -366,10 +401,14 @@ def chat(
             messages.append({"role": "user", "content": text})
             reply = []
             try:
-                for piece in m.chat(messages, max_tokens=n, **sampling):
-                    reply.append(piece)
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
+                with _Interrupts() as interrupts:
+                    stream = m.chat(messages, max_tokens=n, **sampling)
+                    interrupts.check()
+                    for piece in stream:
+                        reply.append(piece)
+                        sys.stdout.write(piece)
+                        sys.stdout.flush()
+                        interrupts.check()
                 note = ""
             except KeyboardInterrupt:
                 note = " (stopped)"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import threading
 import time
 import warnings
@@ -113,6 +114,28 @@ def _threadsafe_layer() -> bool:
         except Exception:  # noqa: BLE001  (an internal of Numba's moved: assume the worst)
             _layer_is_threadsafe = False
     return _layer_is_threadsafe
+
+
+@contextmanager
+def _sigint_deferred():
+    """Ctrl-C held until the block ends, then raised as KeyboardInterrupt. Raised inside
+    Numba's dispatcher instead (the main thread loads and compiles kernels too: its share
+    of a prompt chunk, one-token steps), it can leave Numba's compiler lock taken; the next
+    kernel a worker thread loads then waits forever (a chat hung after Ctrl-C in a long
+    prompt). Only in the main thread, where Python runs signal handlers, and only over
+    Python's own handler (an application's handler is left alone)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    hit = []
+    signal.signal(signal.SIGINT, lambda signum, frame: hit.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if hit:
+        raise KeyboardInterrupt
 
 
 def _is_int(value: Any) -> bool:
@@ -566,10 +589,10 @@ class Model:
             self._step_compiler.wait()
             self._step_compiler = None
         if tokens.size < self._gemm.min_tokens:
-            with self._turns:
+            with self._turns, _sigint_deferred():
                 return forward(self.weights, self.config, self._rope, tokens, cache, logits_from, observe=observe,
                                gpu=self._gpu, steps=self._steps)
-        with self._turns, self._gemm.session():
+        with self._turns, self._gemm.session(), _sigint_deferred():  # Ctrl-C stops after this chunk
             return forward(self.weights, self.config, self._rope, tokens, cache, logits_from, self._gemm, observe,
                            self._gpu)
 

@@ -118,3 +118,38 @@ def test_two_models_are_independent(demo):
         history = QUESTION + [{"role": "assistant", "content": ra}, {"role": "user", "content": "And of Germany?"}]
         assert "Berlin" in "".join(a.chat(history, temperature=0))
         np.testing.assert_array_equal(a.logits([1, 2, 3]), b.logits([1, 2, 3]))
+
+
+def test_ctrl_c_during_a_prompt_chunk_is_raised_after_it(demo, monkeypatch):
+    """SIGINT in the middle of a chunk's forward pass becomes a KeyboardInterrupt only after
+    the chunk: raised inside Numba's dispatcher (the main thread loads kernels for its share
+    of the chunk) it could leave Numba's compiler lock taken, and a worker's next kernel
+    load then hung the process (seen in cpuq chat). The model works afterwards."""
+    import os
+    import signal
+    import threading
+
+    import cpuq.runtime.model as model_module
+    real_forward = model_module.forward
+    seen = []
+
+    def forward_hit_by_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered to this, the main, thread
+        out = real_forward(*args, **kwargs)
+        seen.append("finished")
+        return out
+
+    with cpuq.load(demo, n_ctx=256, n_threads=2) as m:
+        ids = m.tokenize("The capital of France is")
+        expected = m.logits(ids)
+        monkeypatch.setattr(model_module, "forward", forward_hit_by_ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            m.logits(ids)
+        assert seen == ["finished"]  # the chunk ran to its end first
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        monkeypatch.setattr(model_module, "forward", real_forward)
+        result = []
+        worker = threading.Thread(target=lambda: result.append(m.logits(ids)), daemon=True)
+        worker.start()
+        worker.join(60)  # a leaked compiler lock would hang here
+        assert result and np.array_equal(result[0], expected)
