@@ -2,38 +2,10 @@
 
 Public API (see README): quantize, dequantize, open_gguf, summarize, convert, load.
 """
-import os as _os
-import sys as _sys
+from . import jit as _jit
 
-
-def _use_user_numba_cache() -> None:
-    """Numba's compiled kernels go to the user's cache directory, not next to the sources
-    (site-packages may be read-only): <cache>/cpuq/numba/<hash of the kernel sources>,
-    unless NUMBA_CACHE_DIR is set. The hash is over every file that holds Numba code:
-    kernels inline functions (and IR) from other files, which Numba's own per-file check
-    does not see, so any edit starts a fresh cache."""
-    if _os.environ.get("NUMBA_CACHE_DIR"):
-        return
-    import hashlib
-    from pathlib import Path
-    here = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    # kernels/cuda.py holds CUDA C for CuPy, no Numba code: its edits need no recompilation
-    for src in sorted(p for d in ("quants", "kernels") for p in (here / d).glob("*.py") if p.name != "cuda.py"):
-        digest.update(src.name.encode() + src.read_bytes())
-    if _sys.platform == "win32":
-        base = _os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local"
-    elif _sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    else:
-        base = _os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    path = str(Path(base) / "cpuq" / "numba" / digest.hexdigest()[:16])
-    _os.environ["NUMBA_CACHE_DIR"] = path
-    if "numba" in _sys.modules:  # imported before cpuq: its config has read the environment already
-        _sys.modules["numba"].config.CACHE_DIR = path
-
-
-_use_user_numba_cache()
+_jit.use_user_cache()  # before numba is imported
+_jit.lean_cache_loads()
 from .errors import CpuqError, FormatError, InputError, UnsupportedError
 from .quants import TYPES, QType, dequantize, get_qtype, quantize
 from .gguf_io import GGUFFile, GGUFStreamWriter, open_gguf

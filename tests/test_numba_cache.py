@@ -1,5 +1,6 @@
 """Numba's compiled-kernel cache lives in the user's cache directory, keyed by the kernel
-sources, and works when the installed package cannot be written to."""
+sources, and works when the installed package cannot be written to; a cached kernel loads
+without Numba's compiler set-up (cpuq.jit.lean_cache_loads)."""
 from __future__ import annotations
 
 import os
@@ -64,3 +65,34 @@ def test_cache_dir_follows_the_kernel_sources(tmp_path):
     with open(site / "cpuq" / "kernels" / "attention.py", "a") as f:
         f.write("\n# edited\n")
     assert cache_dir() != before
+
+
+# After a cached kernel has run: did Numba set up its compiler (the registries import
+# numba.np.linalg)? Then compile a new function that needs those registries.
+_LEAN = _RUN + """
+import sys
+print("registries loaded:", "numba.np.linalg" in sys.modules)
+from numba import njit
+@njit
+def f(a):
+    return np.cumsum(a)[-1] + len({1: 2.0})
+print(f(np.ones(4)))
+"""
+
+
+def test_cached_kernel_loads_without_compiler_setup(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), NUMBA_DEBUG_CACHE="1")
+
+    def run():
+        r = subprocess.run([sys.executable, "-c", _LEAN], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    first = run()  # compiles (an empty cache): the compiler sets itself up
+    assert "index saved to" in first and "registries loaded: True" in first
+    second = run()
+    assert "data loaded from" in second and "index saved to" not in second.split("registries loaded")[0]
+    assert "registries loaded: False" in second  # Numba's own load_overload refreshes them (~0.2 s)
+    lines = second.split("registries loaded")[1].splitlines()
+    assert "63.996094" in second and lines[-1] == "5.0"  # ones(4) summed, plus a dict of one item
