@@ -215,9 +215,11 @@ class Vocab:
         n_vocab = len(tokens)
         if n_vocab == 0:
             raise FormatError(f"{where(_KEY + 'tokens')} is empty")
-        for i in [i for i, t in enumerate(tokens) if not t]:
-            tokens[i] = f"[EMPTY_{i}]"  # as llama.cpp names them
-        index = {t: i for i, t in enumerate(tokens)}
+        index = dict(zip(tokens, range(n_vocab)))
+        if "" in index:  # (one lookup, not a scan of the 151k tokens)
+            for i in [i for i, t in enumerate(tokens) if not t]:
+                tokens[i] = f"[EMPTY_{i}]"  # as llama.cpp names them
+            index = dict(zip(tokens, range(n_vocab)))
         if len(index) != n_vocab:  # llama.cpp asserts on this
             first: dict[str, int] = {}
             for i, t in enumerate(tokens):
