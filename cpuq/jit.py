@@ -54,7 +54,9 @@ def lean_cache_loads() -> bool:
     added when its CPU context is created, the threading layer of a parallel kernel by the
     cache entry's own reload hook. A kernel that is not in the cache is compiled as
     before, and the compiler refreshes the registries itself (CompilerBase.__init__).
-    Only for the Numba releases in _LEAN_NUMBA; others load as Numba does."""
+    Only cpuq's kernels, and only under the Numba releases in _LEAN_NUMBA: other packages'
+    cached functions in the same process (which may need what an extension registers) and
+    other releases load as Numba does."""
     import numba
     from numba.core import caching
     version = tuple(int(p) for p in numba.__version__.split(".")[:2] if p.isdigit())
@@ -65,7 +67,11 @@ def lean_cache_loads() -> bool:
     import numba.cpython.hashing  # noqa: F401  (its _numba_hashsecret_* symbols)
     from numba.core.runtime import nrt
 
+    numba_load_overload = cache.load_overload
+
     def load_overload(self, sig, target_context):
+        if not getattr(self._py_func, "__module__", "").startswith(__package__ + "."):
+            return numba_load_overload(self, sig, target_context)
         nrt.rtsys.initialize(target_context)
         with self._guard_against_spurious_io_errors():
             return self._load_overload(sig, target_context)
