@@ -120,7 +120,7 @@ def test_two_models_are_independent(demo):
         np.testing.assert_array_equal(a.logits([1, 2, 3]), b.logits([1, 2, 3]))
 
 
-def test_ctrl_c_during_a_prompt_chunk_is_raised_after_it(demo, monkeypatch):
+def test_ctrl_c_during_a_prompt_chunk_is_raised_after_it(demo, monkeypatch, request):
     """SIGINT in the middle of a chunk's forward pass becomes a KeyboardInterrupt only after
     the chunk: raised inside Numba's dispatcher (the main thread loads kernels for its share
     of the chunk) it could leave Numba's compiler lock taken, and a worker's next kernel
@@ -132,6 +132,10 @@ def test_ctrl_c_during_a_prompt_chunk_is_raised_after_it(demo, monkeypatch):
     import cpuq.runtime.model as model_module
     real_forward = model_module.forward
     seen = []
+    # Python's own handler, as in a terminal: a background job of a non-interactive shell
+    # (CI started with `cmd &`) starts with SIGINT ignored, and the kill would do nothing.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
 
     def forward_hit_by_ctrl_c(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # delivered to this, the main, thread
