@@ -7,7 +7,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -76,6 +76,14 @@ class _Interrupts:
         if self.pending:
             self.pending = False
             raise KeyboardInterrupt
+
+    def pieces(self, stream: Iterator[str]) -> Iterator[str]:
+        """The reply's pieces, checked before the first (the prompt has been evaluated by
+        then) and after each one."""
+        self.check()
+        for piece in stream:
+            yield piece
+            self.check()
 
 
 def _human_bytes(n: int) -> str:
@@ -314,13 +322,10 @@ def generate(
     """Print the model's continuation of PROMPT (streamed as it is generated)."""
     prompt = _typed_text(prompt, "--prompt")  # before the model loads
     with _load(model, ctx, threads, kv_type, gpu_layers) as m, _Interrupts() as interrupts:
-        stream = m.generate(prompt, max_tokens=n, **_sampling(temperature, top_k, top_p, min_p,
-                                                              repeat_penalty, seed, stop, ignore_eos))
-        interrupts.check()
-        for piece in stream:
+        for piece in interrupts.pieces(m.generate(prompt, max_tokens=n, **_sampling(
+                temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos))):
             sys.stdout.write(piece)
             sys.stdout.flush()
-            interrupts.check()
         sys.stdout.write("\n")
         err.print(_speed_line(m), style="dim", highlight=False)
 
@@ -402,13 +407,10 @@ def chat(
             reply = []
             try:
                 with _Interrupts() as interrupts:
-                    stream = m.chat(messages, max_tokens=n, **sampling)
-                    interrupts.check()
-                    for piece in stream:
+                    for piece in interrupts.pieces(m.chat(messages, max_tokens=n, **sampling)):
                         reply.append(piece)
                         sys.stdout.write(piece)
                         sys.stdout.flush()
-                        interrupts.check()
                 note = ""
             except KeyboardInterrupt:
                 note = " (stopped)"
