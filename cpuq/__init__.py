@@ -25,21 +25,31 @@ def _convert(*args, **kwargs):
 
 
 def convert(src_dir, dst_path, qtype: str = "q4_k_m", calibration: str | None = None, imatrix=None,
-            force: bool = False, progress=None, awq: bool | None = None):
-    """Convert an HF checkpoint folder to a GGUF file: see cpuq.convert.pipeline.convert.
-    calibration: text (a str) to collect an importance matrix over first, with a temporary
-    Q8_0 conversion (cpuq.eval.calibration.convert_calibrated); imatrix: an importance matrix
-    (cpuq.convert.imatrix.Imatrix or the path of llama.cpp's imatrix GGUF file). At most one.
-    awq: scale each block's input channels by the matrix as well (cpuq.convert.scaling);
-    default: on with calibration text, off with an imatrix (llama-quantize's bytes)."""
+            force: bool = False, progress=None, awq: bool | None = None, *, calibration_ctx: int = 512,
+            calibration_chunks: int | None = None, calibration_name: str = "calibration text",
+            n_threads: int | None = None, calibration_progress=None):
+    """Convert an HF checkpoint folder to a GGUF file (see cpuq.convert.pipeline.convert);
+    the one place that chooses the recipe: plain, with an importance matrix, or calibrated.
+
+    calibration: text (a str) to collect an importance matrix over first, through a
+    temporary Q8_0 conversion (cpuq.convert.calibration.convert_calibrated), in windows of
+    calibration_ctx tokens (at most calibration_chunks), named calibration_name in the
+    matrix, run with n_threads; calibration_progress(done, total) after each window.
+    imatrix: an importance matrix (cpuq.convert.imatrix.Imatrix or the path of llama.cpp's
+    imatrix GGUF file). At most one of the two. awq: scale each block's input channels by
+    the matrix as well (cpuq.convert.scaling); default: on with calibration text, off with
+    an imatrix (llama-quantize's bytes). progress(done, total, name): bytes of the
+    checkpoint read, for every conversion made."""
     if calibration is not None:
         if imatrix is not None:
             raise InputError("give calibration text or an importance matrix, not both")
         if not isinstance(calibration, str):
             raise InputError(f"calibration must be the text itself (a str), not {type(calibration).__name__}")
-        from .eval.calibration import convert_calibrated  # runs the runtime: imported only when used
-        return convert_calibrated(src_dir, dst_path, qtype, calibration, force=force, progress=progress,
-                                  awq=True if awq is None else awq)
+        from .convert.calibration import convert_calibrated  # runs the runtime: imported only when used
+        return convert_calibrated(src_dir, dst_path, qtype, calibration, dataset=calibration_name,
+                                  n_ctx=calibration_ctx, n_chunks=calibration_chunks, force=force,
+                                  n_threads=n_threads, progress=progress,
+                                  calibration_progress=calibration_progress, awq=True if awq is None else awq)
     return _convert(src_dir, dst_path, qtype=qtype, force=force, progress=progress, imatrix=imatrix,
                     awq=bool(awq))
 

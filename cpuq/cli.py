@@ -203,7 +203,7 @@ def convert(
             path = run_convert(src, output, qtype=qtype, force=force, progress=progress, imatrix=imatrix,
                                awq=bool(awq))
         else:
-            from .eval.calibration import convert_calibrated
+            from .convert.calibration import convert_calibrated
 
             def calibration_progress(done: int, total: int) -> None:
                 if done == 0:  # calibration starts: the temporary Q8_0 conversion is done
@@ -553,7 +553,7 @@ def imatrix(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .convert.imatrix import check_output
-    from .eval.calibration import collect_imatrix
+    from .convert.calibration import collect_imatrix
 
     text = _read_text(text_file)
     check_output(output, force)  # before the work, not after

@@ -15,7 +15,8 @@ the importance matrix collected by running it, then the checkpoint to the wanted
 it. Memory: the Q8_0 file is mapped, not read into memory, and the sums are one vector per
 matrix; the conversions stream as convert does.
 
-Imports numpy, the standard library and cpuq (errors, convert, runtime, eval.perplexity).
+A conversion recipe, so it lives with the converter, though it runs the model: imports numpy,
+the standard library and cpuq (errors, convert, runtime, eval.perplexity's windows).
 """
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..convert.imatrix import Imatrix
-from ..convert.pipeline import Progress, check_destination, check_uses_importance, convert, out_type
 from ..errors import InputError
+from ..eval.perplexity import windows
 from ..runtime.model import Model, load
-from .perplexity import windows
+from .imatrix import Imatrix
+from .pipeline import Progress, check_destination, check_uses_importance, convert, out_type
 
-MIN_CTX = 16  # llama-imatrix ignores products of fewer rows (imatrix.cpp:248)
+MIN_CTX = 16  # llama-imatrix ignores products of fewer rows (IMatrixCollector::collect_imatrix)
 
 
 def collect_imatrix(model: str | os.PathLike | Model, text: str, n_ctx: int = 512, n_chunks: Optional[int] = None,
@@ -41,16 +42,16 @@ def collect_imatrix(model: str | os.PathLike | Model, text: str, n_ctx: int = 51
     window and after each.
     InputError: n_ctx < 16, a text shorter than one window."""
     if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < MIN_CTX:
-        raise InputError(f"--ctx must be at least {MIN_CTX} tokens for calibration, not {n_ctx!r}")
+        raise InputError(f"n_ctx must be at least {MIN_CTX} tokens for calibration, not {n_ctx!r}")
     if n_chunks is not None and (not isinstance(n_chunks, int) or n_chunks < 1):
-        raise InputError(f"--chunks must be a positive number of windows, not {n_chunks!r}")
+        raise InputError(f"n_chunks must be a positive number of windows, not {n_chunks!r}")
     m = model if isinstance(model, Model) else load(model, n_ctx=n_ctx, n_threads=n_threads)
     try:
         tok = m.tokenizer
         tokens = tok.encode(text)
         if len(tokens) < n_ctx:
-            raise InputError(f"the calibration text is {len(tokens)} tokens; one window of --ctx {n_ctx} needs "
-                             f"{n_ctx} (use a longer text or a smaller --ctx)")
+            raise InputError(f"the calibration text is {len(tokens)} tokens; one window of n_ctx={n_ctx} needs "
+                             f"{n_ctx} (use a longer text or a smaller n_ctx)")
         wins = windows(tokens, n_ctx, n_chunks, tok.bos_id if tok.vocab.add_bos else None)
         im = Imatrix(chunk_size=n_ctx, datasets=[dataset or "calibration text"])
         if progress is not None:

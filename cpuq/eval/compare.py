@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .. import __version__
+from ..convert.calibration import collect_imatrix
 from ..convert.pipeline import OUT_TYPES, convert, out_type
 from ..errors import InputError
 from ..info import summarize
 from ..runtime.model import load
 from .bench import bench
-from .calibration import collect_imatrix
 from .perplexity import perplexity
 
 BASE = "f16"

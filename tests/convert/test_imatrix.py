@@ -1,4 +1,4 @@
-"""The importance matrix (cpuq.convert.imatrix, cpuq.eval.calibration, convert --imatrix,
+"""The importance matrix (cpuq.convert.imatrix, cpuq.convert.calibration, convert --imatrix,
 cpuq imatrix) against llama.cpp's own llama-imatrix and llama-quantize --imatrix, through
 the golden files of tools/make_imatrix_golden.py (tests/golden/imatrix.gguf: llama-imatrix's
 file for a tiny Qwen2 checkpoint over tests/data/tempest.txt; imatrix.json: the sha256 of
@@ -19,7 +19,7 @@ import pytest
 
 import cpuq
 from cpuq.convert.imatrix import Imatrix
-from cpuq.eval.calibration import collect_imatrix, convert_calibrated
+from cpuq.convert.calibration import collect_imatrix, convert_calibrated
 from make_imatrix_golden import sha256, tiny_checkpoint
 from make_tiny_checkpoint import QWEN2_VOCAB
 

@@ -13,7 +13,7 @@ import pytest
 
 import cpuq
 from cpuq.convert.imatrix import Imatrix
-from cpuq.eval.calibration import collect_imatrix
+from cpuq.convert.calibration import collect_imatrix
 from make_imatrix_golden import LLAMA_IMATRIX, LLAMA_QUANTIZE, llama_imatrix, llama_quantize, sha256, tiny_checkpoint
 from make_tiny_checkpoint import QWEN2_VOCAB
 from tests.convert.test_imatrix import (BAR_CHANNEL, BAR_ENTRY, BAR_UNROUNDED, GOLDEN, GOLDEN_IMATRIX, TEXT,

@@ -36,7 +36,7 @@ from cpuq.arch import ModelConfig, gguf_tensor_name
 from cpuq.cli import app
 from cpuq.convert import scaling
 from cpuq.convert.imatrix import Imatrix
-from cpuq.eval.calibration import collect_imatrix
+from cpuq.convert.calibration import collect_imatrix
 from cpuq.eval.perplexity import perplexity
 from cpuq.quants import get_qtype
 from make_imatrix_golden import tiny_checkpoint
@@ -584,7 +584,7 @@ def test_awq_defaults(tiny, tmp_path, monkeypatch, tiny_gguf_bytes):
     """On with calibration text (API and CLI), unless turned off; off with an imatrix (the
     bytes stay llama-quantize's: test_imatrix.py's golden sha256)."""
     from cpuq.convert import pipeline as pipeline_module  # cpuq.convert is the function
-    from cpuq.eval import calibration as calibration_module
+    from cpuq.convert import calibration as calibration_module
     seen = []
 
     def record(src, dst, qtype, *args, **kwargs):

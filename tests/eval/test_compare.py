@@ -31,7 +31,7 @@ from cpuq import InputError
 from cpuq.cli import app
 from cpuq.convert.imatrix import Imatrix
 from cpuq.eval import compare as compare_mod
-from cpuq.eval.calibration import collect_imatrix
+from cpuq.convert.calibration import collect_imatrix
 from cpuq.eval.compare import HEADERS, CompareRow, compare, markdown_table, parse_types, write_reports
 from cpuq.eval.perplexity import perplexity
 from make_imatrix_golden import tiny_checkpoint
