@@ -6,7 +6,7 @@ from . import jit as _jit
 
 _jit.use_user_cache()  # before numba is imported
 _jit.lean_cache_loads()
-from .errors import CpuqError, FormatError, InputError, UnsupportedError
+from .errors import CpuqError, FormatError, GpuFallbackWarning, InputError, UnsupportedError
 from .quants import TYPES, QType, dequantize, get_qtype, quantize
 from .gguf_io import GGUFFile, GGUFStreamWriter, open_gguf
 from .info import summarize
@@ -67,7 +67,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'cpuq' has no attribute {name!r}")
 
 __all__ = [
-    "CpuqError", "FormatError", "InputError", "UnsupportedError",
+    "CpuqError", "FormatError", "InputError", "UnsupportedError", "GpuFallbackWarning",
     "TYPES", "QType", "quantize", "dequantize", "get_qtype",
     "GGUFFile", "GGUFStreamWriter", "open_gguf", "summarize", "convert", "load", "Model",
 ]

@@ -1,7 +1,8 @@
 """The exceptions cpuq raises on bad input: one class tree, one-line messages.
 
 Every message names the file, tensor or key at fault and what is wrong with it.
-The CLI turns any CpuqError into that line on stderr and exit code 2.
+The CLI turns any CpuqError into that line on stderr and exit code 2. The one warning,
+GpuFallbackWarning, lives here too, so that callers can filter it without importing the runtime.
 Imports nothing from cpuq.
 """
 import reprlib
@@ -27,3 +28,9 @@ class UnsupportedError(CpuqError):
 
 class InputError(CpuqError):
     """A bad argument from the caller (shape, value, path)."""
+
+
+class GpuFallbackWarning(UserWarning):
+    """gpu_layers was asked for but the model runs on the CPU (no CuPy, no CUDA device, a
+    tensor type the GPU kernels lack, or too little GPU memory); the message says which.
+    A warning, not an error: the model still runs."""
