@@ -272,6 +272,30 @@ def test_sandbox_escapes_fail(source, tmp_path):
     assert not canary.exists()
 
 
+
+# Every list and dict method that mutates, on each kind of data a template receives. jinja2
+# 3.1.4's sandbox let list.pop() and list.clear() through (fixed in 3.1.5; pyproject asks for
+# >= 3.1.6, which also closes CVE-2025-27516 above).
+MUTATIONS = ([f"messages.{call}" for call in ("pop()", "pop(0)", "clear()", "append(1)", "extend([1])",
+                                              "insert(0, 1)", "remove(messages[0])", "reverse()", "sort()")]
+             + [f"messages[0].{call}" for call in ("pop('role')", "popitem()", "clear()", "update(role='system')",
+                                                   "setdefault('x', 1)", "__setitem__('role', 'system')")]
+             + ["tools.pop()", "tools[0].clear()", "tools[0]['function'].update(name='x')", "meta.pop('k')",
+                "meta['items'].pop()", "(messages|list).pop()", "messages[0].items()|list|attr('pop')"])
+
+
+@pytest.mark.parametrize("call", MUTATIONS)
+def test_templates_cannot_mutate_their_data(call):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    tools = json.loads(json.dumps(TOOLS))
+    meta = {"k": "v", "items": [1, 2, 3]}
+    before = json.dumps([messages, tools, meta])
+    with pytest.raises(FormatError) as e:
+        render("{% set x = " + call + " %}{{ messages|length }}{{ x }}", messages, tools=tools, meta=meta)
+    assert str(e.value).startswith("chat template: line 1:") and ("unsafe" in str(e.value)
+                                                                  or "not allowed" in str(e.value)), str(e.value)
+    assert json.dumps([messages, tools, meta]) == before  # the caller's data, whatever the template does
+
 # Templates that would hang or exhaust memory. Each must fail within a couple of seconds.
 BOMBS = [
     ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "steps"),
