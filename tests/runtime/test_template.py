@@ -1,5 +1,5 @@
 """cpuq.runtime.template: chat templates rendered as HF transformers renders them, in a
-sandbox that a hostile GGUF cannot leave, hang or blow up.
+sandbox (cpuq.runtime.sandbox) that a hostile GGUF cannot leave, hang or blow up.
 
 References: the expected strings below are what transformers 5.23's apply_chat_template
 renders for the same template and conversation (the `peer` test at the end checks this
@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -152,6 +153,14 @@ def test_messages_are_plain_copies():
     msgs = [{"role": "assistant", "content": "x", "reasoning": "r"}]
     assert render("{{ messages[0].reasoning_content }}{{ messages[0].thinking }}", msgs) == "rr"
 
+
+
+def test_the_sandbox_knows_nothing_of_chat_templates():
+    # template.py imports sandbox.py, never the reverse: the sandbox holds the hardened
+    # environment and its budget, the template what transformers' chat templates expect
+    code = "import sys, cpuq.runtime.sandbox; print('cpuq.runtime.template' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "False"
 
 # bad conversations: InputError ------------------------------------------------------------
 
