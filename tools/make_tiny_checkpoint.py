@@ -3,14 +3,16 @@
     make_tiny_checkpoint(out_dir, arch="qwen3", dtype="bf16", seed=0, tied=True, sharded=False,
                          num_hidden_layers=3)          # any config.json key can be overridden
     python tools/make_tiny_checkpoint.py OUT --arch qwen3 --dtype bf16 [--seed N] [--untied]
-                                             [--sharded] [--set key=json_value ...]
+                                             [--sharded] [--set key=json_value ...] [--vocab GGUF]
 
 A checkpoint is what `save_pretrained` writes: config.json, generation_config.json,
 model.safetensors (or two shards and model.safetensors.index.json) with the exact HF
 tensor names and shapes of the architecture, and tokenizer.json / tokenizer_config.json.
 The model is small (hidden 64, 2 layers) so transformers runs it instantly, but the
-tokenizer is the real Qwen2 one, rebuilt from llama.cpp's ggml-vocab-qwen2.gguf, so the
-vocabulary (and the embedding) has 151936 rows.
+tokenizer is the real Qwen2 one, rebuilt from llama.cpp's ggml-vocab-qwen2.gguf (committed
+as tests/golden/ggml-vocab-qwen2.gguf; see tests/golden/README.md), so the vocabulary (and
+the embedding) has 151936 rows. OUT must not exist yet: the checkpoint is written into a
+temporary sibling folder and renamed at the end, so a failed run leaves nothing.
 
 Weights are N(0, 0.02) (norm weights 1 + N(0, 0.1)), deterministic in `seed`. The
 safetensors file and BF16 rounding are written here directly: neither the safetensors
@@ -32,17 +34,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hf_tokenizer  # noqa: E402
+from toolcli import ArgumentParser, ToolError, output_dir, require_new, run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-# llama.cpp's Qwen2 vocabulary (models/ggml-vocab-qwen2.gguf of the llama-cpp-python 0.3.36
-# sdist, with its .inp/.out test vectors): in the repo if copied there, else the shared fixtures.
-_VOCAB_PLACES = [ROOT / "tests" / "golden" / "ggml-vocab-qwen2.gguf",
-                 ROOT.parent / "shared" / "fixtures" / "ggml-vocab-qwen2.gguf"]
-QWEN2_VOCAB = next((p for p in _VOCAB_PLACES if p.exists()), _VOCAB_PLACES[-1])
+# llama.cpp's Qwen2 vocabulary, with its .inp/.out test vectors beside it (provenance in
+# tests/golden/README.md). Only this path: a missing file is an error, never a fallback.
+QWEN2_VOCAB = ROOT / "tests" / "golden" / "ggml-vocab-qwen2.gguf"
 
 # Storage dtype names: flag value -> (safetensors dtype, config torch_dtype).
 DTYPES = {"bf16": ("BF16", "bfloat16"), "f16": ("F16", "float16"), "f32": ("F32", "float32")}
 _NUMPY = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
+# config.json keys the tensor shapes are computed from: each must be a positive int
+# (head_dim may also be null, meaning hidden_size / num_attention_heads).
+SIZE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+             "num_key_value_heads", "vocab_size", "head_dim")
 
 # Per-architecture config.json, shaped like the real small models of each family
 # (Qwen2-0.5B-Instruct, Qwen3-0.6B, a Llama-3-style model), shrunk.
@@ -170,10 +175,24 @@ def write_json(path: Path, obj: Any) -> None:
 
 # the checkpoint -----------------------------------------------------------------
 
-@lru_cache(maxsize=1)
-def qwen2_tokenizer_files() -> tuple[str, dict]:
-    """(tokenizer.json text, tokenizer_config dict) of the real Qwen2 tokenizer, built once."""
-    metadata = hf_tokenizer.read_gguf_metadata(QWEN2_VOCAB)
+def check_vocab(vocab: Path) -> None:
+    """ToolError unless `vocab` is a GGUF file with a BPE vocabulary (what
+    hf_tokenizer.read_gguf_metadata, a reader for trusted files, then reads)."""
+    if not vocab.is_file():
+        raise ToolError(f"{vocab}: Qwen2 vocabulary (llama.cpp's ggml-vocab-qwen2.gguf) not found")
+    from cpuq import open_gguf
+    with open_gguf(vocab) as f:  # CpuqError naming the file if it is not a valid GGUF
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"):
+            if f.array_length(key) == 0:
+                raise ToolError(f"{vocab}: no '{key}' array: not a BPE vocabulary")
+
+
+@lru_cache(maxsize=2)
+def qwen2_tokenizer_files(vocab: Path = QWEN2_VOCAB) -> tuple[str, dict]:
+    """(tokenizer.json text, tokenizer_config dict) of the real Qwen2 tokenizer, built once
+    per vocabulary file."""
+    check_vocab(vocab)
+    metadata = hf_tokenizer.read_gguf_metadata(vocab)
     tok = hf_tokenizer.build_tokenizer(metadata)
     config = hf_tokenizer.tokenizer_config(metadata, "Qwen2Tokenizer", model_max_length=32768,
                                            eos_token="<|im_end|>")
@@ -191,19 +210,32 @@ def random_weights(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str
 
 
 def make_tiny_checkpoint(out_dir: str | Path, arch: str = "qwen2", dtype: str = "bf16", seed: int = 0,
-                         tied: bool = True, sharded: bool = False, **overrides: Any) -> Path:
-    """Write a tiny HF checkpoint of `arch` ("qwen2" | "qwen3" | "llama") to `out_dir`;
-    `overrides` replace config.json keys (sizes included). Returns `out_dir`."""
+                         tied: bool = True, sharded: bool = False, *, vocab: str | Path = QWEN2_VOCAB,
+                         **overrides: Any) -> Path:
+    """Write a tiny HF checkpoint of `arch` ("qwen2" | "qwen3" | "llama") to `out_dir`, which
+    must not exist; `overrides` replace config.json keys (sizes included); `vocab` is the
+    GGUF the tokenizer is rebuilt from. Returns `out_dir`. ToolError (or cpuq's CpuqError
+    for a broken vocabulary file) on bad input, before anything is written."""
     if arch not in CONFIGS:
-        raise ValueError(f"arch {arch!r}: expected one of {sorted(CONFIGS)}")
+        raise ToolError(f"arch {arch!r}: expected one of {sorted(CONFIGS)}")
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+        raise ToolError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    require_new(Path(out_dir))
     st_dtype, torch_dtype = DTYPES[dtype]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     config = {**CONFIGS[arch], "tie_word_embeddings": tied, "torch_dtype": torch_dtype, **overrides}
     config = dict(sorted(config.items()))  # transformers writes keys sorted
+    for key in SIZE_KEYS:
+        value = config.get(key)
+        if not (type(value) is int and value > 0 or key == "head_dim" and value is None):
+            raise ToolError(f"config {key}={json.dumps(value)}: expected a positive integer")
+    tokenizer_json, tok_config = qwen2_tokenizer_files(Path(vocab))
+    with output_dir(Path(out_dir)) as tmp:
+        _write_checkpoint(tmp, config, st_dtype, seed, sharded, tokenizer_json, tok_config)
+    return Path(out_dir)
+
+
+def _write_checkpoint(out_dir: Path, config: dict[str, Any], st_dtype: str, seed: int, sharded: bool,
+                      tokenizer_json: str, tok_config: dict) -> None:
     write_json(out_dir / "config.json", config)
     write_json(out_dir / "generation_config.json", {
         "bos_token_id": config["bos_token_id"], "do_sample": True,
@@ -213,13 +245,14 @@ def make_tiny_checkpoint(out_dir: str | Path, arch: str = "qwen2", dtype: str = 
     })
     weights = random_weights(tensor_shapes(config), seed)
     write_checkpoint_weights(out_dir, {n: (st_dtype, to_storage(w, st_dtype)) for n, w in weights.items()}, sharded)
-    tokenizer_json, tok_config = qwen2_tokenizer_files()
     hf_tokenizer.write_tokenizer_files(out_dir, tokenizer_json, tok_config)
-    return out_dir
 
 
 def _parse_set(item: str) -> tuple[str, Any]:
-    key, _, value = item.partition("=")
+    """KEY=VALUE: VALUE as JSON, or as a string where it is not JSON (--set model_type=qwen2)."""
+    key, eq, value = item.partition("=")
+    if not key or not eq:
+        raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE")
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:
@@ -227,20 +260,22 @@ def _parse_set(item: str) -> tuple[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Write a tiny HF checkpoint (random weights, real Qwen2 tokenizer).")
+    ap = ArgumentParser(description="Write a tiny HF checkpoint (random weights, real Qwen2 tokenizer).")
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--arch", choices=sorted(CONFIGS), default="qwen2")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--untied", action="store_true", help="separate lm_head.weight")
     ap.add_argument("--sharded", action="store_true", help="two shards and model.safetensors.index.json")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="override a config.json key")
+    ap.add_argument("--set", action="append", type=_parse_set, default=[], metavar="KEY=JSON",
+                    help="override a config.json key")
+    ap.add_argument("--vocab", type=Path, default=QWEN2_VOCAB,
+                    help="the GGUF vocabulary the tokenizer is rebuilt from (default: %(default)s)")
     args = ap.parse_args(argv)
-    overrides = dict(_parse_set(s) for s in args.set)
     out = make_tiny_checkpoint(args.out_dir, args.arch, args.dtype, args.seed, not args.untied, args.sharded,
-                               **overrides)
+                               vocab=args.vocab, **dict(args.set))
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -4,6 +4,8 @@ converter's memory and speed benchmarks.
     python tools/make_wide_checkpoint.py OUT_DIR --shape qwen2.5-72b --layers 2
     python tools/make_wide_checkpoint.py OUT_DIR --shape qwen2.5-0.5b
 
+OUT_DIR must not exist; it appears only once complete (written under a temporary name).
+
 The shapes are the real models' config.json values (Qwen2.5-72B: hidden 8192,
 intermediate 29568, 64 / 8 heads, vocab 152064, untied; Qwen2.5-0.5B: hidden 896,
 intermediate 4864, 14 / 2 heads, vocab 151936, tied) with random N(0, 0.02) bf16 weights
@@ -17,7 +19,6 @@ tokenizer); not torch.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -29,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hf_tokenizer  # noqa: E402
 from make_tiny_checkpoint import CONFIGS, f32_to_bf16, qwen2_tokenizer_files, tensor_shapes, write_json  # noqa: E402
+from toolcli import ArgumentParser, ToolError, output_dir, require_new, run  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     # Qwen/Qwen2.5-72B-Instruct config.json
@@ -76,8 +78,12 @@ def _write_shard(path: Path, shapes: dict[str, tuple[int, ...]], rng: np.random.
 
 def make_wide_checkpoint(out_dir: str | Path, shape: str = "qwen2.5-72b", layers: int | None = None,
                          seed: int = 0) -> Path:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = require_new(Path(out_dir))
+    if shape not in SHAPES:
+        raise ToolError(f"shape {shape!r}: expected one of {sorted(SHAPES)}")
+    if layers is not None and layers < 1:
+        raise ToolError(f"layers {layers}: expected a positive number")
+    tokenizer_json, tok_config = qwen2_tokenizer_files()  # first: a missing vocabulary stops it here
     config = {**CONFIGS["qwen2"], **SHAPES[shape], "torch_dtype": "bfloat16"}
     if layers is not None:
         config["num_hidden_layers"] = layers
@@ -88,6 +94,14 @@ def make_wide_checkpoint(out_dir: str | Path, shape: str = "qwen2.5-72b", layers
     groups: list[dict[str, tuple[int, ...]]] = [{} for _ in range(n_shards)]
     for name, s in shapes.items():
         groups[_shard_of(name, config["num_hidden_layers"])][name] = s
+    with output_dir(out_dir) as tmp:
+        _write(tmp, config, groups, seed, tokenizer_json, tok_config)
+    return out_dir
+
+
+def _write(out_dir: Path, config: dict[str, Any], groups: list[dict[str, tuple[int, ...]]], seed: int,
+           tokenizer_json: str, tok_config: dict) -> None:
+    n_shards = len(groups)
     rng = np.random.default_rng(seed)
     weight_map, total = {}, 0
     for k, group in enumerate(groups, start=1):
@@ -104,13 +118,11 @@ def make_wide_checkpoint(out_dir: str | Path, shape: str = "qwen2.5-72b", layers
         "bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
         "repetition_penalty": 1.05, "temperature": 0.7, "top_k": 20, "top_p": 0.8,
         "transformers_version": config["transformers_version"]})
-    tokenizer_json, tok_config = qwen2_tokenizer_files()
     hf_tokenizer.write_tokenizer_files(out_dir, tokenizer_json, tok_config)
-    return out_dir
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Write a full-width Qwen2 checkpoint with random bf16 weights.")
+    ap = ArgumentParser(description="Write a full-width Qwen2 checkpoint with random bf16 weights.")
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-72b")
     ap.add_argument("--layers", type=int, default=None, help="number of layers (default: the real model's)")
@@ -120,4 +132,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
