@@ -10,22 +10,26 @@ the Python version (3.11 for the README's numbers).
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pydoc_data.topics
 
+from toolcli import ArgumentParser, ToolError, output_file, run
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+
+def main(argv: list[str] | None = None) -> None:
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--chars", type=int, default=120_000)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.chars < 1:
+        raise ToolError(f"--chars {args.chars}: expected a positive number")
     topics = pydoc_data.topics.topics
     text = "\n\n".join(topics[k] for k in sorted(topics))[:args.chars]
-    args.out.write_text(text, encoding="utf-8")
+    with output_file(args.out) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     print(f"wrote {args.out}: {len(text)} characters")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -11,7 +11,6 @@ benchmarks/runtime_vs_llama.py.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -20,6 +19,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from toolcli import ArgumentParser, ToolError, require_file, run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,14 +41,22 @@ for line in sys.stdin:
 """
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--rev", default="HEAD", help="the commit to compare the working tree with")
     ap.add_argument("--depth", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--steps", type=int, default=8)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    require_file(Path(args.model), "model")
+    for name in ("depth", "rounds", "steps"):
+        if getattr(args, name) < 1:
+            raise ToolError(f"--{name} {getattr(args, name)}: expected a positive number")
+    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{args.rev}^{{commit}}"],
+                         capture_output=True, text=True)
+    if rev.returncode != 0:
+        raise ToolError(f"--rev {args.rev}: not a commit of {ROOT}")
     with tempfile.TemporaryDirectory() as tmp:
         other = Path(tmp) / "rev"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(other), args.rev], check=True)
@@ -81,4 +90,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -67,6 +67,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cpuq  # noqa: E402
 from cpuq import CpuqError  # noqa: E402
+from toolcli import ArgumentParser, ToolError, require_file, run  # noqa: E402
 
 SMALL_VOCAB = 1024
 SMALL_SHARE = 0.9  # of gguf cases that mutate a cut-vocabulary seed
@@ -429,6 +430,7 @@ class GGUFTarget:
 def build_gguf_seeds(folder: Path) -> None:
     from make_tiny_checkpoint import make_tiny_checkpoint
     folder.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder / "ckpt", ignore_errors=True)  # left by a run killed before the end
     ckpt = make_tiny_checkpoint(folder / "ckpt", arch="qwen2", num_hidden_layers=1, hidden_size=256,
                                 intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
     for qtype in ("q8_0", "q4_k_m"):
@@ -908,7 +910,7 @@ def replay(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Fuzz cpuq's GGUF reader and runtime, or the converter's inputs.")
+    ap = ArgumentParser(description="Fuzz cpuq's GGUF reader and runtime, or the converter's inputs.")
     ap.add_argument("--target", choices=sorted(TARGETS), required=True)
     ap.add_argument("--cases", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=2)
@@ -925,6 +927,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)  # a worker's folder for its cases
     args = ap.parse_args(argv)
+    for name in ("cases", "workers", "mem_mb", "batch"):
+        if getattr(args, name) < 1:
+            raise ToolError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive number")
+    if args.timeout <= 0:
+        raise ToolError(f"--timeout {args.timeout}: expected a positive number of seconds")
+    if args.replay is not None:
+        require_file(args.replay, "saved failing input")
     if args.worker:
         worker(args)
         return 0
@@ -939,4 +948,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

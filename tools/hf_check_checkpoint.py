@@ -2,8 +2,9 @@
 loaded (missing / unexpected keys), a fingerprint of every parameter, the tokenizer's
 ids for given texts, and optionally a greedy chat answer.
 
-Runs under the separate torch + transformers venv (/root/.cache/cpuq-peer/hf-venv),
-never under cpuq's: the tests call it in a subprocess.
+Runs under the separate torch + transformers venv (CPUQ_HF_VENV, default
+~/.cache/cpuq-peer/hf-venv, built by tools/peer_env.sh), never under cpuq's: the tests call
+it in a subprocess.
 
     hf-venv/bin/python tools/hf_check_checkpoint.py DIR [--texts FILE.json]
                        [--chat "What is the capital of France?"] [--max-new-tokens 32]
@@ -12,16 +13,19 @@ Imports torch, transformers and the standard library only.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from toolcli import ArgumentParser, ToolError, run
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+
+def main(argv: list[str] | None = None) -> None:
+    ap = ArgumentParser()
     ap.add_argument("model_dir")
     ap.add_argument("--texts", help="JSON list of strings to tokenize (no special tokens added)")
     ap.add_argument("--chat", help="a user message to answer greedily through the chat template")
@@ -30,7 +34,9 @@ def main() -> None:
     # them) and rebuilds that family's pre-tokenizer; "file" takes tokenizer.json as written.
     ap.add_argument("--tokenizer", choices=["auto", "file"], default="auto",
                     help="AutoTokenizer, or PreTrainedTokenizerFast on tokenizer.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if not (Path(args.model_dir) / "config.json").is_file():
+        raise ToolError(f"{args.model_dir}: no config.json: not an HF checkpoint folder")
 
     torch.manual_seed(0)
     model, info = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32,
@@ -74,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

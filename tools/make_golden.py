@@ -19,13 +19,18 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import ggml_oracle  # noqa: E402
 from tests import data  # noqa: E402
+from toolcli import ToolError, output_file, run  # noqa: E402
 
 TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 ROWS, COLS = 8, 1536  # 1536 = 6 super-blocks of 256 = 48 blocks of 32; SmolLM2's ffn width
 OUT = ROOT / "tests" / "golden" / "quants.npz"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    if argv:
+        raise ToolError(f"unexpected arguments {argv}: make_golden.py takes none")
+    if not ggml_oracle.available():
+        raise ToolError(f"llama.cpp peer library not found under {ggml_oracle.PEER_VENV}; run tools/peer_env.sh")
     arrays: dict[str, np.ndarray] = {}
     imp = data.importance(COLS, seed=7)
     arrays["importance"] = imp
@@ -35,10 +40,10 @@ def main() -> None:
         for name in TYPES:
             arrays[f"q/{kind}/{name}/plain"] = ggml_oracle.quantize(x, G[name])
             arrays[f"q/{kind}/{name}/imatrix"] = ggml_oracle.quantize(x, G[name], imp)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(OUT, **arrays)
+    with output_file(OUT) as tmp, open(tmp, "wb") as f:  # a file object: savez would add ".npz" to a name
+        np.savez_compressed(f, **arrays)
     print(f"wrote {OUT} ({OUT.stat().st_size} bytes, {len(arrays)} arrays) from {ggml_oracle.library_path()}")
 
 
 if __name__ == "__main__":
-    main()
+    run(main, sys.argv[1:])

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 from make_tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
+from toolcli import ToolError, output_file, run  # noqa: E402
 
 GOLDEN_JSON = ROOT / "tests" / "golden" / "imatrix.json"
 # Relative to ROOT, as the tools are given them (and store them).
@@ -62,12 +64,13 @@ def sha256(path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _run(args: list) -> str:
-    """Run a llama.cpp tool (arguments str()-ed) in ROOT; its stdout and stderr."""
-    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=ROOT,
+def _run(args: list, cwd: Path = ROOT) -> str:
+    """Run a llama.cpp tool (arguments str()-ed) in `cwd`; its stdout and stderr."""
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=cwd,
                        env={**os.environ, "LD_LIBRARY_PATH": str(PEER_LIB)}, timeout=600)
     if r.returncode != 0:
-        raise RuntimeError(f"{Path(args[0]).name} failed ({r.returncode}): {(r.stdout + r.stderr)[-2000:]}")
+        last = ((r.stdout + r.stderr).strip().splitlines() or ["no output"])[-1]
+        raise ToolError(f"{Path(args[0]).name} failed (exit {r.returncode}): {last}")
     return r.stdout + r.stderr
 
 
@@ -78,30 +81,37 @@ def llama_imatrix(f16: Path, out: Path, text: str = TEXT_ARG, ctx: int = CTX, ch
     return out
 
 
-def llama_quantize(f16: Path, out: Path, qtype: str, imatrix: str = IMATRIX_ARG) -> str:
-    """llama-quantize --imatrix `imatrix` (stored as given) of `f16` to cpuq type `qtype`;
-    returns the version line it prints."""
+def llama_quantize(f16: Path, out: Path, qtype: str, imatrix: str = IMATRIX_ARG, cwd: Path = ROOT) -> str:
+    """llama-quantize --imatrix `imatrix` (stored as given, relative to `cwd`) of `f16` to
+    cpuq type `qtype`; returns the version line it prints."""
     ftype, pure = QUANTS[qtype]
-    log = _run([LLAMA_QUANTIZE, *(["--pure"] if pure else []), "--imatrix", imatrix, f16, out, ftype, THREADS])
+    log = _run([LLAMA_QUANTIZE, *(["--pure"] if pure else []), "--imatrix", imatrix, f16, out, ftype, THREADS],
+               cwd)
     found = re.search(r"^version: .*$", log, re.M)
     return found.group(0) if found else "unknown"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    if argv:
+        raise ToolError(f"unexpected arguments {argv}: make_imatrix_golden.py takes none")
     sys.path.insert(0, str(ROOT))
     import cpuq
 
     for tool in (LLAMA_IMATRIX, LLAMA_QUANTIZE):
         if not tool.exists():
-            sys.exit(f"{tool} missing: run tools/peer_env.sh")
+            raise ToolError(f"{tool}: not built; run tools/peer_env.sh")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         f16 = cpuq.convert(tiny_checkpoint(tmp), tmp / "f16.gguf", "f16")
-        llama_imatrix(f16, ROOT / IMATRIX_ARG)
+        # The new imatrix lives in a stand-in root until the end, so llama-quantize still reads
+        # (and stores) the path IMATRIX_ARG while the committed golden stays whole on failure.
+        stand_in = tmp / "root"
+        (stand_in / IMATRIX_ARG).parent.mkdir(parents=True)
+        new_imatrix = llama_imatrix(f16, stand_in / IMATRIX_ARG)
         quants, version = {}, None
         for qtype in QUANTS:
             out = tmp / f"{qtype}.gguf"
-            version = llama_quantize(f16, out, qtype)
+            version = llama_quantize(f16, out, qtype, cwd=stand_in)
             quants[qtype] = {"llama_quantize_type": QUANTS[qtype][0], "pure": QUANTS[qtype][1],
                              "sha256": sha256(out), "bytes": out.stat().st_size}
             print(qtype, quants[qtype])
@@ -109,13 +119,16 @@ def main() -> None:
             "checkpoint": {"name": CHECKPOINT_NAME, **CHECKPOINT},
             "f16_sha256": sha256(f16),
             "text": TEXT_ARG, "ctx": CTX, "chunks": CHUNKS, "threads": THREADS,
-            "imatrix": IMATRIX_ARG, "imatrix_sha256": sha256(ROOT / IMATRIX_ARG),
+            "imatrix": IMATRIX_ARG, "imatrix_sha256": sha256(new_imatrix),
             "quantized": quants,
             "llama_cpp_python": LLAMA_CPP_PYTHON, "llama_cpp": version,
         }
-    GOLDEN_JSON.write_text(json.dumps(golden, indent=2) + "\n")
+        with output_file(ROOT / IMATRIX_ARG) as part:
+            shutil.copyfile(new_imatrix, part)
+    with output_file(GOLDEN_JSON) as part:
+        part.write_text(json.dumps(golden, indent=2) + "\n")
     print(f"wrote {ROOT / IMATRIX_ARG} and {GOLDEN_JSON}")
 
 
 if __name__ == "__main__":
-    main()
+    run(main, sys.argv[1:])

@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cpuq  # noqa: E402
 from make_tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
+from toolcli import ToolError, output_file, run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "golden" / "runtime_logits.npz"
@@ -74,7 +75,20 @@ def build_case(name: str, where: Path) -> Path:
     return make_tiny_checkpoint(where / name, arch=arch, **kwargs)
 
 
-def main() -> None:
+def _reference(python: Path, script: str, *args) -> None:
+    """Run a reference side's script in its venv; ToolError with its last output line."""
+    r = subprocess.run([python, "-c", script, *map(str, args)], capture_output=True, text=True)
+    if r.returncode != 0:
+        last = ((r.stdout + r.stderr).strip().splitlines() or ["no output"])[-1]
+        raise ToolError(f"{python} failed (exit {r.returncode}): {last}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    if argv:
+        raise ToolError(f"unexpected arguments {argv}: make_runtime_golden.py takes none")
+    for python in (HF_PYTHON, PEER_PYTHON):
+        if not python.is_file():
+            raise ToolError(f"{python}: reference venv missing; run tools/peer_env.sh")
     out: dict[str, np.ndarray] = {"ids": np.array(IDS, np.int64), "cases": np.array(json.dumps(CASES))}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -82,8 +96,8 @@ def main() -> None:
             src = build_case(name, tmp)
             f16 = cpuq.convert(src, tmp / f"{name}-f16.gguf", "f16")
             hf, ll = tmp / f"{name}-hf.npy", tmp / f"{name}-llama.npy"
-            subprocess.run([HF_PYTHON, "-c", _HF, src, json.dumps(IDS), hf], check=True)
-            subprocess.run([PEER_PYTHON, "-c", _LLAMA, f16, json.dumps(IDS), ll], check=True)
+            _reference(HF_PYTHON, _HF, src, json.dumps(IDS), hf)
+            _reference(PEER_PYTHON, _LLAMA, f16, json.dumps(IDS), ll)
             hf_logits, llama_logits = np.load(hf), np.load(ll)
             rng = np.random.default_rng(0)
             cols = set(rng.choice(hf_logits.shape[1], N_COLUMNS, replace=False).tolist())
@@ -94,9 +108,10 @@ def main() -> None:
             out[f"{name}/llama_f16"] = llama_logits[:, cols]
             out[f"{name}/hf_top1"] = hf_logits.argmax(1)
             print(name, "done")
-    np.savez_compressed(OUT, **out)
+    with output_file(OUT) as tmp, open(tmp, "wb") as f:  # a file object: savez would add ".npz" to a name
+        np.savez_compressed(f, **out)
     print(f"wrote {OUT} ({OUT.stat().st_size / 1e6:.1f} MB)")
 
 
 if __name__ == "__main__":
-    main()
+    run(main, sys.argv[1:])
