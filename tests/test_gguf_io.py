@@ -218,14 +218,14 @@ def test_require_names_the_key(tiny_gguf):
 
 
 def _real_files():
-    root = Path(__file__).resolve().parent.parent
-    files = [root.parent / "shared" / "fixtures" / "ggml-vocab-qwen2.gguf"]
+    # The committed vocabulary always (missing, the test fails); the demo model if installed.
+    files = [Path(__file__).resolve().parent / "golden" / "ggml-vocab-qwen2.gguf"]
     try:
         from cpuq.demo import demo_model_path
         files.append(demo_model_path())
     except cpuq.CpuqError:
         pass
-    return [f for f in files if f.exists()]
+    return files
 
 
 @pytest.mark.parametrize("path", _real_files(), ids=lambda p: p.name)
@@ -277,3 +277,85 @@ def test_string_array_not_utf8(tmp_path):
     with open_gguf(tmp_path / "bad.gguf") as f, \
             pytest.raises(FormatError, match="metadata key 'tokenizer.ggml.tokens' holds a string that is not valid"):
         f.get("tokenizer.ggml.tokens")
+
+
+# --- what a bad file gets wrong is checked where it is read -----------------------------------
+# open_gguf raises FormatError for each of these from an explicit check; any other exception
+# out of the parser is a bug and must surface as one (tools/fuzz.py counts on it).
+
+def _kv(key: bytes, vtype: int, payload: bytes) -> bytes:
+    return struct.pack("<Q", len(key)) + key + struct.pack("<I", vtype) + payload
+
+
+def _raw_gguf(tmp_path, *kvs: bytes, tensors: bytes = b"", n_tensors: int = 0) -> Path:
+    """A GGUF v3 file written byte by byte (gguf-py's writer refuses most of these)."""
+    head = b"GGUF" + struct.pack("<IQQ", 3, n_tensors, len(kvs)) + b"".join(kvs) + tensors
+    path = tmp_path / "raw.gguf"
+    path.write_bytes(head + bytes(-len(head) % 32))
+    return path
+
+
+U8, U32, U64, STR, ARR = (int(V.UINT8), int(V.UINT32), int(V.UINT64), int(V.STRING), int(V.ARRAY))
+
+
+def _u8_array(n: int) -> bytes:
+    return struct.pack("<IQ", U8, n) + bytes(range(n))
+
+
+@pytest.mark.parametrize("kvs, match", [
+    ([_kv(b"a", 99, b"\0" * 8)], "the metadata value at offset 33 has unknown type 99"),
+    ([_kv(b"a", ARR, struct.pack("<IQ", 77, 0))], "the array at offset 33 has items of unknown type 77"),
+    ([_kv(b"a", ARR, struct.pack("<IQ", ARR, 1) + _u8_array(2))], "holds arrays"),
+    ([_kv(b"a", ARR, struct.pack("<IQ", ARR, 2**20) + _u8_array(0) * 2**12)], "holds arrays"),
+    ([_kv(b"a", U32, b"\1\0\0\0"), _kv(b"a", U32, b"\2\0\0\0")], "metadata key 'a' appears twice"),
+    ([_kv(b"GGUF.version", U32, b"\3\0\0\0")], "metadata key 'GGUF.version' appears twice"),
+    ([_kv(b"general.alignment", U64, b"\x20" + b"\0" * 7)], "'general.alignment' is UINT64, expected UINT32"),
+    ([_kv(b"general.alignment", ARR, _u8_array(1))], "'general.alignment' is ARRAY of UINT8, expected UINT32"),
+    ([_kv(b"general.alignment", U32, b"\0\0\0\0")], "general.alignment 0 is not a power of two"),
+    ([_kv(b"general.alignment", U32, b"\x30\0\0\0")], "general.alignment 48 is not a power of two"),
+    ([_kv(b"ke\xffy", U32, b"\1\0\0\0")], "a metadata key or tensor name is not valid UTF-8 (byte 2)"),
+])
+def test_bad_metadata_is_a_format_error(tmp_path, kvs, match):
+    path = _raw_gguf(tmp_path, *kvs)
+    with pytest.raises(FormatError) as e:
+        open_gguf(path)
+    assert str(e.value).startswith(f"{path}: ") and match in str(e.value) and "\n" not in str(e.value)
+
+
+def test_well_formed_raw_file_opens(tmp_path):
+    # the control for the cases above: the same builder, nothing wrong
+    path = _raw_gguf(tmp_path, _kv(b"general.alignment", U32, b"\x40\0\0\0"), _kv(b"a", ARR, _u8_array(3)),
+                     _kv(b"b", STR, struct.pack("<Q", 2) + b"hi"))
+    with open_gguf(path) as f:
+        assert (f.alignment, f.get("a"), f.get("b")) == (64, [0, 1, 2], "hi")
+
+
+def _tensor_info(name: bytes, offset: int) -> bytes:
+    return struct.pack("<Q", len(name)) + name + struct.pack("<IQIQ", 1, 32, 0, offset)  # F32, 32 values
+
+
+@pytest.mark.parametrize("names, match", [
+    ((b"t", b"t"), "tensor 't' appears twice"),
+    ((b"t", b"\xfft"), "a metadata key or tensor name is not valid UTF-8 (byte 0)"),
+])
+def test_bad_tensor_names_are_format_errors(tmp_path, names, match):
+    path = _raw_gguf(tmp_path, tensors=_tensor_info(names[0], 0) + _tensor_info(names[1], 128), n_tensors=2)
+    path.write_bytes(path.read_bytes() + bytes(256))
+    with pytest.raises(FormatError) as e:
+        open_gguf(path)
+    assert str(e.value).startswith(f"{path}: ") and match in str(e.value)
+
+
+@pytest.mark.parametrize("error", [IndexError("a parser bug"), ValueError("a parser bug"), MemoryError(),
+                                   KeyError("a parser bug")])
+def test_a_parser_bug_is_not_reported_as_a_bad_file(tiny_gguf, monkeypatch, error):
+    # open_gguf used to turn every exception into FormatError("malformed GGUF: ..."), so the
+    # fuzzer could not tell a parser bug from a bad file. Only the checks above say "bad file".
+    import cpuq.gguf_io
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(cpuq.gguf_io, "_check_tensor_info", broken)
+    with pytest.raises(type(error)):
+        open_gguf(tiny_gguf)

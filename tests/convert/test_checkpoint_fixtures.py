@@ -28,7 +28,6 @@ TOOLS = Path(__file__).resolve().parents[2] / "tools"
 HF_VENV = Path(os.environ.get("CPUQ_HF_VENV", Path.home() / ".cache" / "cpuq-peer" / "hf-venv"))
 HF_PYTHON = HF_VENV / "bin" / "python"
 
-pytestmark = pytest.mark.skipif(not QWEN2_VOCAB.exists(), reason=f"{QWEN2_VOCAB} not present")
 
 # (arch, dtype, tied, sharded): every architecture, every dtype, both head layouts and both file layouts.
 VARIANTS = [

@@ -18,15 +18,14 @@ from pathlib import Path
 import pytest
 
 import cpuq
-from make_tiny_checkpoint import QWEN2_VOCAB, make_tiny_checkpoint
+from make_tiny_checkpoint import make_tiny_checkpoint
 
 PEER = Path(os.environ.get("CPUQ_PEER_HOME", Path.home() / ".cache" / "cpuq-peer"))
 LLAMA_CPP = PEER / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
 HF_PYTHON = Path(os.environ.get("CPUQ_HF_VENV", PEER / "hf-venv")) / "bin" / "python"
 PEER_PYTHON = Path(os.environ.get("CPUQ_PEER_VENV", PEER / "venv")) / "bin" / "python"
 
-pytestmark = [pytest.mark.peer,
-              pytest.mark.skipif(not QWEN2_VOCAB.exists(), reason=f"{QWEN2_VOCAB} not present")]
+pytestmark = pytest.mark.peer
 
 _QUANTIZE = """
 import sys, llama_cpp

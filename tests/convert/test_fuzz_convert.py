@@ -16,9 +16,6 @@ from hypothesis import strategies as st
 import cpuq
 import fuzz  # tools/fuzz.py (conftest puts tools/ on the path)
 from cpuq.convert import hf_vocab
-from make_tiny_checkpoint import QWEN2_VOCAB
-
-pytestmark = pytest.mark.skipif(not QWEN2_VOCAB.exists(), reason=f"{QWEN2_VOCAB} not present")
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,12 @@ import cpuq
 from cpuq.convert.imatrix import Imatrix
 from cpuq.convert.calibration import collect_imatrix, convert_calibrated
 from make_imatrix_golden import sha256, tiny_checkpoint
-from make_tiny_checkpoint import QWEN2_VOCAB
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = json.loads((ROOT / "tests" / "golden" / "imatrix.json").read_text())
 GOLDEN_IMATRIX = ROOT / GOLDEN["imatrix"]
 TEXT = ROOT / GOLDEN["text"]
 
-needs_vocab = pytest.mark.skipif(not QWEN2_VOCAB.exists(), reason=f"{QWEN2_VOCAB} not present")
 
 # cpuq's imatrix against llama-imatrix's over the same windows (relative L2 per entry, max
 # relative per channel). Bars:
@@ -209,7 +207,6 @@ def test_write_without_a_dataset_name_is_a_clear_error(tmp_path):
 
 # llama-quantize --imatrix's bytes ---------------------------------------------------------
 
-@needs_vocab
 @pytest.mark.parametrize("qtype", sorted(GOLDEN["quantized"]))
 def test_convert_with_imatrix_is_llama_quantizes_bytes(qtype, checkpoint, f16, tmp_path, monkeypatch):
     # quantize.imatrix.file holds the path string as given: give the generator's, from ROOT.
@@ -222,7 +219,6 @@ def test_convert_with_imatrix_is_llama_quantizes_bytes(qtype, checkpoint, f16, t
 
 # collecting ------------------------------------------------------------------------------
 
-@needs_vocab
 def test_collect_agrees_with_llama_imatrix(f16):
     ours = collect_imatrix(f16, TEXT.read_text(encoding="utf-8"), n_ctx=GOLDEN["ctx"], n_chunks=GOLDEN["chunks"],
                            dataset=GOLDEN["text"])
@@ -274,7 +270,6 @@ BROKEN = ["model file", "text file", "sums without counts", "nan", "negative", "
           "another model (row length)", "no entry matches", "no metadata"]
 
 
-@needs_vocab
 @pytest.mark.parametrize("case", BROKEN)
 def test_bad_imatrix_names_file_and_entry(case, checkpoint, f16, tmp_path):
     bad, words = _broken(case, tmp_path, f16)
@@ -289,7 +284,6 @@ def test_bad_imatrix_names_file_and_entry(case, checkpoint, f16, tmp_path):
     assert list(out_dir.iterdir()) == []
 
 
-@needs_vocab
 @pytest.mark.parametrize("qtype", ["q8_0", "f16"])
 def test_type_without_importance_refuses_imatrix(qtype, checkpoint, tmp_path):
     with pytest.raises(cpuq.InputError, match=f"{qtype} does not use an importance matrix"):
@@ -297,14 +291,12 @@ def test_type_without_importance_refuses_imatrix(qtype, checkpoint, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@needs_vocab
 def test_calibration_and_imatrix_both_refused(checkpoint, tmp_path):
     with pytest.raises(cpuq.InputError, match="not both"):
         cpuq.convert(checkpoint, tmp_path / "x.gguf", "q4_k_m", calibration="some text", imatrix=GOLDEN_IMATRIX)
     assert list(tmp_path.iterdir()) == []
 
 
-@needs_vocab
 def test_existing_output_without_force(checkpoint, tmp_path):
     dst = tmp_path / "x.gguf"
     dst.write_bytes(b"keep")
@@ -317,7 +309,6 @@ def test_existing_output_without_force(checkpoint, tmp_path):
 
 # convert with calibration text -------------------------------------------------------------
 
-@needs_vocab
 def test_convert_calibrated_leaves_only_the_output(checkpoint, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -332,7 +323,6 @@ def test_convert_calibrated_leaves_only_the_output(checkpoint, tmp_path):
         assert g.get("quantize.imatrix.chunks_count") == 2
 
 
-@needs_vocab
 def test_convert_calibrated_error_leaves_nothing(checkpoint, tmp_path):
     """The text is shorter than one window: the error comes after the temporary Q8_0 file
     was written, which must be gone."""
@@ -345,7 +335,6 @@ def test_convert_calibrated_error_leaves_nothing(checkpoint, tmp_path):
 
 # the CLI -------------------------------------------------------------------------------------
 
-@needs_vocab
 def test_cli_convert_errors_exit_2_and_leave_nothing(checkpoint, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -362,7 +351,6 @@ def test_cli_convert_errors_exit_2_and_leave_nothing(checkpoint, tmp_path):
     assert list(out_dir.iterdir()) == []
 
 
-@needs_vocab
 def test_cli_imatrix_end_to_end(f16, tmp_path):
     out = tmp_path / "im.gguf"
     args = ("imatrix", str(f16), "-f", GOLDEN["text"], "-o", str(out), "--ctx", str(GOLDEN["ctx"]),

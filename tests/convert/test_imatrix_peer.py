@@ -15,12 +15,10 @@ import cpuq
 from cpuq.convert.imatrix import Imatrix
 from cpuq.convert.calibration import collect_imatrix
 from make_imatrix_golden import LLAMA_IMATRIX, LLAMA_QUANTIZE, llama_imatrix, llama_quantize, sha256, tiny_checkpoint
-from make_tiny_checkpoint import QWEN2_VOCAB
 from tests.convert.test_imatrix import (BAR_CHANNEL, BAR_ENTRY, BAR_UNROUNDED, GOLDEN, GOLDEN_IMATRIX, TEXT,
                                         UNROUNDED, differences, write_imatrix_file)
 
 pytestmark = [pytest.mark.peer,
-              pytest.mark.skipif(not QWEN2_VOCAB.exists(), reason=f"{QWEN2_VOCAB} not present"),
               pytest.mark.skipif(not (LLAMA_IMATRIX.exists() and LLAMA_QUANTIZE.exists()),
                                  reason="llama-imatrix/llama-quantize not built: tools/peer_env.sh")]
 

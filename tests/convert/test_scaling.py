@@ -41,9 +41,7 @@ from cpuq.eval.perplexity import perplexity
 from cpuq.quants import get_qtype
 from make_imatrix_golden import tiny_checkpoint
 from make_runtime_golden import IDS, build_case
-from make_tiny_checkpoint import QWEN2_VOCAB
 
-pytestmark = pytest.mark.skipif(not QWEN2_VOCAB.exists(), reason=f"{QWEN2_VOCAB} not present")
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN_LOGITS = ROOT / "tests" / "golden" / "runtime_logits.npz"

@@ -35,7 +35,6 @@ from cpuq.convert.calibration import collect_imatrix
 from cpuq.eval.compare import HEADERS, CompareRow, compare, markdown_table, parse_types, write_reports
 from cpuq.eval.perplexity import perplexity
 from make_imatrix_golden import tiny_checkpoint
-from make_tiny_checkpoint import QWEN2_VOCAB
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = (ROOT / "tests" / "data" / "tempest.txt").read_text(encoding="utf-8")
@@ -45,7 +44,6 @@ TYPES = "q8_0,q4_k"
 # q8_0 takes no importance matrix: no q8_0+imatrix or q8_0+awq
 LABELS = ["f16", "q8_0", "q4_k", "q4_k+imatrix", "q4_k+awq"]
 
-needs_vocab = pytest.mark.skipif(not QWEN2_VOCAB.exists(), reason=f"{QWEN2_VOCAB} not present")
 
 # perplexity/KL/top-1 of the same file over the same windows, computed twice (inside compare,
 # and by the test): the same deterministic kernels on the same float32 logits, then the same
@@ -72,7 +70,6 @@ def run(tmp_path_factory) -> SimpleNamespace:
 
 # compare(): the rows ------------------------------------------------------------------------
 
-@needs_vocab
 def test_rows_in_order_with_their_files(run):
     assert [r.type for r in run.rows] == LABELS
     for r in run.rows:
@@ -84,7 +81,6 @@ def test_rows_in_order_with_their_files(run):
     assert stages.index("calibrate") < stages.index("convert q4_k+imatrix") < stages.index("convert q4_k+awq")
 
 
-@needs_vocab
 def test_sizes_ratio_and_bits_per_weight(run):
     src_bytes = sum(p.stat().st_size for p in run.src.glob("*.safetensors"))
     assert src_bytes > 0
@@ -110,7 +106,6 @@ def test_sizes_ratio_and_bits_per_weight(run):
     assert run.by["f16"].bits_per_weight == pytest.approx(16.0, abs=0.01)
 
 
-@needs_vocab
 def test_base_row_is_f16_against_itself(run):
     base = run.by["f16"]
     # the base against a second load of itself: identical logits, so KL is exactly 0 up to
@@ -122,7 +117,6 @@ def test_base_row_is_f16_against_itself(run):
     assert base.ppl == pytest.approx(direct.ppl, rel=SAME)
 
 
-@needs_vocab
 @pytest.mark.parametrize("label", ["q8_0", "q4_k", "q4_k+imatrix", "q4_k+awq"])
 def test_quantized_rows_are_perplexity_against_f16(run, label):
     r = run.by[label]
@@ -137,7 +131,6 @@ def test_quantized_rows_are_perplexity_against_f16(run, label):
     assert r.kl_mean > 1e-7 and r.kl_p99 >= r.kl_mean
 
 
-@needs_vocab
 def test_fewer_bits_lose_more(run):
     """Q8_0 keeps 8 bits, Q4_K 4.5: its KL from F16 is larger (measured 1.6e-3 vs 9.7e-6,
     a factor 170) and so is its top-1 disagreement (72.6% vs 98.4% agreement)."""
@@ -147,7 +140,6 @@ def test_fewer_bits_lose_more(run):
     assert q4.file_bytes < q8.file_bytes < run.by["f16"].file_bytes
 
 
-@needs_vocab
 def test_imatrix_row_is_q4_k_with_the_calibration_imatrix(run, tmp_path):
     plain, calibrated = Path(run.by["q4_k"].path), Path(run.by["q4_k+imatrix"].path)
     assert plain.read_bytes() != calibrated.read_bytes()
@@ -175,7 +167,6 @@ def test_imatrix_row_is_q4_k_with_the_calibration_imatrix(run, tmp_path):
     assert by_hand.read_bytes() == calibrated.read_bytes()
 
 
-@needs_vocab
 def test_awq_row_is_q4_k_with_the_calibration_imatrix_and_channel_scaling(run, tmp_path):
     """The same importance matrix as the +imatrix row, with channel scaling as well: the
     same metadata plus the cpuq.channel_scaling key, the same tensor table, other values in
@@ -206,7 +197,6 @@ def _refuse(*args, **kwargs):
     raise AssertionError("converted or collected although the cache holds it")
 
 
-@needs_vocab
 def test_second_run_converts_nothing(run, monkeypatch):
     before = files_state(run.models), files_state(run.out)["imatrix.gguf"]
     monkeypatch.setattr(compare_mod, "convert", _refuse)
@@ -221,7 +211,6 @@ def test_second_run_converts_nothing(run, monkeypatch):
             assert getattr(a, field) == pytest.approx(getattr(b, field), rel=SAME, abs=1e-15), (a.type, field)
 
 
-@needs_vocab
 def test_changed_code_converts_again(run, tmp_path, monkeypatch):
     """A cached file is not reused once the quantizer/converter code differs (the key holds
     a digest of it): the first cached type is converted again (in a copy of the shared
@@ -240,7 +229,6 @@ def test_changed_code_converts_again(run, tmp_path, monkeypatch):
         compare(run.src, TYPES, SCORED, out, calibration=CALIBRATION, **SETTINGS)
 
 
-@needs_vocab
 def test_calibration_without_a_type_that_uses_it_collects_nothing(run, tmp_path, monkeypatch):
     """Q8_0 ignores importance: --calibrate with only q8_0 collects no matrix and adds no
     row (the cached F16 and Q8_0 files are reused from the shared run's folder)."""
@@ -253,7 +241,6 @@ def test_calibration_without_a_type_that_uses_it_collects_nothing(run, tmp_path,
     assert not (out / "imatrix.gguf").exists()
 
 
-@needs_vocab
 def test_cache_key_tells_awq_from_imatrix(run, tmp_path, monkeypatch):
     """A cached file keyed as +imatrix's (awq false) under the +awq name is not taken for
     the +awq row: that one alone is converted again, to the first run's tensors (the
@@ -281,7 +268,6 @@ def test_cache_key_tells_awq_from_imatrix(run, tmp_path, monkeypatch):
             assert bytes(t.data) == bytes(first.tensor(t.name).data), t.name
 
 
-@needs_vocab
 def test_changed_source_mtime_converts_again(run, tmp_path, monkeypatch):
     """A copy of the checkpoint with the same names, sizes and mtimes (copy2) and of the
     cached files: nothing is converted (the key holds no path); then one source file's
@@ -434,7 +420,6 @@ def scored_file(tmp_path_factory) -> Path:
     return path
 
 
-@needs_vocab
 def test_cli_end_to_end(run, scored_file, monkeypatch):
     monkeypatch.setattr(compare_mod, "convert", _refuse)  # F16 and Q8_0 are in the module's cache
     res = CliRunner().invoke(app, ["compare", str(run.src), "--types", "q8_0", "-f", str(scored_file),
@@ -457,7 +442,6 @@ def test_cli_end_to_end(run, scored_file, monkeypatch):
     assert float(back[1]["ppl"]) == pytest.approx(run.by["q8_0"].ppl, rel=SAME)
 
 
-@needs_vocab
 def test_cli_json(run, scored_file, monkeypatch):
     import json
     monkeypatch.setattr(compare_mod, "convert", _refuse)

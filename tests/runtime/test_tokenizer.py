@@ -45,8 +45,6 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def qwen2() -> Tokenizer:
-    if not QWEN2_VOCAB.exists():
-        pytest.skip(f"{QWEN2_VOCAB} not present")
     with open_gguf(QWEN2_VOCAB) as f:
         return Tokenizer.from_gguf(f)
 
@@ -470,8 +468,6 @@ def test_matches_transformers_through_the_converter(tmp_path):
     tokenizer from the GGUF against transformers' tokenizer from the checkpoint."""
     if not HF_PYTHON.exists():
         pytest.skip(f"{HF_PYTHON} missing (torch + transformers venv)")
-    if not QWEN2_VOCAB.exists():
-        pytest.skip(f"{QWEN2_VOCAB} not present")
     src = make_tiny_checkpoint(tmp_path / "ckpt", "qwen2", num_hidden_layers=1)
     gguf_path = cpuq.convert(src, tmp_path / "tiny.gguf", "f32")
     texts_file = tmp_path / "texts.json"
