@@ -1,5 +1,6 @@
-"""Block codecs: the one table of tensor types cpuq reads and writes, and the public
-`quantize` / `dequantize` that validate their input and dispatch through it.
+"""Block codecs: the table of the tensor types cpuq reads and writes (a codec registered
+against each row of types.GGML_TYPES it handles), and the public `quantize` / `dequantize`
+that validate their input and dispatch through it.
 
 Encoders live in legacy.py (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) and kquants.py (Q4_K, Q5_K,
 Q6_K), sharing the scale searches in search.py; decoders for every type live in
@@ -17,6 +18,7 @@ from gguf.quants import quantize as _gguf_quantize
 
 from ..errors import InputError, UnsupportedError
 from . import decode, kquants, legacy
+from .types import BF16, F16, F32, GGML_TYPES, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, GGMLType
 
 Encoder = Callable[[np.ndarray, Optional[np.ndarray]], np.ndarray]
 Decoder = Callable[[np.ndarray, int], np.ndarray]
@@ -24,21 +26,35 @@ Decoder = Callable[[np.ndarray, int], np.ndarray]
 
 @dataclass(frozen=True)
 class QType:
-    """A GGML tensor type: `block_size` values are stored in `type_size` bytes."""
-    name: str
-    ggml_type: int  # ggml's enum value, as stored in GGUF tensor infos
-    block_size: int
-    type_size: int
+    """A GGML tensor type (its row of types.GGML_TYPES) with the codec cpuq has for it."""
+    ggml: GGMLType
     encode: Encoder
     decode: Decoder
     uses_importance: bool  # whether llama.cpp's quantizer reads an imatrix for it
 
+    @property
+    def name(self) -> str:
+        return self.ggml.name
+
+    @property
+    def ggml_type(self) -> int:
+        """ggml's enum value, as stored in GGUF tensor infos."""
+        return self.ggml.id
+
+    @property
+    def block_size(self) -> int:
+        return self.ggml.block_size
+
+    @property
+    def type_size(self) -> int:
+        return self.ggml.type_size
+
     def row_bytes(self, cols: int) -> int:
-        return cols // self.block_size * self.type_size
+        return self.ggml.row_bytes(cols)
 
     @property
     def bits_per_weight(self) -> float:
-        return 8.0 * self.type_size / self.block_size
+        return self.ggml.bits_per_weight
 
 
 def _f32_encode(x, importance=None):
@@ -58,21 +74,23 @@ def _bf16_encode(x, importance=None):
     return _gguf_quantize(x, _G.BF16).view(np.uint8)
 
 
-# One row per type; the byte counts are those of ggml-common.h's block structs.
-TYPES: dict[str, QType] = {t.name: t for t in (
-    QType("F32", _G.F32, 1, 4, _f32_encode, _f32_decode, False),
-    QType("F16", _G.F16, 1, 2, _f16_encode, decode.dequantize_f16, False),
-    QType("BF16", _G.BF16, 1, 2, _bf16_encode, decode.dequantize_bf16, False),
-    QType("Q8_0", _G.Q8_0, 32, 34, legacy.quantize_q8_0, decode.dequantize_q8_0, False),
-    QType("Q4_0", _G.Q4_0, 32, 18, legacy.quantize_q4_0, decode.dequantize_q4_0, True),
-    QType("Q4_1", _G.Q4_1, 32, 20, legacy.quantize_q4_1, decode.dequantize_q4_1, True),
-    QType("Q5_0", _G.Q5_0, 32, 22, legacy.quantize_q5_0, decode.dequantize_q5_0, True),
-    QType("Q5_1", _G.Q5_1, 32, 24, legacy.quantize_q5_1, decode.dequantize_q5_1, True),
-    QType("Q4_K", _G.Q4_K, 256, 144, kquants.quantize_q4_k, decode.dequantize_q4_k, True),
-    QType("Q5_K", _G.Q5_K, 256, 176, kquants.quantize_q5_k, decode.dequantize_q5_k, True),
-    QType("Q6_K", _G.Q6_K, 256, 210, kquants.quantize_q6_k, decode.dequantize_q6_k, True),
-)}
-_BY_ID = {int(t.ggml_type): t for t in TYPES.values()}
+# The codec of every type cpuq reads and writes: (type id, encoder, decoder, whether
+# llama.cpp's quantizer reads an imatrix for it). Names and sizes come from types.GGML_TYPES.
+_CODECS = (
+    (F32, _f32_encode, _f32_decode, False),
+    (F16, _f16_encode, decode.dequantize_f16, False),
+    (BF16, _bf16_encode, decode.dequantize_bf16, False),
+    (Q8_0, legacy.quantize_q8_0, decode.dequantize_q8_0, False),
+    (Q4_0, legacy.quantize_q4_0, decode.dequantize_q4_0, True),
+    (Q4_1, legacy.quantize_q4_1, decode.dequantize_q4_1, True),
+    (Q5_0, legacy.quantize_q5_0, decode.dequantize_q5_0, True),
+    (Q5_1, legacy.quantize_q5_1, decode.dequantize_q5_1, True),
+    (Q4_K, kquants.quantize_q4_k, decode.dequantize_q4_k, True),
+    (Q5_K, kquants.quantize_q5_k, decode.dequantize_q5_k, True),
+    (Q6_K, kquants.quantize_q6_k, decode.dequantize_q6_k, True),
+)
+TYPES: dict[str, QType] = {GGML_TYPES[i].name: QType(GGML_TYPES[i], enc, dec, imp) for i, enc, dec, imp in _CODECS}
+_BY_ID = {t.ggml_type: t for t in TYPES.values()}
 
 
 def get_qtype(qtype: str | QType) -> QType:
@@ -81,7 +99,10 @@ def get_qtype(qtype: str | QType) -> QType:
         return qtype
     t = TYPES.get(str(qtype).upper())
     if t is None:
-        raise UnsupportedError(f"unknown tensor type '{qtype}' (supported: {', '.join(TYPES).lower()})")
+        supported = ', '.join(TYPES).lower()
+        if any(g.name == str(qtype).upper() for g in GGML_TYPES.values()):  # listed ahead of its codec
+            raise UnsupportedError(f"tensor type '{qtype}' is not supported (supported: {supported})")
+        raise UnsupportedError(f"unknown tensor type '{qtype}' (supported: {supported})")
     return t
 
 
@@ -89,8 +110,8 @@ def qtype_from_id(type_id: int) -> QType:
     """The table row for a ggml type id as found in a GGUF tensor info."""
     t = _BY_ID.get(int(type_id))
     if t is None:
-        try:
-            name = _G(type_id).name
+        try:  # a type without a codec yet, or one cpuq's table does not list
+            name = GGML_TYPES[int(type_id)].name if int(type_id) in GGML_TYPES else _G(type_id).name
         except ValueError:
             raise UnsupportedError(f"unknown tensor type id {type_id}") from None
         raise UnsupportedError(f"tensor type {name} (id {type_id}) is not supported "

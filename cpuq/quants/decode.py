@@ -13,7 +13,8 @@ operations, so that NaN/inf scales give the same NaN/inf. Every loop bound comes
 array shapes (the smaller of what src holds and what dst holds), so no bytes, however
 malformed, make a kernel touch memory outside its arrays.
 
-Imports only numpy, numba and cpuq.quants.search (the float bit helpers); nothing else from cpuq.
+Imports only numpy, numba, cpuq.quants.search (the float bit helpers) and cpuq.quants.types
+(the block sizes); nothing else from cpuq.
 """
 from __future__ import annotations
 
@@ -22,19 +23,20 @@ from numba import njit, prange
 
 from .search import f32_from_bits as _f32_from_bits
 from .search import fp16_bits_to_fp32 as half_bits_to_float
+from .types import BF16, F16, GGML_TYPES, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 
-QK = 32  # elements per block of the legacy types
-QK_K = 256  # elements per super-block of the K-types
-
-# (block_size, type_size) per type, as in ggml-common.h
-Q8_0_BYTES = 2 + QK
-Q4_0_BYTES = 2 + QK // 2
-Q4_1_BYTES = 4 + QK // 2
-Q5_0_BYTES = 2 + 4 + QK // 2
-Q5_1_BYTES = 4 + 4 + QK // 2
-Q4_K_BYTES = 4 + 12 + QK_K // 2
-Q5_K_BYTES = 4 + 12 + QK_K // 8 + QK_K // 2
-Q6_K_BYTES = QK_K // 2 + QK_K // 4 + QK_K // 16 + 2
+# Block sizes and bytes per block from the types table; the legacy types share one block
+# size, the K-types another (tests/quants/test_types.py).
+QK = GGML_TYPES[Q8_0].block_size  # elements per block of the legacy types
+QK_K = GGML_TYPES[Q4_K].block_size  # elements per super-block of the K-types
+Q8_0_BYTES = GGML_TYPES[Q8_0].type_size
+Q4_0_BYTES = GGML_TYPES[Q4_0].type_size
+Q4_1_BYTES = GGML_TYPES[Q4_1].type_size
+Q5_0_BYTES = GGML_TYPES[Q5_0].type_size
+Q5_1_BYTES = GGML_TYPES[Q5_1].type_size
+Q4_K_BYTES = GGML_TYPES[Q4_K].type_size
+Q5_K_BYTES = GGML_TYPES[Q5_K].type_size
+Q6_K_BYTES = GGML_TYPES[Q6_K].type_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,9 +387,9 @@ def dequantize_q6_k(data: np.ndarray, cols: int) -> np.ndarray:
 
 def dequantize_f16(data: np.ndarray, cols: int) -> np.ndarray:
     """data: (rows, cols * 2) uint8 little-endian IEEE halves -> (rows, cols) f32."""
-    return _dequantize(data, cols, 1, 2, dequantize_f16_into)
+    return _dequantize(data, cols, GGML_TYPES[F16].block_size, GGML_TYPES[F16].type_size, dequantize_f16_into)
 
 
 def dequantize_bf16(data: np.ndarray, cols: int) -> np.ndarray:
     """data: (rows, cols * 2) uint8 little-endian bfloat16 -> (rows, cols) f32."""
-    return _dequantize(data, cols, 1, 2, dequantize_bf16_into)
+    return _dequantize(data, cols, GGML_TYPES[BF16].block_size, GGML_TYPES[BF16].type_size, dequantize_bf16_into)

@@ -19,7 +19,7 @@ Block layouts (ggml-common.h), bytes per 256 values:
 
 x: C-contiguous f32 (rows, cols), cols a multiple of 256; importance: f32 (cols,) or None.
 The public wrapper in cpuq.quants validates both; loop bounds here still come from the
-array shapes. Imports only numpy, numba and cpuq.quants.search.
+array shapes. Imports only numpy, numba, cpuq.quants.search and cpuq.quants.types.
 """
 from __future__ import annotations
 
@@ -35,13 +35,15 @@ from .search import (
     make_qx_quants,
     nearest_int,
 )
+from .types import GGML_TYPES, Q4_K, Q5_K, Q6_K
 
 f32 = np.float32
 
-QK_K = 256
-Q4_K_BYTES = 2 + 2 + 12 + QK_K // 2
-Q5_K_BYTES = 2 + 2 + 12 + QK_K // 8 + QK_K // 2
-Q6_K_BYTES = QK_K // 2 + QK_K // 4 + QK_K // 16 + 2
+# Sizes from the types table; the three types share one block size (tests/quants/test_types.py).
+QK_K = GGML_TYPES[Q4_K].block_size
+Q4_K_BYTES = GGML_TYPES[Q4_K].type_size
+Q5_K_BYTES = GGML_TYPES[Q5_K].type_size
+Q6_K_BYTES = GGML_TYPES[Q6_K].type_size
 
 _JIT = dict(cache=True, fastmath=False, error_model="numpy")
 

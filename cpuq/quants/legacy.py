@@ -16,7 +16,7 @@ Block layouts (ggml-common.h), bytes per 32 values:
 
 x: C-contiguous f32 (rows, cols), cols a multiple of 32; importance: f32 (cols,) or None.
 The public wrapper in cpuq.quants validates both; loop bounds here still come from the
-array shapes. Imports only numpy, numba and cpuq.quants.search.
+array shapes. Imports only numpy, numba, cpuq.quants.search and cpuq.quants.types.
 """
 from __future__ import annotations
 
@@ -31,15 +31,17 @@ from .search import (
     make_qx_quants,
     round_half_away,
 )
+from .types import GGML_TYPES, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
 
 f32 = np.float32
 
-QK = 32
-Q8_0_BYTES = 2 + QK
-Q4_0_BYTES = 2 + QK // 2
-Q4_1_BYTES = 2 + 2 + QK // 2
-Q5_0_BYTES = 2 + 4 + QK // 2
-Q5_1_BYTES = 2 + 2 + 4 + QK // 2
+# Sizes from the types table; the five types share one block size (tests/quants/test_types.py).
+QK = GGML_TYPES[Q8_0].block_size
+Q8_0_BYTES = GGML_TYPES[Q8_0].type_size
+Q4_0_BYTES = GGML_TYPES[Q4_0].type_size
+Q4_1_BYTES = GGML_TYPES[Q4_1].type_size
+Q5_0_BYTES = GGML_TYPES[Q5_0].type_size
+Q5_1_BYTES = GGML_TYPES[Q5_1].type_size
 
 _JIT = dict(cache=True, fastmath=False, error_model="numpy")
 _NO_IMPORTANCE = np.empty(0, np.float32)
