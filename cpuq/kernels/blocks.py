@@ -21,7 +21,7 @@ Bounds: the IR functions read nb blocks of the row and nb * QK floats of x (or w
 to dst); the Numba-side wrappers take nb = min(what x/dst hold, what the row holds) and a
 row index inside the matrix, so no bytes, however malformed, reach outside the arrays.
 
-Imports numpy, numba and llvmlite only.
+Imports numba, llvmlite and cpuq.quants.types (the block sizes) only.
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from ..quants.types import GGML_TYPES, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 
 F32 = ir.FloatType()
 I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -249,17 +251,9 @@ def _values_q6_k(b, w):  # [ql 128 | qh 64 | 16 int8 scales | d]; element groups
     return out
 
 
-# ggml type id -> (elements per block, bytes per block, values builder)
-BLOCK_IR = {
-    8: (32, 34, _values_q8_0),     # Q8_0
-    2: (32, 18, _values_q4_0),     # Q4_0
-    3: (32, 20, _values_q4_1),     # Q4_1
-    6: (32, 22, _values_q5_0),     # Q5_0
-    7: (32, 24, _values_q5_1),     # Q5_1
-    12: (256, 144, _values_q4_k),  # Q4_K
-    13: (256, 176, _values_q5_k),  # Q5_K
-    14: (256, 210, _values_q6_k),  # Q6_K
-}
+# ggml type id -> values builder; elements and bytes per block come from types.GGML_TYPES.
+BLOCK_IR = {Q8_0: _values_q8_0, Q4_0: _values_q4_0, Q4_1: _values_q4_1, Q5_0: _values_q5_0, Q5_1: _values_q5_1,
+            Q4_K: _values_q4_k, Q5_K: _values_q5_k, Q6_K: _values_q6_k}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,19 +386,19 @@ def _x_order(sets) -> "list[int]":
 
 # ggml type id -> integer-values builder, for the types decode steps spend their time in.
 # Legacy blocks (one group): (w, dx, xsum) -> (q <32 x i8>, <16 x float> scale, dx included).
-BLOCK_INTS = {8: _ints_q8_0, 6: _ints_q5_0}
+BLOCK_INTS = {Q8_0: _ints_q8_0, Q5_0: _ints_q5_0}
 # K-quant superblocks: (w, x (i16*, the block's 256 values in X_ORDERS[type]), xsum) ->
 # (<16 x i32> sum of x times the block's integers times their small scales, d, minimum
 # terms or None). No overflow in int32: 16 products per lane, each <= 32 * 128 * 32767 in
 # magnitude, sum < 2^31; converted once per block, when x's groups share one scale per 256
 # elements (matvec.quantize_x gives that when k is a multiple of 256, as every K-quant row is).
-BLOCK_K_INTS = {12: _sum_q4_k, 14: _sum_q6_k}
+BLOCK_K_INTS = {Q4_K: _sum_q4_k, Q6_K: _sum_q6_k}
 # The value sets of a half-block as the K builders read them: (group in lanes 0-15, group
 # in lanes 16-31, parity), groups relative to the half-block; X_ORDERS: the x index of
 # each of a block's 256 positions in that order.
-X_SETS = {12: [(0, 2, 0), (0, 2, 1), (1, 3, 0), (1, 3, 1)], 14: [(0, 1, 0), (0, 1, 1), (2, 3, 0), (2, 3, 1)]}
+X_SETS = {Q4_K: [(0, 2, 0), (0, 2, 1), (1, 3, 0), (1, 3, 1)], Q6_K: [(0, 1, 0), (0, 1, 1), (2, 3, 0), (2, 3, 1)]}
 X_ORDERS = {t: _x_order(sets) for t, sets in X_SETS.items()}
-X_ORDER_ROW = {12: 1, 14: 2}  # the row of matvec's xq that holds each order (0: natural)
+X_ORDER_ROW = {Q4_K: 1, Q6_K: 2}  # the row of matvec's xq that holds each order (0: natural)
 
 
 def host_cpu_features() -> dict:
@@ -457,7 +451,7 @@ def _build_dot_i16_fn(module: ir.Module, name: str, ggml_type: int) -> ir.Functi
     blocks with x given per 32-element group g as xq[32g:32g+32] * dx[g] (int16, see
     matvec's quantize_x; K-quants read each block's 256 values in X_ORDERS[type]) and
     xsum[g] = the group's float sum (for the minimum terms)."""
-    qk, nbytes, _ = BLOCK_IR[ggml_type]
+    qk, nbytes = GGML_TYPES[ggml_type].block_size, GGML_TYPES[ggml_type].type_size
     groups = qk // 32
     fnty = ir.FunctionType(F32, [I16.as_pointer(), F32.as_pointer(), F32.as_pointer(), I8.as_pointer(), I64])
     fn = ir.Function(module, fnty, name)
@@ -513,7 +507,7 @@ def _reduce(b: ir.IRBuilder, v):
 def _build_row_fn(module: ir.Module, name: str, ggml_type: int, dot: bool) -> ir.Function:
     """dot:   float name(float* x, i8* w, i64 nb) = sum over nb blocks of x * values
     decode: void name(float* dst, i8* w, i64 nb)  dst[0 : nb * QK] = values"""
-    qk, nbytes, values = BLOCK_IR[ggml_type]
+    qk, nbytes, values = GGML_TYPES[ggml_type].block_size, GGML_TYPES[ggml_type].type_size, BLOCK_IR[ggml_type]
     fnty = ir.FunctionType(F32 if dot else ir.VoidType(), [F32.as_pointer(), I8.as_pointer(), I64])
     fn = ir.Function(module, fnty, name)
     fn.linkage = "internal"

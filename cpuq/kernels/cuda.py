@@ -15,15 +15,17 @@ Positions come from a device int (`n_past`), not from launch arguments, so one r
 CUDA graph replays every decode step. Every index is bounded by the sizes passed in, which
 runtime/gpu.py takes from the validated tensors.
 
-Imports nothing: this module holds text and a table.
+Imports only cpuq.quants.types: this module holds text and a table.
 """
 from __future__ import annotations
 
-# GGML type id -> the struct that decodes it (ggml.h's enum ggml_type).
-TYPE_STRUCTS = {0: "TF32", 1: "TF16", 30: "TBF16", 2: "TQ4_0", 3: "TQ4_1", 6: "TQ5_0", 7: "TQ5_1", 8: "TQ8_0",
-                12: "TQ4_K", 13: "TQ5_K", 14: "TQ6_K"}
-# Values per block of each struct (the F types are read in blocks of 32 values).
-TYPE_QK = {0: 32, 1: 32, 30: 32, 2: 32, 3: 32, 6: 32, 7: 32, 8: 32, 12: 256, 13: 256, 14: 256}
+from ..quants.types import BF16, F16, F32, GGML_TYPES, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
+
+# GGML type id -> the struct that decodes it, "T" + the type's name.
+TYPE_STRUCTS = {t: "T" + GGML_TYPES[t].name for t in (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)}
+# Values per block of each struct (its QK): the type's block size, or 32 for the float
+# types (block size 1), which are read 32 values at a time.
+TYPE_QK = {t: GGML_TYPES[t].block_size if GGML_TYPES[t].block_size > 1 else 32 for t in TYPE_STRUCTS}
 
 MATVEC_WARPS = 4      # rows per matvec block (one warp each)
 ATTENTION_WARPS = 8   # warps sharing one query's keys

@@ -16,19 +16,17 @@ import numpy as np
 from numba import njit, prange
 
 from ..quants import decode as D
+from ..quants.types import BF16, F16, F32, GGML_TYPES, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 from .blocks import BLOCK_IR, decode_row_fast
 from .halves import f16_to_f32
 
-# GGML type ids (ggml.h enum ggml_type) that decode_row understands.
-F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
-SUPPORTED = (F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16)
-
-# Elements and bytes per block, indexed by type id, for the types with IR kernels
-# (blocks.BLOCK_IR); Numba freezes these arrays into the kernels as constants.
+# Elements and bytes per block (types.GGML_TYPES), indexed by type id, for the types with
+# IR kernels (blocks.BLOCK_IR), 1 elsewhere; Numba freezes these arrays into the kernels as
+# constants. 32 entries hold every id up to BF16's (30); a larger id in BLOCK_IR fails here.
 BLOCK_ELEMS = np.ones(32, np.int64)
 BLOCK_BYTES = np.ones(32, np.int64)
-for _t, (_qk, _nbytes, _) in BLOCK_IR.items():
-    BLOCK_ELEMS[_t], BLOCK_BYTES[_t] = _qk, _nbytes
+for _t in BLOCK_IR:
+    BLOCK_ELEMS[_t], BLOCK_BYTES[_t] = GGML_TYPES[_t].block_size, GGML_TYPES[_t].type_size
 BLOCK_IR_TYPES = tuple(BLOCK_IR)
 
 _DOT = {"reassoc", "contract"}
@@ -109,10 +107,12 @@ def matmul(x, w, ggml_type, out):
                 out[i, r] = _dot(xi, buf[r - r0], k)
 
 
-# decode_row's branches as a table, for get_rows
+# decode_row's branches as a table, keyed by types.GGML_TYPES ids: get_rows calls them, and
+# they are the types the CPU runtime reads (SUPPORTED).
 _ROW_DECODERS = {Q4_K: D.decode_row_q4_k, Q6_K: D.decode_row_q6_k, Q8_0: D.decode_row_q8_0, Q5_0: D.decode_row_q5_0,
                  Q5_K: D.decode_row_q5_k, Q4_0: D.decode_row_q4_0, Q4_1: D.decode_row_q4_1, Q5_1: D.decode_row_q5_1,
                  F16: _decode_row_f16, BF16: D.decode_row_bf16, F32: _decode_row_f32}
+SUPPORTED = tuple(sorted(_ROW_DECODERS))
 
 
 def get_rows(w, ggml_type, ids, out):

@@ -27,10 +27,11 @@ from typing import Sequence
 import numpy as np
 from numba import njit, prange
 
-from .blocks import dot_row_q, order_x
-from .matmul import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, matmul, n_blocks
+from ..quants.types import GGML_TYPES, Q8_0
+from .blocks import BLOCK_IR, dot_row_q, order_x
+from .matmul import matmul, n_blocks
 
-BLOCK_TYPES = (Q8_0, Q5_0, Q4_K, Q6_K, Q4_0, Q4_1, Q5_1, Q5_K)
+BLOCK_TYPES = tuple(BLOCK_IR)  # the types dot_row_q reads
 
 
 @njit(cache=True)
@@ -109,7 +110,8 @@ def matvec3(x, w0, t0, out0, w1, t1, out1, w2, t2, out2):
 
 
 # an empty matrix (with its type and output) for matvec3's unused places
-NONE_W, NONE_TYPE, NONE_OUT = np.zeros((0, 34), np.uint8), Q8_0, np.zeros(0, np.float32)
+NONE_TYPE = Q8_0
+NONE_W, NONE_OUT = np.zeros((0, GGML_TYPES[NONE_TYPE].type_size), np.uint8), np.zeros(0, np.float32)
 NONE_W.setflags(write=False)  # as the mapped weights, and as Numba types a global: one matvec3 signature
 
 

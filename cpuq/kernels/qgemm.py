@@ -30,7 +30,7 @@ Bounds: the IR reads k bytes of each of n8*8 token rows, k/32 scales and k/G sum
 checks every array holds that before calling it. The unpackers read the blocks that both
 the row and k hold (zeros beyond), so no bytes, however malformed, reach outside.
 
-Imports numpy, numba, llvmlite and the sibling kernels.blocks / matmul only.
+Imports numpy, numba, llvmlite, cpuq.quants.types and the sibling kernels.blocks / matmul only.
 """
 from __future__ import annotations
 
@@ -40,14 +40,14 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .blocks import (BLOCK_IR, F32, I8, I32, I64, V16B, V16F, V16I, V32B, _FAST, _by_type, _concat, _function, _half,
+from ..quants.types import GGML_TYPES, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
+from .blocks import (F32, I8, I32, I64, V16B, V16F, V16I, V32B, _FAST, _by_type, _concat, _function, _half,
                      _intrinsic_fn, _k_ints, _k_scales_mins, _load, _loop, _q4_ints, _q5_ints, _q6_k_groups,
                      _row_pointer, _splat, _vconst, host_cpu_features)
-from .matmul import BLOCK_ELEMS, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, n_blocks
+from .matmul import BLOCK_ELEMS, n_blocks
 
 ROWS = 16  # weight rows per strip: the 16 int32 lanes of a 512-bit register
 TOKENS = 8  # tokens per pass over a strip: 8 int32 + 8 float accumulators stay in registers
-TYPES = (Q4_K, Q6_K, Q8_0, Q5_0, Q4_0, Q4_1, Q5_1, Q5_K)
 
 
 _FEATURES = host_cpu_features()
@@ -156,8 +156,11 @@ def _unpack_q6_k(b, w):  # u = q (0..63); a = d * scale per 16 elements, b = 32 
     return [q for _, q in _q6_k_groups(b, w, offset=0)], a, b.fmul(a, _vconst(V16F, 32.0))
 
 
-UNPACK_IR = {Q8_0: _unpack_q8_0, Q4_0: _unpack_q4_0, Q4_1: _unpack_q4_1, Q5_0: _unpack_q5_0, Q5_1: _unpack_q5_1,
-             Q4_K: _unpack_q4_k, Q5_K: _unpack_q5_k, Q6_K: _unpack_q6_k}
+# ggml type id -> unpacker; elements and bytes per block come from types.GGML_TYPES. The
+# key order is the order unpack_strip tests a type against TYPES (the common ones first).
+UNPACK_IR = {Q4_K: _unpack_q4_k, Q6_K: _unpack_q6_k, Q8_0: _unpack_q8_0, Q5_0: _unpack_q5_0, Q4_0: _unpack_q4_0,
+             Q4_1: _unpack_q4_1, Q5_1: _unpack_q5_1, Q5_K: _unpack_q5_k}
+TYPES = tuple(UNPACK_IR)  # the types qgemm_rows reads
 
 
 def _transpose16(b: ir.IRBuilder, rows: list) -> list:
@@ -182,8 +185,8 @@ def _build_unpack_fn(module: ir.Module, name: str, ggml_type: int) -> ir.Functio
     nb blocks of `rows` (1..16) rows `stride` bytes apart from w -> u (element e of row r at
     byte 64 (e/4) + 4r + e%4), a and b (group g of row r at 16g + r); lanes of rows past
     `rows` are zeros (their loads read the last row)."""
-    qk, nbytes, _ = BLOCK_IR[ggml_type]
-    groups = qk // (16 if ggml_type == Q6_K else 32)
+    qk, nbytes = GGML_TYPES[ggml_type].block_size, GGML_TYPES[ggml_type].type_size
+    groups = qk // group_size.py_func(ggml_type)
     pf = F32.as_pointer()
     fnty = ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I64, I64, I64, I8.as_pointer(), pf, pf])
     fn = ir.Function(module, fnty, name)
