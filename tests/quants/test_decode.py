@@ -13,6 +13,7 @@ import warnings
 
 import numpy as np
 import pytest
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as G
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
@@ -20,19 +21,20 @@ from gguf.quants import quantize as gguf_quantize
 from cpuq.quants import decode
 from tests import data as testdata
 
-# name: (ggml type, block_size, type_size, byte offsets of the fp16 fields in a block)
-TYPES = {
-    "q8_0": (G.Q8_0, 32, 34, (0,)),
-    "q4_0": (G.Q4_0, 32, 18, (0,)),
-    "q4_1": (G.Q4_1, 32, 20, (0, 2)),
-    "q5_0": (G.Q5_0, 32, 22, (0,)),
-    "q5_1": (G.Q5_1, 32, 24, (0, 2)),
-    "q4_k": (G.Q4_K, 256, 144, (0, 2)),
-    "q5_k": (G.Q5_K, 256, 176, (0, 2)),
-    "q6_k": (G.Q6_K, 256, 210, (208,)),
-    "f16": (G.F16, 1, 2, (0,)),
-    "bf16": (G.BF16, 1, 2, ()),
-}
+# name: (ggml type, block_size, type_size, byte offsets of the fp16 fields in a block), the
+# sizes gguf-py's GGML_QUANT_SIZES
+TYPES = {name: (g, *GGML_QUANT_SIZES[g], offsets) for name, g, offsets in (
+    ("q8_0", G.Q8_0, (0,)),
+    ("q4_0", G.Q4_0, (0,)),
+    ("q4_1", G.Q4_1, (0, 2)),
+    ("q5_0", G.Q5_0, (0,)),
+    ("q5_1", G.Q5_1, (0, 2)),
+    ("q4_k", G.Q4_K, (0, 2)),
+    ("q5_k", G.Q5_K, (0, 2)),
+    ("q6_k", G.Q6_K, (208,)),
+    ("f16", G.F16, (0,)),
+    ("bf16", G.BF16, ()),
+)}
 # (rows, cols): one block, one row of several blocks, and an odd row count so that the
 # parallel split over rows is uneven
 SHAPES = [(1, 256), (1, 4096), (37, 1024)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as G
 
 import ggml_oracle  # on sys.path through tests/conftest.py
@@ -20,17 +21,17 @@ pytestmark = pytest.mark.peer
 if not ggml_oracle.available():
     pytest.skip("llama.cpp peer library not built (tools/peer_env.sh)", allow_module_level=True)
 
-# name: (ggml type, encoder, block_size, type_size)
-TYPES = {
-    "q4_k": (G.Q4_K, kquants.quantize_q4_k, 256, 144),
-    "q5_k": (G.Q5_K, kquants.quantize_q5_k, 256, 176),
-    "q6_k": (G.Q6_K, kquants.quantize_q6_k, 256, 210),
-    "q8_0": (G.Q8_0, legacy.quantize_q8_0, 32, 34),
-    "q4_0": (G.Q4_0, legacy.quantize_q4_0, 32, 18),
-    "q4_1": (G.Q4_1, legacy.quantize_q4_1, 32, 20),
-    "q5_0": (G.Q5_0, legacy.quantize_q5_0, 32, 22),
-    "q5_1": (G.Q5_1, legacy.quantize_q5_1, 32, 24),
-}
+# name: (ggml type, encoder, block_size, type_size), the sizes gguf-py's GGML_QUANT_SIZES
+TYPES = {name: (g, encode, *GGML_QUANT_SIZES[g]) for name, g, encode in (
+    ("q4_k", G.Q4_K, kquants.quantize_q4_k),
+    ("q5_k", G.Q5_K, kquants.quantize_q5_k),
+    ("q6_k", G.Q6_K, kquants.quantize_q6_k),
+    ("q8_0", G.Q8_0, legacy.quantize_q8_0),
+    ("q4_0", G.Q4_0, legacy.quantize_q4_0),
+    ("q4_1", G.Q4_1, legacy.quantize_q4_1),
+    ("q5_0", G.Q5_0, legacy.quantize_q5_0),
+    ("q5_1", G.Q5_1, legacy.quantize_q5_1),
+)}
 K_COLS = (256, 512, 1536, 4096)
 LEGACY_COLS = (32, 96) + K_COLS
 
