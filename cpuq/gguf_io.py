@@ -2,8 +2,9 @@
 streaming writer.
 
 The reader checks everything a later read depends on (counts against the file size,
-type ids, shapes, alignment, every tensor's byte extent) before handing out a view,
-and turns every parser failure into a FormatError naming the file and what is wrong.
+value and tensor type ids, shapes, alignment, duplicate names, every tensor's byte extent)
+before gguf-py would index or reshape with it, and raises a FormatError naming the file and
+what is wrong; any other exception from the parser is a bug in it, and surfaces as one.
 No tensor data is copied at open: `GGUFFile.tensor(name).data` is a view of the mmap.
 
 The writer writes all metadata and tensor infos first, then tensor data one tensor
@@ -70,8 +71,10 @@ class TensorInfo:
 
 
 class _CheckedReader(gguf.GGUFReader):
-    """gguf-py's parser, with reads past the end and bad tensor infos turned into
-    FormatErrors at the point where gguf-py would otherwise index or reshape them."""
+    """gguf-py's parser, with each thing a bad file can get wrong checked where gguf-py
+    would otherwise index, reshape or raise its own ValueError/KeyError on it: reads past
+    the end, value types, arrays of arrays, duplicate keys and tensors, the alignment, and
+    tensor infos. Key and tensor names are decoded by gguf-py (UnicodeDecodeError)."""
 
     def __init__(self, path: Path):
         self._path = path
@@ -85,10 +88,17 @@ class _CheckedReader(gguf.GGUFReader):
                               f"goes past the end of the file ({len(self.data)} bytes)")
         return super()._get(offset, dtype, count, override_order)
 
+    def _push_field(self, field, skip_sum=False):
+        if field.name in self.fields:
+            raise FormatError(f"{self._path}: metadata key {_quoted(field.name)} appears twice")
+        return super()._push_field(field, skip_sum)
+
     def _get_field_parts(self, orig_offs, raw_type):
         # gguf-py walks arrays one element at a time, building numpy views per element: 7 s
-        # for a 151936-token vocabulary. Flat arrays are read here in one step instead; the
+        # for a 151936-token vocabulary. Arrays are read here in one step instead; the
         # parts keep gguf-py's layout (item type, length, values) so ReaderField still works.
+        if int(raw_type) not in _VALUE_TYPE_IDS:
+            raise FormatError(f"{self._path}: the metadata value at offset {orig_offs} has unknown type {raw_type}")
         if raw_type != GGUFValueType.ARRAY:
             return super()._get_field_parts(orig_offs, raw_type)
         raw_itype = self._get(orig_offs, np.uint32)
@@ -96,23 +106,41 @@ class _CheckedReader(gguf.GGUFReader):
         n = int(alen[0])
         start = orig_offs + 12
         itype = int(raw_itype[0])
+        if itype not in _VALUE_TYPE_IDS:
+            raise FormatError(f"{self._path}: the array at offset {orig_offs} has items of unknown type {itype}")
+        if itype == GGUFValueType.ARRAY:  # llama.cpp's reader (gguf.cpp) rejects them too
+            raise FormatError(f"{self._path}: the array at offset {orig_offs} holds arrays (nested arrays are "
+                              f"not valid GGUF)")
         if itype == GGUFValueType.STRING:
             starts, lengths, end = _string_array_extents(self.data, start, n, self._path)
             blob = self.data[start:end]
             # No data indices: _field_value recognises this shape and decodes the blob itself.
             return end - orig_offs, [raw_itype, alen, blob, starts, lengths], [], \
                 [GGUFValueType.ARRAY, GGUFValueType.STRING]
-        nptype = self.gguf_scalar_to_np.get(GGUFValueType(itype)) if itype in _VALUE_TYPE_IDS else None
-        if nptype is None:  # nested arrays: rare and small, gguf-py's walk is fine
-            return super()._get_field_parts(orig_offs, raw_type)
-        values = self._get(start, nptype, n)
+        values = self._get(start, self.gguf_scalar_to_np[GGUFValueType(itype)], n)
         return 12 + int(values.nbytes), [raw_itype, alen, values], [2], [GGUFValueType.ARRAY, GGUFValueType(itype)]
+
+    def _build_tensor_info(self, offs, count):
+        # gguf-py checks general.alignment after this, with a ValueError; checked here first
+        field = self.fields.get("general.alignment")
+        if field is not None:
+            if field.types != [GGUFValueType.UINT32]:
+                kind = " of ".join(GGUFValueType(t).name for t in field.types)
+                raise FormatError(f"{self._path}: metadata key 'general.alignment' is {kind}, expected UINT32")
+            alignment = int(field.parts[-1][0])
+            if alignment == 0 or alignment & (alignment - 1):
+                raise FormatError(f"{self._path}: general.alignment {alignment} is not a power of two")
+        return super()._build_tensor_info(offs, count)
 
     def _build_tensors(self, start_offs, fields):
         file_size = len(self.data)
+        names = set()
         for field in fields:
             _, name_data, n_dims, dims, raw_dtype, offset_tensor = field.parts
             name = _decode(bytes(name_data), self._path, "tensor name")
+            if name in names:
+                raise FormatError(f"{self._path}: tensor {_quoted(name)} appears twice")
+            names.add(name)
             _check_tensor_info(self._path, name, int(n_dims[0]), [int(d) for d in dims], int(raw_dtype[0]),
                                int(offset_tensor[0]), int(start_offs), int(self.alignment), file_size)
         super()._build_tensors(start_offs, fields)
@@ -203,14 +231,19 @@ def _check_tensor_info(path: Path, name: str, n_dims: int, dims: list[int], type
 def _check_header(path: Path, file_size: int) -> None:
     if file_size < _HEADER_BYTES:
         raise FormatError(f"{path}: not a GGUF file: {file_size} bytes is shorter than a GGUF header")
-    with open(path, "rb") as f:
-        head = f.read(_HEADER_BYTES)
-    magic, version = np.frombuffer(head[:8], dtype="<u4")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEADER_BYTES)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror}") from None
+    if len(head) < _HEADER_BYTES:  # shorter than its size said a moment ago
+        raise FormatError(f"{path}: not a GGUF file: {len(head)} bytes is shorter than a GGUF header")
+    magic, version = struct.unpack("<II", head[:8])
     if magic != GGUF_MAGIC:
         raise FormatError(f"{path}: not a GGUF file (magic {head[:4]!r}, expected b'GGUF')")
     if version not in SUPPORTED_VERSIONS:
         raise FormatError(f"{path}: GGUF version {version} is not supported (supported: 2, 3)")
-    n_tensors, n_kv = (int(v) for v in np.frombuffer(head[8:24], dtype="<u8"))
+    n_tensors, n_kv = struct.unpack("<QQ", head[8:24])
     room = file_size - _HEADER_BYTES
     if n_kv * _MIN_KV_BYTES > room:
         raise FormatError(f"{path}: header claims {n_kv} metadata keys, more than a {file_size}-byte file can hold")
@@ -348,27 +381,14 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
     if path.is_dir():
         raise InputError(f"{path}: is a directory, not a GGUF file")
     _check_header(path, file_size)
+    # _CheckedReader raises FormatError for everything else a bad file can get wrong.
     try:
         reader = _CheckedReader(path)
-        return GGUFFile(path, reader)
-    except (FormatError, InputError):
-        raise
-    except UnsupportedError as e:
-        raise FormatError(f"{path}: {e}") from None
-    except KeyError as e:  # gguf-py raises KeyError for duplicate keys
-        raise FormatError(f"{path}: duplicate metadata key or tensor {_quoted(str(e.args[0]) if e.args else '')}") \
-            from None
-    except UnicodeDecodeError as e:
-        raise FormatError(f"{path}: a metadata key or string is not valid UTF-8 (byte {e.start})") from None
-    except PermissionError as e:
+    except UnicodeDecodeError as e:  # a key or tensor name, decoded by gguf-py
+        raise FormatError(f"{path}: a metadata key or tensor name is not valid UTF-8 (byte {e.start})") from None
+    except OSError as e:  # the mmap: no permission, or a file system that cannot map files
         raise InputError(f"{path}: cannot read: {e.strerror}") from None
-    except RecursionError:
-        raise FormatError(f"{path}: malformed GGUF: metadata arrays nested too deeply") from None
-    except Exception as e:
-        # Everything else the parser can raise on a bad file (gguf-py's own checks: unknown
-        # value type, bad alignment, duplicate tensor; numpy on a bad count) is a bad file.
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise FormatError(f"{path}: malformed GGUF: {msg if len(msg) <= 300 else msg[:300] + '...'}") from None
+    return GGUFFile(path, reader)
 
 
 # writing --------------------------------------------------------------------

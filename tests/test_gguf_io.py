@@ -303,8 +303,8 @@ def _u8_array(n: int) -> bytes:
 
 
 @pytest.mark.parametrize("kvs, match", [
-    ([_kv(b"a", 99, b"\0" * 8)], "the metadata value at offset 33 has unknown type 99"),
-    ([_kv(b"a", ARR, struct.pack("<IQ", 77, 0))], "the array at offset 33 has items of unknown type 77"),
+    ([_kv(b"a", 99, b"\0" * 8)], "the metadata value at offset 37 has unknown type 99"),
+    ([_kv(b"a", ARR, struct.pack("<IQ", 77, 0))], "the array at offset 37 has items of unknown type 77"),
     ([_kv(b"a", ARR, struct.pack("<IQ", ARR, 1) + _u8_array(2))], "holds arrays"),
     ([_kv(b"a", ARR, struct.pack("<IQ", ARR, 2**20) + _u8_array(0) * 2**12)], "holds arrays"),
     ([_kv(b"a", U32, b"\1\0\0\0"), _kv(b"a", U32, b"\2\0\0\0")], "metadata key 'a' appears twice"),
