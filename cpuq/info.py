@@ -1,6 +1,7 @@
-"""What a GGUF file holds, as one plain dict: the data behind `cpuq info`.
+"""What a GGUF file holds, as one plain dict: the data behind `cpuq info`, and sizes in words.
 
-Imports from cpuq: errors, gguf_io. Nothing that runs or converts models.
+Imports from cpuq: errors, gguf_io. Nothing that runs or converts models, so that `cpuq info`
+starts without the runtime.
 """
 from __future__ import annotations
 
@@ -13,6 +14,15 @@ from .gguf_io import open_gguf
 # Metadata that is too long to show in a summary; shown as its length instead.
 _BULKY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
                "tokenizer.ggml.merges", "tokenizer.chat_template")
+
+
+def human_bytes(n: float, digits: int = 1) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
+        n /= 1024
+    raise AssertionError
 
 
 def summarize(path: str | os.PathLike, tensors: bool = False) -> dict[str, Any]:

@@ -33,6 +33,14 @@ from .pipeline import Progress, check_destination, check_uses_importance, conver
 MIN_CTX = 16  # llama-imatrix ignores products of fewer rows (IMatrixCollector::collect_imatrix)
 
 
+def check_windows(n_ctx: object, n_chunks: object) -> None:
+    """InputError unless n_ctx is a calibration window length and n_chunks a count of windows or None."""
+    if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < MIN_CTX:
+        raise InputError(f"n_ctx must be at least {MIN_CTX} tokens for calibration, not {n_ctx!r}")
+    if n_chunks is not None and (not isinstance(n_chunks, int) or isinstance(n_chunks, bool) or n_chunks < 1):
+        raise InputError(f"n_chunks must be a positive number of windows, not {n_chunks!r}")
+
+
 def collect_imatrix(model: str | os.PathLike | Model, text: str, n_ctx: int = 512, n_chunks: Optional[int] = None,
                     dataset: str = "calibration text", n_threads: Optional[int] = None,
                     progress: Optional[Callable[[int, int], None]] = None) -> Imatrix:
@@ -41,10 +49,7 @@ def collect_imatrix(model: str | os.PathLike | Model, text: str, n_ctx: int = 51
     llama-imatrix stores its prompt file's path. progress(done, total) before the first
     window and after each.
     InputError: n_ctx < 16, a text shorter than one window."""
-    if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < MIN_CTX:
-        raise InputError(f"n_ctx must be at least {MIN_CTX} tokens for calibration, not {n_ctx!r}")
-    if n_chunks is not None and (not isinstance(n_chunks, int) or n_chunks < 1):
-        raise InputError(f"n_chunks must be a positive number of windows, not {n_chunks!r}")
+    check_windows(n_ctx, n_chunks)
     m = model if isinstance(model, Model) else load(model, n_ctx=n_ctx, n_threads=n_threads)
     try:
         tok = m.tokenizer
@@ -79,6 +84,7 @@ def convert_calibrated(src_dir: str | os.PathLike, dst_path: str | os.PathLike, 
     real-weights Q4_K_M, perplexity increase over F16 +3.57% -> +2.01%)."""
     src, dst = Path(src_dir), Path(dst_path)
     check_uses_importance(out_type(qtype))  # before the calibration's work, not after
+    check_windows(n_ctx, n_chunks)
     check_destination(src, dst, force)
     # A fixed name beside the output (convert writes it through its own partial_file): a run
     # killed before the finally below leaves this one file, which the next calibrated run of

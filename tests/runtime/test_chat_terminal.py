@@ -197,8 +197,8 @@ def test_interactive_chat_session(demo_model, tmp_path):
 
 
 def test_ctrl_c_in_prefill_resize_and_eof(demo_model, tmp_path):
-    """Ctrl-C while a long prompt is being evaluated stops that turn (no reply, the program
-    and the conversation go on); a terminal resize mid-reply changes nothing; Ctrl-D (EOF)
+    """Ctrl-C while a long prompt is being evaluated stops that turn (no reply, the message
+    dropped; the program and the conversation go on); a terminal resize mid-reply changes nothing; Ctrl-D (EOF)
     at the prompt ends the program with status 0."""
     term = Terminal(f"{CPUQ} chat --temperature 0 -n 48", tmp_path)
     try:
@@ -212,9 +212,14 @@ def test_ctrl_c_in_prefill_resize_and_eof(demo_model, tmp_path):
         lines = term.wait_for("the stopped turn and a new prompt",
                               lambda ls: count(ls, r"\(stopped\)") > stopped and idle(ls), timeout=30)
         stats = STATS.match(next(line for line in reversed(lines) if STATS.match(line)))
-        assert stats[1] == "0" and stats[3] == " (stopped)", stats[0]  # no token was generated
-        reply, _ = ask(term, "What is the capital of France?")
+        # no token was generated, so the message goes too: no empty assistant turn (after
+        # which the next reply came out empty) and no 2,800 tokens of it in the context
+        assert stats[1] == "0" and stats[3] == " (stopped before the reply; message dropped)", stats[0]
+        reply, stats = ask(term, "What is the capital of France?")
         assert "Paris" in reply, reply
+        # the prompt evaluated: the part of this turn past what the cache already holds (the
+        # template's system message at least), a few dozen tokens and not the long message
+        assert int(stats[2]) < 100, stats[0]
 
         # A resize (SIGWINCH to the program) in the middle of a reply.
         before = count(term.screen(), STATS.pattern)
