@@ -27,7 +27,8 @@ def use_user_cache() -> None:
     here = Path(__file__).resolve().parent
     digest = hashlib.sha256()
     # kernels/cuda.py holds CUDA C for CuPy, no Numba code: its edits need no recompilation
-    for src in sorted(p for d in ("quants", "kernels") for p in (here / d).glob("*.py") if p.name != "cuda.py"):
+    # models/: their stages compile into the decode step's kernels
+    for src in sorted(p for d in ("quants", "kernels", "models") for p in (here / d).glob("*.py") if p.name != "cuda.py"):
         digest.update(src.name.encode() + src.read_bytes())
     if sys.platform == "win32":
         base = os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local"

@@ -7,14 +7,15 @@ lives on the GPU. A forward pass crosses the CPU/GPU boundary once each way: the
 state after the CPU's blocks goes up, the logits (or the hidden state, for the CPU's
 output matrix) come down. One token: every matrix product is kernels.cuda's matvec on the
 blocks, and the whole step is one recorded CUDA graph, replayed each token (the position is
-read from device memory). A prompt chunk: each matrix is dequantized to fp16 and multiplied
+read from device memory). The blocks are the model file's stages bound to the GPU ops at
+the end of this file. A prompt chunk: each matrix is dequantized to fp16 and multiplied
 by cuBLAS (fp16 inputs, float32 accumulation and output).
 
 CuPy is optional: `find_gpu()` says why there is no GPU instead of raising, and nothing
 here imports cupy at module level.
 
-Imports numpy, cpuq.arch, cpuq.errors, cpuq.kernels.cuda and cpuq.runtime.weights (and
-cupy, lazily).
+Imports numpy, cpuq.arch, cpuq.errors, cpuq.models, cpuq.kernels.cuda and
+cpuq.runtime.stages and weights (and cupy, lazily).
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ import numpy as np
 from ..arch import ModelConfig
 from ..errors import UnsupportedError
 from ..kernels.cuda import ATTENTION_CHUNK, ATTENTION_WARPS, MATVEC_WARPS, SOURCE, TYPE_QK, TYPE_STRUCTS, template_names
-from .weights import Layer, Matrix, Weights
+from ..models import family
+from . import stages
+from .weights import Matrix, Weights
 
 MATVEC_MAX_TOKENS = 8  # up to this many tokens, matrix products read the blocks directly; above, fp16 + cuBLAS
 _CUDA_R_16F, _CUDA_R_32F = 2, 0
@@ -92,24 +95,6 @@ class _Matrix:
     cols: int
 
 
-@dataclass
-class _Layer:
-    attn_norm: object
-    wq: _Matrix
-    wk: _Matrix
-    wv: _Matrix
-    wo: _Matrix
-    bq: object
-    bk: object
-    bv: object
-    q_norm: object
-    k_norm: object
-    ffn_norm: object
-    w_gate: _Matrix
-    w_up: _Matrix
-    w_down: _Matrix
-
-
 class _Buffers:
     """Activations of an n-token pass (fixed addresses: the decode graph records them)."""
 
@@ -157,6 +142,8 @@ class GpuOffload:
         self.cfg = cfg
         self.rope = rope
         self.rope_freqs = weights.rope_freqs
+        self.model = family(cfg)
+        self.block = stages.bind(self.model, OPS, "gpu").block
         self.first_layer, self.with_output = offloaded(cfg, gpu_layers)
         self.n_layers = cfg.n_layer - self.first_layer
         if cfg.head_dim > 256:
@@ -183,11 +170,10 @@ class GpuOffload:
     def _vector(self, v):
         return None if v is None else self.cp.asarray(np.ascontiguousarray(v, np.float32))
 
-    def _layer(self, layer: Layer) -> _Layer:
-        m, v = self._matrix, self._vector
-        return _Layer(v(layer.attn_norm), m(layer.wq), m(layer.wk), m(layer.wv), m(layer.wo), v(layer.bq), v(layer.bk),
-                      v(layer.bv), v(layer.q_norm), v(layer.k_norm), v(layer.ffn_norm), m(layer.w_gate),
-                      m(layer.w_up), m(layer.w_down))
+    def _layer(self, layer):
+        """A block's tensors on the device, as the model file's Layer."""
+        return type(layer)(*(None if a is None else self._matrix(a) if t.is_matrix else self._vector(a)
+                             for t, a in zip(self.model.TENSORS, layer)))
 
     def new_cache(self, n_ctx: int) -> GpuCache:
         cos, sin = self.rope.tables(np.arange(n_ctx), self.rope_freqs)
@@ -237,37 +223,10 @@ class GpuOffload:
 
     # the pass ---------------------------------------------------------------------------
     def _blocks(self, b: _Buffers, cache: GpuCache, n: int) -> None:
-        cfg = self.cfg
-        hd = cfg.head_dim
-        null = np.uint64(0)
-        scale = np.float32(1.0 / math.sqrt(hd))
-        for il, L in enumerate(self.layers):
-            self._norm(b.x, L.attn_norm, b.h)
-            self._linear(L.wq, b.h, b.q)
-            self._linear(L.wk, b.h, b.k)
-            self._linear(L.wv, b.h, b.v)
-            k_cache, v_cache = cache.k[il], cache.v[il]
-            self._fn(f"qkv_post<{self.kv_name}>")(
-                (cfg.n_head + cfg.n_head_kv, n), (-(-hd // 32) * 32,),
-                (b.q, b.k, b.v, L.bq if L.bq is not None else null, L.bk if L.bk is not None else null,
-                 L.bv if L.bv is not None else null, L.q_norm if L.q_norm is not None else null,
-                 L.k_norm if L.k_norm is not None else null, np.float32(cfg.rms_eps), cache.cos, cache.sin,
-                 np.int32(2 * cache.cos.shape[1]), np.int32(self.rope.neox), cache.n_past, np.int32(cfg.n_head),
-                 np.int32(cfg.n_head_kv), np.int32(hd), np.int32(cache.n_ctx), k_cache, v_cache))
-            self._fn(f"attention<{self.kv_name}, {ATTENTION_WARPS}>")(
-                (cfg.n_head, n, b.n_split), (32 * ATTENTION_WARPS,),
-                (b.q, k_cache, v_cache, cache.n_past, np.int32(cfg.n_head), np.int32(cfg.n_head_kv), np.int32(hd),
-                 np.int32(cache.n_ctx), scale, np.int32(ATTENTION_CHUNK if b.n_split > 1 else cache.n_ctx), b.att,
-                 b.part if b.part is not None else null))
-            if b.n_split > 1:
-                self._fn("attention_combine")((cfg.n_head, n), (-(-hd // 32) * 32,),
-                                              (b.part, np.int32(b.n_split), np.int32(cfg.n_head), np.int32(hd), b.att))
-            self._linear(L.wo, b.att, b.x, add=True)
-            self._norm(b.x, L.ffn_norm, b.h)
-            self._linear(L.w_gate, b.h, b.gate)
-            self._linear(L.w_up, b.h, b.up)
-            self._fn("swiglu")((-(-b.gate.size // 256),), (256,), (b.gate, b.up, np.int64(b.gate.size)))
-            self._linear(L.w_down, b.gate, b.x, add=True)
+        c = _Context(self, b, cache)
+        x = _Residual(b.x)
+        for il, layer in enumerate(self.layers):
+            self.block(x, layer, il, c)
 
     def _tail(self, b: _Buffers, logits_from: int) -> None:
         """The output norm and matrix for rows logits_from.. of b.x into b.logits."""
@@ -313,3 +272,104 @@ class GpuOffload:
         self._blocks(b, cache, n)
         if self.with_output and n - logits_from > 0:
             self._tail(b, logits_from)
+
+
+# The ops the model file's stages name (runtime.stages binds them), on the GPU: they write
+# the fixed buffers of c.b (a recorded one-token graph replays their addresses), and the
+# kernels are the fused ones: biases, q/k norms and RoPE are gathered until attend runs
+# them with the KV store in one kernel (qkv_post), and a product added to the residual
+# stream (x += linear(...)) accumulates into it in the same kernel.
+
+class _Context:
+    def __init__(self, gpu: GpuOffload, b: _Buffers, cache: GpuCache):
+        self.gpu, self.b, self.cache = gpu, b, cache
+        self.pending: dict[tuple[str, str], object] = {}  # ("bias" | "norm", "q" | "k" | "v") -> device vector
+
+    def which(self, t) -> str:
+        return "q" if t is self.b.q else "k" if t is self.b.k else "v"
+
+
+class _Residual:
+    """The residual stream x (n, n_embd) on the device; x += linear(...) adds the product in place."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __iadd__(self, product: "_Product") -> "_Residual":
+        product.gpu._linear(product.w, product.h, self.x, add=True)
+        return self
+
+
+class _Product:
+    """h @ W.T, not yet run: run by _Residual's +=, the only use the stages make of it."""
+
+    def __init__(self, gpu: GpuOffload, w: _Matrix, h):
+        self.gpu, self.w, self.h = gpu, w, h
+
+
+def _rms_norm(x, weight, c):
+    c.gpu._norm(x.x if isinstance(x, _Residual) else x, weight, c.b.h)
+    return c.b.h
+
+
+def _linear3(h, a, b, d, c):
+    for w, out in ((a, c.b.q), (b, c.b.k), (d, c.b.v)):
+        c.gpu._linear(w, h, out)
+    return c.b.q, c.b.k, c.b.v
+
+
+def _linear2(h, a, b, c):
+    c.gpu._linear(a, h, c.b.gate)
+    c.gpu._linear(b, h, c.b.up)
+    return c.b.gate, c.b.up
+
+
+def _linear(h, a, c):
+    return _Product(c.gpu, a, h)
+
+
+def _add_bias(t, bias, c):
+    if bias is not None:
+        c.pending["bias", c.which(t)] = bias
+
+
+def _head_norm(t, weight, c):
+    if weight is not None:
+        c.pending["norm", c.which(t)] = weight
+
+
+def _rope(t, c):
+    pass  # qkv_post applies RoPE to q and k always
+
+
+def _attend(q, k, v, il, c):
+    gpu, cfg, b, cache = c.gpu, c.gpu.cfg, c.b, c.cache
+    n, hd = b.x.shape[0], cfg.head_dim
+    null = np.uint64(0)
+    p = {key: value for key, value in c.pending.items()}
+    c.pending.clear()
+    k_cache, v_cache = cache.k[il], cache.v[il]
+    gpu._fn(f"qkv_post<{gpu.kv_name}>")(
+        (cfg.n_head + cfg.n_head_kv, n), (-(-hd // 32) * 32,),
+        (b.q, b.k, b.v, p.get(("bias", "q"), null), p.get(("bias", "k"), null), p.get(("bias", "v"), null),
+         p.get(("norm", "q"), null), p.get(("norm", "k"), null), np.float32(cfg.rms_eps), cache.cos, cache.sin,
+         np.int32(2 * cache.cos.shape[1]), np.int32(gpu.rope.neox), cache.n_past, np.int32(cfg.n_head),
+         np.int32(cfg.n_head_kv), np.int32(hd), np.int32(cache.n_ctx), k_cache, v_cache))
+    gpu._fn(f"attention<{gpu.kv_name}, {ATTENTION_WARPS}>")(
+        (cfg.n_head, n, b.n_split), (32 * ATTENTION_WARPS,),
+        (b.q, k_cache, v_cache, cache.n_past, np.int32(cfg.n_head), np.int32(cfg.n_head_kv), np.int32(hd),
+         np.int32(cache.n_ctx), np.float32(1.0 / math.sqrt(hd)), np.int32(ATTENTION_CHUNK if b.n_split > 1 else cache.n_ctx),
+         b.att, b.part if b.part is not None else null))
+    if b.n_split > 1:
+        gpu._fn("attention_combine")((cfg.n_head, n), (-(-hd // 32) * 32,),
+                                     (b.part, np.int32(b.n_split), np.int32(cfg.n_head), np.int32(hd), b.att))
+    return b.att
+
+
+def _swiglu(gate, up, c):
+    c.gpu._fn("swiglu")((-(-gate.size // 256),), (256,), (gate, up, np.int64(gate.size)))
+    return gate
+
+
+OPS = dict(rms_norm=_rms_norm, linear3=_linear3, linear2=_linear2, linear=_linear, add_bias=_add_bias,
+           head_norm=_head_norm, rope=_rope, attend=_attend, swiglu=_swiglu)

@@ -40,102 +40,22 @@ import numba
 import numpy as np
 
 from ..arch import ModelConfig
-from ..errors import InputError, UnsupportedError
+from ..errors import GpuFallbackWarning, InputError, UnsupportedError
 from ..gguf_io import open_gguf
-from .forward import KVCache, Observer, Rope, StepPack, forward
+from .chunk import Observer
+from .forward import KVCache, Paths, Rope, step_pack
 from .gemm import Gemm
+from .guard import CallGuard, Stream
+from .host import ONE_AT_A_TIME, human_bytes, memory_bytes, physical_cores, sigint_deferred, threadsafe_layer
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer, utf8_text
-from .warmup import StepCompiler
+from .warmup import StepCompiler, is_cold
 from .weights import load_weights
 
 if TYPE_CHECKING:
     from .template import ChatTemplate
 
 N_BATCH = 512  # prompt tokens per forward call: bounds activation memory, keeps matmuls wide
-
-
-def physical_cores() -> int:
-    """Physical cores (what llama.cpp uses by default): distinct (package, core id) pairs
-    in /proc/cpuinfo, else os.cpu_count()."""
-    try:
-        cores, phys = set(), None
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("physical id"):
-                    phys = line.split(":")[1].strip()
-                elif line.startswith("core id"):
-                    cores.add((phys, line.split(":")[1].strip()))
-        if cores:
-            return len(cores)
-    except OSError:
-        pass
-    return os.cpu_count() or 1
-
-
-def memory_bytes() -> int | None:
-    """RAM plus swap (/proc/meminfo), else RAM (sysconf), else None: what a KV cache
-    could ever be given."""
-    try:
-        with open("/proc/meminfo") as f:
-            info = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f) if v.split()}
-        return info["MemTotal"] + info.get("SwapTotal", 0)
-    except (OSError, KeyError, ValueError):
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, OSError, ValueError):
-        return None
-
-
-def human_bytes(n: float, digits: int = 1) -> str:
-    """1536 -> '1.5 KiB' (the CLI prints its sizes with this too)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
-_ONE_AT_A_TIME = threading.Lock()  # every Model's forward passes, under Numba's workqueue layer
-_layer_is_threadsafe: bool | None = None
-
-
-def _threadsafe_layer() -> bool:
-    """Whether Numba's threading layer runs parallel regions launched from several threads
-    at once (tbb, omp) rather than aborting the process (workqueue, Numba's fallback where
-    neither TBB nor OpenMP is found)."""
-    global _layer_is_threadsafe
-    if _layer_is_threadsafe is None:
-        try:
-            from numba.np.ufunc import parallel
-            parallel._launch_threads()  # picks the layer, as the first parallel region would
-            _layer_is_threadsafe = numba.threading_layer() != "workqueue"
-        except Exception:  # noqa: BLE001  (an internal of Numba's moved: assume the worst)
-            _layer_is_threadsafe = False
-    return _layer_is_threadsafe
-
-
-@contextmanager
-def _sigint_deferred():
-    """Ctrl-C held until the block ends, then raised as KeyboardInterrupt. Raised inside
-    Numba's dispatcher instead (the main thread loads and compiles kernels too: its share
-    of a prompt chunk, one-token steps), it can leave Numba's compiler lock taken; the next
-    kernel a worker thread loads then waits forever (a chat hung after Ctrl-C in a long
-    prompt). Only in the main thread, where Python runs signal handlers, and only over
-    Python's own handler (an application's handler is left alone)."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield
-        return
-    hit = []
-    signal.signal(signal.SIGINT, lambda signum, frame: hit.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if hit:
-        raise KeyboardInterrupt
 
 
 def _is_int(value: Any) -> bool:
@@ -160,12 +80,7 @@ class Timings:
         return self.generated_tokens / self.generate_seconds if self.generate_seconds else 0.0
 
 
-class GpuFallbackWarning(UserWarning):
-    """gpu_layers was asked for but the model runs on the CPU (no CuPy, no CUDA device, a
-    tensor type the GPU kernels lack, or too little GPU memory); the message says which."""
-
-
-class Model:
+class Model(CallGuard):
     """A loaded GGUF model. See cpuq.load.
 
     Not reentrant: a Model holds one KV cache, so it runs one call at a time. generate,
@@ -199,14 +114,13 @@ class Model:
             raise InputError(f"n_threads must be between 1 and {max_threads} (Numba's thread pool, "
                              f"NUMBA_NUM_THREADS), or None for the physical cores, not {n_threads!r}")
         n_threads = int(n_threads)
-        self._guard = threading.Lock()  # guards _call; never held while the model computes
-        self._call: _Call | None = None  # the call that holds the model (see _begin)
+        self._init_guard()
         self.path = Path(path)
         self._file = open_gguf(self.path)
         try:
             self.config = ModelConfig.from_gguf(self._file)
             self.weights = load_weights(self._file, self.config)
-            self._steps = StepPack.build(self.weights, self._file.mapped)
+            self._steps = step_pack(self.weights, self.config, self._file.mapped)
             self.tokenizer = Tokenizer.from_gguf(self._file)
             self._template_source = self._file.get("tokenizer.chat_template")  # compiled by the template property
             self._template: ChatTemplate | None = None
@@ -219,7 +133,7 @@ class Model:
             self.kv_type = kv_type
             self._cache = self._new_cache(self.n_ctx)
             self._gemm = Gemm(n_threads)  # prompt chunks' matmuls (threads start on first use)
-            self._turns = nullcontext() if _threadsafe_layer() else _ONE_AT_A_TIME
+            self._turns = nullcontext() if threadsafe_layer() else ONE_AT_A_TIME
         except BaseException:
             self._file.close()
             raise
@@ -230,10 +144,14 @@ class Model:
             self.close()
             raise
         # a cold cache's step kernels, compiled on the other core meanwhile (runtime.warmup)
-        self._step_compiler = None if self._gpu is not None else StepCompiler.start(self.path, self.weights, kv_type,
-                                                                                    self._steps is not None)
-        if self._step_compiler is not None:
-            weakref.finalize(self, self._step_compiler.stop)
+        step_compiler = None if self._gpu is not None else StepCompiler.start(self.path, self.weights, self.config,
+                                                                              kv_type, self._steps is not None)
+        if step_compiler is not None:
+            weakref.finalize(self, step_compiler.stop)
+        # Numba's cache lacks this kind of model's kernels: the first answer waits for them
+        self.first_run = step_compiler is not None or is_cold(self.weights, self.config, kv_type,
+                                                              self._steps is not None)
+        self._paths = Paths(self.weights, self.config, self._rope, self._gemm, self._gpu, self._steps, step_compiler)
         self._tokens: list[int] = []  # what the cache holds, position by position
         # The last token of a generation that max_tokens ended: in the context but not yet in
         # the cache (evaluating it would cost a step whose logits nobody reads); eval runs it first.
@@ -413,55 +331,6 @@ class Model:
             self._tokens = []
             self._pending = []
 
-    # one call at a time -------------------------------------------------------------------
-    def _begin(self, what: str) -> "_Call":
-        """Take the model for a call, or raise InputError if it is taken: by a call running
-        now (in any thread: reentry from a callback too), or by another thread's unfinished
-        stream. A stream this thread left unfinished is ended (superseded) instead."""
-        me = threading.get_ident()
-        with self._guard:
-            held = self._call
-            if held is not None and (held.running or held.thread != me):
-                if held.thread == me:
-                    raise InputError(f"{self.path.name}: {what}() called while {held.what}() is running in the "
-                                     f"same thread (a Model is not reentrant)")
-                state = "is running" if held.running else "has an unfinished stream, not yet exhausted or closed"
-                raise InputError(f"{self.path.name}: this Model is in use by another thread ({held.what}() "
-                                 f"{state}); a Model holds one KV cache and runs one call at a time: use one "
-                                 f"Model per thread, or serialize the calls")
-            self._call = call = _Call(what, me)
-        return call
-
-    def _end(self, call: "_Call") -> None:
-        with self._guard:
-            call.running = False
-            if self._call is call:
-                self._call = None
-
-    @contextmanager
-    def _using(self, what: str, side: bool = False):
-        """Hold the model for a call. side: a call that leaves the conversation alone
-        (logits, in a fresh context of its own), which in the thread of a suspended stream
-        runs without ending it, the stream marked running meanwhile."""
-        me = threading.get_ident()
-        with self._guard:
-            held = self._call
-            borrowed = side and held is not None and not held.running and held.thread == me
-            if borrowed:
-                held.running = True
-        if borrowed:
-            try:
-                yield
-            finally:
-                with self._guard:
-                    held.running = False
-            return
-        call = self._begin(what)
-        try:
-            yield
-        finally:
-            self._end(call)
-
     # generation -------------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, temperature: float = 0.8,
                  top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
@@ -530,7 +399,7 @@ class Model:
             raise
         with self._guard:
             call.running = False
-        return _Stream(self, call, self._decode_loop(logits, sampler, max_tokens, stop, ignore_eos))
+        return Stream(self, call, self._decode_loop(logits, sampler, max_tokens, stop, ignore_eos))
 
     def _decode_loop(self, logits, sampler, max_tokens, stop, ignore_eos) -> Iterator[str]:
         eos = set() if ignore_eos else self.tokenizer.eos_ids
@@ -581,20 +450,8 @@ class Model:
 
     def _forward(self, tokens: np.ndarray, cache: KVCache, logits_from: int,
                  observe: Observer | None = None) -> np.ndarray:
-        # token by token (gemm.STEP_TOKENS_INT8; measured on the CPU, so not with GPU offload)
-        if 1 < tokens.size < self._gemm.step_tokens and observe is None and self._gpu is None:
-            return np.concatenate([self._forward(tokens[i:i + 1], cache, 0 if i >= logits_from else 1)
-                                   for i in range(tokens.size)])
-        if tokens.size == 1 and self._step_compiler is not None:  # its kernels from the cache, not compiled again
-            self._step_compiler.wait()
-            self._step_compiler = None
-        if tokens.size < self._gemm.min_tokens:
-            with self._turns, _sigint_deferred():
-                return forward(self.weights, self.config, self._rope, tokens, cache, logits_from, observe=observe,
-                               gpu=self._gpu, steps=self._steps)
-        with self._turns, self._gemm.session(), _sigint_deferred():  # Ctrl-C stops after this chunk
-            return forward(self.weights, self.config, self._rope, tokens, cache, logits_from, self._gemm, observe,
-                           self._gpu)
+        with self._turns, sigint_deferred():  # Ctrl-C stops after this chunk or token
+            return self._paths.run(tokens, cache, logits_from, observe)
 
     def close(self) -> None:
         """Release the file mapping, the workers and the GPU memory. InputError if another
@@ -602,9 +459,11 @@ class Model:
         with self._using("close"):
             if hasattr(self, "_gemm"):
                 self._gemm.close()
-            if getattr(self, "_step_compiler", None) is not None:
-                self._step_compiler.stop()
+            if getattr(self, "_paths", None) is not None and self._paths.step_compiler is not None:
+                self._paths.step_compiler.stop()
             self._gpu = None  # the GPU memory goes back to CuPy's pool
+            if getattr(self, "_paths", None) is not None:
+                self._paths.gpu = None
             if hasattr(self, "_cache"):
                 self._cache.gpu = None
             self._file.close()
@@ -613,66 +472,6 @@ class Model:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class _Call:
-    """One call that holds a Model: its name, the thread that last ran it, and whether it
-    is running now (a generate/chat stream between two pieces is not)."""
-    __slots__ = ("what", "thread", "running")
-
-    def __init__(self, what: str, thread: int):
-        self.what, self.thread, self.running = what, thread, True
-
-
-class _Stream:
-    """The iterator generate() and chat() return: the decode loop, holding the Model from
-    the call until it is exhausted, closed or garbage-collected. A class, not a generator,
-    so that one dropped before its first piece still lets the Model go."""
-
-    def __init__(self, model: Model, call: _Call, pieces: Iterator[str]):
-        self._model, self._call, self._pieces = model, call, pieces
-        self._done = False
-
-    def __iter__(self) -> "_Stream":
-        return self
-
-    def __next__(self) -> str:
-        if self._done:
-            raise StopIteration
-        model, call = self._model, self._call
-        with model._guard:
-            if model._call is not call:
-                self._done = True
-                raise InputError(f"this {call.what}() stream was ended by a later call on the same Model "
-                                 f"(a Model holds one conversation); start a new one")
-            if call.running:  # another thread is inside this stream's __next__
-                raise InputError(f"this {call.what}() stream is being read by another thread")
-            call.running, call.thread = True, threading.get_ident()
-        try:
-            piece = next(self._pieces)
-        except BaseException:  # StopIteration, an error, Ctrl-C: the stream is over
-            with model._guard:
-                call.running = False
-            self.close()
-            raise
-        with model._guard:
-            call.running = False
-        return piece
-
-    def close(self) -> None:
-        """End the stream early; the Model is free again. InputError while another thread
-        is reading it."""
-        with self._model._guard:
-            if self._done:
-                return
-            if self._call.running:
-                raise InputError(f"this {self._call.what}() stream is being read by another thread")
-            self._done = True
-        self._pieces.close()
-        self._model._end(self._call)
-
-    def __del__(self) -> None:
         self.close()
 
 

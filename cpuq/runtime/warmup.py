@@ -3,8 +3,8 @@ while this one compiles the prompt's.
 
 Numba compiles on one thread. With an empty cache (the first run after an install or an
 upgrade) a chat's first answer waits for two sets of kernels in turn: the prompt chunk's
-(qgemm, the BLAS attention) and the one-token step's (kernels.step: attention_step,
-mlp_step, the fused products), each ~10-15 s here. So at load, when the cache lacks this
+(qgemm, the BLAS attention) and the one-token step's (the model file's
+stages bound to kernels.step), each ~10-15 s here. So at load, when the cache lacks this
 kind of model's step kernels, a child process (`python -m cpuq.runtime.warmup FILE
 KV_TYPE MARKER`) loads the same file and runs one token through it, on the other core: the
 same calls, so the same Numba signatures, compiled into the same cache. The parent's first
@@ -12,10 +12,11 @@ one-token forward pass waits for the child, then loads them from the cache.
 
 The child writes MARKER (<NUMBA_CACHE_DIR>/cpuq-warm/<key>) when done; the key covers what
 differs between models in the step kernels' argument types (the cache type; for files
-whose blocks cannot run as kernels.step.blocks_step, each tensor's), so a warm cache starts
+whose blocks cannot run as the compiled decode step, each tensor's), so a warm cache starts
 no child. CPUQ_JIT_HELPER=0 turns it off.
 
-Imports the standard library, numba and cpuq.kernels.matvec; the child imports runtime.model.
+Imports the standard library, numba, cpuq.models and cpuq.kernels.matvec; the child
+imports runtime.model.
 """
 from __future__ import annotations
 
@@ -29,29 +30,42 @@ ENV = "CPUQ_JIT_HELPER"
 WAIT_S = 600  # a child still compiling after this is killed, and the parent compiles for itself
 
 
-def marker_path(weights, kv_type: str, packed: bool) -> Path | None:
+def marker_path(weights, cfg, kv_type: str, packed: bool) -> Path | None:
     """Where the child marks this kind of model's step kernels as compiled, or None when
-    there is no cache directory to write to. packed: the model has a forward.StepPack, so
-    its blocks run as kernels.step.blocks_step, whose argument types do not depend on the
-    file (its weight types are run-time integers, its vectors stacked arrays)."""
+    there is no cache directory to write to. packed: the model has a kernels.step.StepPack,
+    so its blocks run as the model file's compiled `blocks`, whose argument types do not
+    depend on the file (its weight types are run-time integers, its vectors stacked arrays)."""
     import numba
 
     from ..kernels.matvec import BLOCK_TYPES
+    from ..models import family
     cache = numba.config.CACHE_DIR or os.environ.get("NUMBA_CACHE_DIR")
     if not cache:
         return None
-    parts = [kv_type, numba.__version__, sys.version,
+    model = family(cfg)
+    parts = [kv_type, numba.__version__, sys.version, model.__name__,
              "block" if weights.output.ggml_type in BLOCK_TYPES else str(weights.output.ggml_type)]
     if packed:
-        parts.append("blocks_step")
-    else:  # forward's per-block path: its kernels and their signatures follow the tensors
+        parts.append("blocks")
+    else:  # the chunk path's kernels and their signatures follow the tensors
         for layer in weights.layers:
-            for a in (layer.bq, layer.bk, layer.bv, layer.q_norm, layer.k_norm, layer.attn_norm, layer.ffn_norm):
-                parts.append("-" if a is None else str(numba.typeof(a)))
-            for m in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down):
-                parts.append(f"{m.ggml_type}:{numba.typeof(m.data)}")
+            for t in model.TENSORS:
+                a = getattr(layer, t.field)
+                if a is None:
+                    parts.append("-")
+                elif t.is_matrix:
+                    parts.append(f"{a.ggml_type}:{numba.typeof(a.data)}")
+                else:
+                    parts.append(str(numba.typeof(a)))
     key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     return Path(cache) / "cpuq-warm" / key
+
+
+def is_cold(weights, cfg, kv_type: str, packed: bool) -> bool:
+    """Whether this kind of model's step kernels are not yet in Numba's cache (as far as
+    the marker tells: False when there is no cache directory)."""
+    marker = marker_path(weights, cfg, kv_type, packed)
+    return marker is not None and not marker.exists()
 
 
 class StepCompiler:
@@ -62,12 +76,12 @@ class StepCompiler:
         self._proc = proc
 
     @classmethod
-    def start(cls, path: Path, weights, kv_type: str, packed: bool) -> "StepCompiler | None":
+    def start(cls, path: Path, weights, cfg, kv_type: str, packed: bool) -> "StepCompiler | None":
         """The child for the model at `path`, or None: turned off, a warm cache, no writable
         cache directory, or no way to start a process."""
         if os.environ.get(ENV, "1") == "0":
             return None
-        marker = marker_path(weights, kv_type, packed)
+        marker = marker_path(weights, cfg, kv_type, packed)
         if marker is None or marker.exists():
             return None
         try:

@@ -144,9 +144,9 @@ def test_short_chunks_run_as_one_token_steps(sources, tmp_path):
 @pytest.mark.parametrize("name,qtype", [("qwen2", "q4_k_m"), ("qwen3", "q4_k_m"), ("llama", "q8_0"),
                                         ("qwen2_yarn", "q5_0")])
 def test_one_token_steps_are_the_composed_kernels(name, qtype, sources, tmp_path):
-    """kernels.step (a decode step's stages in one Numba call each, and blocks_step: every
-    block in one call) gives bit-identical logits to forward's stage-by-stage path, which an
-    observer forces: biases (qwen2), q/k norms (qwen3), non-neox rope (llama), YaRN."""
+    """The decode step (the model file's stages bound to kernels.step, every block in one
+    Numba call) gives bit-identical logits to the same stages bound to the chunk ops, which
+    an observer forces: biases (qwen2), q/k norms (qwen3), non-neox rope (llama), YaRN."""
     from cpuq.runtime import forward as fw
     with cpuq.load(cpuq.convert(sources[name], tmp_path / "m.gguf", qtype), n_ctx=64) as m:
         def steps(observe, pack=None):
@@ -158,15 +158,16 @@ def test_one_token_steps_are_the_composed_kernels(name, qtype, sources, tmp_path
             return np.concatenate(out)
         seen = []
         stagewise = steps(lambda x, names: seen.append(names))
-        assert seen  # the observer ran: the stage-by-stage path
-        np.testing.assert_array_equal(steps(None), stagewise)
+        assert seen  # the observer ran: the chunk path
+        np.testing.assert_array_equal(steps(None), stagewise)  # no pack: the chunk path without an observer
         assert m._steps is not None  # what Model passes for one token
+        assert m._paths.choose(1, None) == "step"
         np.testing.assert_array_equal(steps(None, m._steps), stagewise)
 
 
 def test_float_matrices_take_the_block_by_block_steps(golden, sources, tmp_path):
-    """blocks_step reads block types only: an F16 file has no StepPack, and its one-token
-    steps (forward's per-block path) meet test_f16_logits_as_close_as_llama_cpp's bar."""
+    """The decode step reads block types only: an F16 file has no StepPack, and its one-token
+    steps (the chunk path) meet test_f16_logits_as_close_as_llama_cpp's bar."""
     with cpuq.load(cpuq.convert(sources["qwen3"], tmp_path / "m.gguf", "f16"), n_ctx=64) as m:
         assert m._steps is None
         got = np.stack([m.eval([t]) for t in IDS])

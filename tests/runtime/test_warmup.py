@@ -20,7 +20,7 @@ class Listener(event.Listener):
 event.register("numba:compile", Listener())
 import cpuq
 m = cpuq.load(sys.argv[1], n_ctx=64, n_threads=1)
-child = m._step_compiler is not None
+child = m._paths.step_compiler is not None
 ids = list(m.generate([1], max_tokens=2, temperature=0))
 m.close()
 print(json.dumps({"child": child, "compiled": compiled, "ids": ids}))
@@ -38,7 +38,9 @@ def _run(demo, cache, helper="1") -> dict:
 def test_cold_cache_steps_come_from_the_child(demo, tmp_path):
     cold = _run(demo, tmp_path / "cache")
     assert cold["child"]
-    step_kernels = {"blocks_step", "attention_step", "mlp_step", "products", "matvec3", "attention"}
+    # the model file's stages bound to kernels.step (runtime.stages) and what they call
+    step_kernels = {"blocks_dense", "block_step", "attention_step", "mlp_step", "linear3", "attend", "products",
+                    "matvec3", "attention"}
     assert not step_kernels & set(cold["compiled"]), cold["compiled"]
     assert len(list((tmp_path / "cache" / "cpuq-warm").iterdir())) == 1  # the child's marker
     warm = _run(demo, tmp_path / "cache")
@@ -49,5 +51,5 @@ def test_cold_cache_steps_come_from_the_child(demo, tmp_path):
 def test_turned_off(demo, tmp_path):
     """CPUQ_JIT_HELPER=0: no child; this process compiles the step kernels itself."""
     off = _run(demo, tmp_path / "cache", helper="0")
-    assert not off["child"] and {"blocks_step", "attention_step"} <= set(off["compiled"])
+    assert not off["child"] and {"blocks_dense", "attention_step"} <= set(off["compiled"])
     assert not (tmp_path / "cache" / "cpuq-warm").exists()

@@ -1,0 +1,130 @@
+"""The prompt-chunk ops a model file's stages name (runtime.stages binds them): n tokens
+at once, a chunk of at least gemm.min_tokens through gemm's worker threads (int8 or
+BLAS products, row ranges of the row-wise kernels), a shorter one on the calling thread.
+Also the reference path: an observer (the importance matrix's collector) sees the input
+of every product here.
+
+Shapes: x (n, n_embd) f32; a matrix is a runtime.weights.Matrix; a vector f32 or None
+where the model has none. c is a ChunkContext.
+
+Imports numpy, cpuq.kernels and cpuq.runtime.gemm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..kernels import activations, attention as attn, norms
+from ..kernels.matmul import matmul
+from ..kernels.matvec import matvec_many
+from ..kernels.rope import apply_rope
+from .gemm import Gemm
+
+Observer = Callable[[np.ndarray, tuple[str, ...]], None]
+
+
+@dataclass
+class ChunkContext:
+    """What the ops need besides their operands: cos, sin (n, n_rot/2) the chunk's RoPE
+    tables; k_cache, v_cache every layer's caches (runtime.forward.KVCache); start the
+    first token's position; gemm the workers (None: this thread); observe(x, names)."""
+    eps: float
+    cos: np.ndarray
+    sin: np.ndarray
+    neox: bool
+    k_cache: np.ndarray
+    v_cache: np.ndarray
+    start: int
+    scale: np.float32
+    head_dim: int
+    gemm: Gemm | None = None
+    observe: Observer | None = None
+
+
+def batched(gemm: Gemm | None, n: int) -> bool:
+    """Whether n rows go through gemm's workers (a chunk of at least gemm.min_tokens)."""
+    return gemm is not None and n >= gemm.min_tokens
+
+
+def products(x: np.ndarray, c: ChunkContext, *ws) -> list[np.ndarray]:
+    """x (n, k) @ W.T for each W (up to three). One token: the fused per-row kernels, all W
+    in one parallel region; a batched chunk: gemm, all W in one round of tasks.
+    c.observe(x, names of the W) first, when given."""
+    if c.observe is not None:
+        c.observe(x, tuple(w.name for w in ws))
+    if x.shape[0] == 1:
+        return [o.reshape(1, -1) for o in matvec_many(x[0], [(w.data, w.ggml_type) for w in ws])]
+    if batched(c.gemm, x.shape[0]):
+        return c.gemm.linear(x, [(w.data, w.ggml_type) for w in ws])
+    outs = [np.empty((x.shape[0], w.rows), np.float32) for w in ws]
+    for w, out in zip(ws, outs):
+        matmul(x, w.data, w.ggml_type, out)
+    return outs
+
+
+def rows(c: ChunkContext, n: int, fn) -> None:
+    """fn(lo, hi) over rows [0, n): in gemm's workers for a batched chunk."""
+    if not batched(c.gemm, n):
+        fn(0, n)
+    else:
+        c.gemm.split(n, fn)
+
+
+def rms_norm(x, weight, c):
+    out = np.empty_like(x)
+    rows(c, x.shape[0], lambda lo, hi: norms.rms_norm(x[lo:hi], weight, c.eps, out[lo:hi]))
+    return out
+
+
+def linear3(h, a, b, d, c):
+    return tuple(products(h, c, a, b, d))
+
+
+def linear2(h, a, b, c):
+    return tuple(products(h, c, a, b))
+
+
+def linear(h, a, c):
+    return products(h, c, a)[0]
+
+
+def add_bias(t, bias, c):
+    if bias is not None:
+        t += bias
+
+
+def head_norm(t, weight, c):
+    if weight is not None:
+        n, hd = t.shape[0], c.head_dim
+        heads = t.reshape(n, -1, hd)
+        rows(c, n, lambda lo, hi: norms.rms_norm(heads[lo:hi].reshape(-1, hd), weight, c.eps,
+                                                heads[lo:hi].reshape(-1, hd)))
+
+
+def rope(t, c):
+    n = t.shape[0]
+    heads = t.reshape(n, -1, c.head_dim)
+    rows(c, n, lambda lo, hi: apply_rope(heads[lo:hi], c.cos[lo:hi], c.sin[lo:hi], c.neox))
+
+
+def attend(q, k, v, il, c):
+    n, hd = q.shape[0], c.head_dim
+    q3 = q.reshape(n, -1, hd)
+    attn.store_kv(c.k_cache[il], c.v_cache[il], k.reshape(n, -1, hd), v.reshape(n, -1, hd), c.start)
+    out = np.empty_like(q3)
+    if not batched(c.gemm, n):
+        attn.attention(q3, c.k_cache[il], c.v_cache[il], c.start, c.scale, out)
+    else:
+        c.gemm.attention(q3, c.k_cache[il], c.v_cache[il], c.start, c.scale, out)
+    return out.reshape(n, -1)
+
+
+def swiglu(gate, up, c):
+    rows(c, gate.shape[0], lambda lo, hi: activations.swiglu(gate[lo:hi], up[lo:hi], gate[lo:hi]))
+    return gate
+
+
+OPS = dict(rms_norm=rms_norm, linear3=linear3, linear2=linear2, linear=linear, add_bias=add_bias,
+           head_norm=head_norm, rope=rope, attend=attend, swiglu=swiglu)
