@@ -60,7 +60,8 @@ def _group(name: str) -> str:
 def _layer_types(cfg_dir: Path, n_layer: int, qtype: str) -> tuple[dict[str, str], int]:
     """ffn_down type per layer and exact output tensor bytes of an n_layer model with
     this checkpoint's shapes, from the converter's own type choice."""
-    from cpuq.arch import ModelConfig, expected_tensors, gguf_tensor_name
+    from cpuq.arch import ModelConfig
+    from cpuq.models import expected_tensors, gguf_tensor_name
     from cpuq.convert.pipeline import out_type, tensor_qtype
     import numpy as np
     config = json.loads((cfg_dir / "config.json").read_text())
@@ -72,7 +73,7 @@ def _layer_types(cfg_dir: Path, n_layer: int, qtype: str) -> tuple[dict[str, str
     tied = bool(config.get("tie_word_embeddings"))
     down, total = {}, 0
     for hf_name, shape in expected_tensors(cfg, not tied).items():
-        name = gguf_tensor_name(hf_name)
+        name = gguf_tensor_name(cfg, hf_name)
         qt = tensor_qtype(name, shape, out, cfg, tied)
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         total += rows * qt.row_bytes(shape[-1])

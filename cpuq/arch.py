@@ -1,7 +1,8 @@
-"""Model architectures cpuq knows: the frozen `ModelConfig` built from an HF config.json,
-and per-architecture tables (HF tensor name -> GGUF name, q/k bias, q/k norm, llama's
-q/k row permutation) that a reader can check line by line against llama.cpp's
-gguf-py/gguf/tensor_mapping.py and conversion/{qwen,llama}.py.
+"""Model architectures cpuq knows: the frozen `ModelConfig` built from an HF config.json
+or GGUF metadata through one field map, and the per-architecture config table (ArchSpec:
+q/k bias, q/k norm, llama's q/k row permutation, the keys and defaults the converter
+writes) that a reader can check line by line against llama.cpp's conversion/{qwen,llama}.py.
+What a block holds and computes is the model file's (cpuq.models).
 
 Imports only numpy, the standard library and cpuq.errors.
 """
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,33 +56,6 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                                  writes_rope_dimension_count=True, default_rope_theta=10000.0,
                                  default_rms_eps=1e-6, default_context_length=2048, default_head_dim=None),
 }
-
-# HF tensor name -> GGUF name (gguf-py/gguf/tensor_mapping.py line numbers in comments).
-# `{n}` is the layer index; the `.weight`/`.bias` suffix is carried over unchanged.
-GLOBAL_TENSORS: dict[str, str] = {
-    "model.embed_tokens": "token_embd",   # :16
-    "lm_head": "output",                  # :79
-    "model.norm": "output_norm",          # :100
-}
-LAYER_TENSORS: dict[str, str] = {
-    "input_layernorm": "attn_norm",             # :193
-    "self_attn.q_proj": "attn_q",               # :257
-    "self_attn.k_proj": "attn_k",               # :278
-    "self_attn.v_proj": "attn_v",               # :300
-    "self_attn.o_proj": "attn_output",          # :326
-    "self_attn.q_norm": "attn_q_norm",          # :703 (qwen3)
-    "self_attn.k_norm": "attn_k_norm",          # :720 (qwen3)
-    "post_attention_layernorm": "ffn_norm",     # :405
-    "mlp.gate_proj": "ffn_gate",                # :573
-    "mlp.up_proj": "ffn_up",                    # :502
-    "mlp.down_proj": "ffn_down",                # :637
-}
-# Checkpoint entries the converter drops rather than maps (base.py:1058-1060).
-IGNORED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
-
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-_GLOBAL_RE = re.compile(r"^(.+)\.(weight|bias)$")
-
 
 MAX_U32 = 2**32 - 1
 # rope_scaling keys that hold numbers (conversion/base.py:1462-1495, llama.py:298-326).
@@ -325,94 +298,3 @@ class ModelConfig:
 # rope scaling types the converter handles (base.py:1462-1495); "llama3" yields the
 # rope_freqs.weight tensor instead of keys (llama.py:298-326).
 ROPE_SCALING_TYPES = ("linear", "yarn", "longrope", "su", "dynamic", "llama3")
-
-
-def gguf_tensor_name(hf_name: str) -> str | None:
-    """GGUF name of an HF checkpoint tensor; None for tensors the converter drops.
-    Raises UnsupportedError for a name no table knows (base.py:627-631)."""
-    if hf_name.endswith(IGNORED_SUFFIXES):
-        return None
-    name = hf_name[len("language_model."):] if hf_name.startswith("language_model.") else hf_name
-    m = _LAYER_RE.match(name)
-    if m:
-        layer, module, suffix = m.groups()
-        gguf = LAYER_TENSORS.get(module)
-        if gguf is not None:
-            return f"blk.{int(layer)}.{gguf}.{suffix}"
-    else:
-        m = _GLOBAL_RE.match(name)
-        if m and m.group(1) in GLOBAL_TENSORS:
-            return f"{GLOBAL_TENSORS[m.group(1)]}.{m.group(2)}"
-    raise UnsupportedError(f"tensor '{hf_name}' has no GGUF name")
-
-
-def expected_tensors(cfg: ModelConfig, has_lm_head: bool) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape that a checkpoint of `cfg` must hold."""
-    spec = cfg.spec
-    q_rows, kv_rows = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.n_vocab, cfg.n_embd)}
-    for i in range(cfg.n_layer):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (cfg.n_embd,)
-        for proj, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
-            shapes[p + f"self_attn.{proj}_proj.weight"] = (rows, cfg.n_embd)
-            if spec.qkv_bias:
-                shapes[p + f"self_attn.{proj}_proj.bias"] = (rows,)
-        shapes[p + "self_attn.o_proj.weight"] = (cfg.n_embd, q_rows)
-        if spec.qk_norm:
-            shapes[p + "self_attn.q_norm.weight"] = (cfg.head_dim,)
-            shapes[p + "self_attn.k_norm.weight"] = (cfg.head_dim,)
-        shapes[p + "post_attention_layernorm.weight"] = (cfg.n_embd,)
-        shapes[p + "mlp.gate_proj.weight"] = (cfg.n_ff, cfg.n_embd)
-        shapes[p + "mlp.up_proj.weight"] = (cfg.n_ff, cfg.n_embd)
-        shapes[p + "mlp.down_proj.weight"] = (cfg.n_embd, cfg.n_ff)
-    shapes["model.norm.weight"] = (cfg.n_embd,)
-    if has_lm_head:
-        shapes["lm_head.weight"] = (cfg.n_vocab, cfg.n_embd)
-    return shapes
-
-
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Llama's q/k permutation (llama.py:175-181): within each of `n_head` heads, interleave
-    the two rope halves, so row h*D + 2*j + i comes from row h*D + i*D/2 + j."""
-    rows = w.shape[0]
-    return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:])
-             .swapaxes(1, 2).reshape(w.shape))
-
-
-def qk_permute_heads(cfg: ModelConfig, hf_name: str) -> int | None:
-    """How many heads to permute `hf_name` by, or None if it is not permuted."""
-    if not cfg.spec.permute_qk:
-        return None
-    if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-        return cfg.n_head
-    if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-        return cfg.n_head_kv
-    return None
-
-
-def llama3_rope_freqs(cfg: ModelConfig) -> np.ndarray:
-    """The rope_freqs.weight factors LlamaModel emits for rope_type llama3 (llama.py:298-326)."""
-    rope = dict(cfg.rope_scaling or ())
-    base, dim = cfg.rope_theta, cfg.head_dim
-    v = {k: rope.get(k, d) for k, d in LLAMA3_ROPE_DEFAULTS.items()}  # ModelConfig.from_hf checked them
-    factor, low_freq_factor = float(v["factor"]), float(v["low_freq_factor"])
-    high_freq_factor = float(v["high_freq_factor"])
-    old_context_len = int(v["original_max_position_embeddings"])
-    # torch computes all of this in float32 (Python scalars join a float32 tensor as float32);
-    # numpy's scalar promotion (NEP 50) does the same with np.float32 values.
-    f32 = np.float32
-    freqs = f32(1.0) / (f32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / f32(dim)))
-    low_freq_wavelen = old_context_len / low_freq_factor
-    high_freq_wavelen = old_context_len / high_freq_factor
-    out = []
-    for freq in freqs:
-        wavelen = f32(2 * np.pi) / freq
-        if wavelen < high_freq_wavelen:
-            out.append(f32(1.0))
-        elif wavelen > low_freq_wavelen:
-            out.append(f32(factor))
-        else:
-            smooth = (f32(old_context_len) / wavelen - f32(low_freq_factor)) / f32(high_freq_factor - low_freq_factor)
-            out.append(f32(1.0) / ((f32(1.0) - smooth) / f32(factor) + smooth))
-    return np.array(out, dtype=np.float32)

@@ -28,8 +28,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from gguf import GGUFValueType
 
-from ..arch import (ModelConfig, expected_tensors, gguf_tensor_name, llama3_rope_freqs, permute_qk,
-                    qk_permute_heads)
+from ..arch import ModelConfig
+from ..models import expected_tensors, gguf_tensor_name
+from ..models.dense import llama3_rope_freqs, permute_qk, qk_permute_heads
 from ..errors import FormatError, InputError, UnsupportedError
 from ..gguf_io import GGUFStreamWriter, partial_file
 from ..quants import QType, get_qtype, quantize
@@ -202,7 +203,7 @@ def plan_tensors(ckpt, cfg: ModelConfig, out: OutType, where: Path) -> list[Tens
         plans.append(TensorPlan(None, "rope_freqs.weight", (cfg.head_dim // 2,), get_qtype("F32")))
     for shard in sorted(by_shard):
         for hf_name in sorted(by_shard[shard]):
-            name = gguf_tensor_name(hf_name)
+            name = gguf_tensor_name(cfg, hf_name)
             if name is None:
                 continue
             if hf_name not in expected:

@@ -6,10 +6,12 @@ does not import: cpuq.runtime.stages binds the same code to each path's ops (the
 step's Numba kernels, the prompt chunk's threaded kernels, the GPU's CUDA kernels).
 Adding an architecture is a file here and the ops its stages name.
 
-Imports cpuq.arch and cpuq.errors only.
+Imports cpuq.arch and cpuq.errors only (a model file may import numpy for its conversion
+quirks).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -39,6 +41,10 @@ class Tensor:
     def dims(self, cfg: ModelConfig) -> tuple[int, ...]:
         return tuple(dim(cfg, d) for d in self.shape)
 
+    def in_checkpoint(self, cfg: ModelConfig) -> bool:
+        """Whether a checkpoint of cfg's architecture must hold it (the converter's check)."""
+        return self.when is None or bool(getattr(cfg.spec, self.when))
+
     def required(self, cfg: ModelConfig) -> bool | None:
         """True: required; None: used if the file has it."""
         if self.optional or (self.when is not None and not getattr(cfg.spec, self.when)):
@@ -62,3 +68,42 @@ def family(cfg: ModelConfig) -> ModuleType:
         if cfg.arch in module.ARCHITECTURES:
             return module
     raise UnsupportedError(f"architecture '{cfg.arch}' has no model file")
+
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_GLOBAL_RE = re.compile(r"^(.+)\.(weight|bias)$")
+
+
+def gguf_tensor_name(cfg: ModelConfig, hf_name: str) -> str | None:
+    """GGUF name of an HF checkpoint tensor of cfg's architecture; None for tensors the
+    converter drops. UnsupportedError for a name the model file does not know
+    (llama.cpp's ModelBase.map_tensor_name)."""
+    model = family(cfg)
+    if hf_name.endswith(model.IGNORED_SUFFIXES):
+        return None
+    name = hf_name[len("language_model."):] if hf_name.startswith("language_model.") else hf_name
+    m = _LAYER_RE.match(name)
+    if m:
+        layer, module, suffix = m.groups()
+        for t in model.TENSORS:  # a module's .weight and .bias share its GGUF base name
+            if t.hf.rsplit(".", 1)[0] == module:
+                return f"blk.{int(layer)}.{t.gguf.rsplit('.', 1)[0]}.{suffix}"
+    else:
+        m = _GLOBAL_RE.match(name)
+        if m and m.group(1) in model.GLOBAL_TENSORS:
+            return f"{model.GLOBAL_TENSORS[m.group(1)]}.{m.group(2)}"
+    raise UnsupportedError(f"tensor '{hf_name}' has no GGUF name")
+
+
+def expected_tensors(cfg: ModelConfig, has_lm_head: bool) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape that a checkpoint of cfg must hold."""
+    model = family(cfg)
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.n_vocab, cfg.n_embd)}
+    layer = [t for t in model.TENSORS if t.in_checkpoint(cfg)]
+    for i in range(cfg.n_layer):
+        for t in layer:
+            shapes[f"model.layers.{i}.{t.hf}"] = t.dims(cfg)
+    shapes["model.norm.weight"] = (cfg.n_embd,)
+    if has_lm_head:
+        shapes["lm_head.weight"] = (cfg.n_vocab, cfg.n_embd)
+    return shapes

@@ -11,12 +11,18 @@ threaded kernels (runtime.chunk) and the GPU's (runtime.gpu). An op leaves a ten
 model lacks (an empty or None weight) alone. `c` is the path's context: norm epsilon,
 head counts, RoPE tables of the positions, the KV cache.
 
-Imports cpuq.models only.
+Conversion quirks: llama's q/k rows are permuted for ggml's non-NEOX RoPE, and its llama3
+rope scaling becomes a rope_freqs tensor.
+
+Imports numpy, cpuq.arch and cpuq.models.
 """
 from __future__ import annotations
 
 from collections import namedtuple
 
+import numpy as np
+
+from ..arch import LLAMA3_ROPE_DEFAULTS
 from . import Tensor
 
 ARCHITECTURES = ("qwen2", "qwen3", "llama")
@@ -29,9 +35,9 @@ TENSORS = (
     Tensor("wk", "attn_k.weight", "self_attn.k_proj.weight", ("kv_dim", "n_embd")),
     Tensor("wv", "attn_v.weight", "self_attn.v_proj.weight", ("kv_dim", "n_embd")),
     Tensor("wo", "attn_output.weight", "self_attn.o_proj.weight", ("n_embd", "q_dim")),
-    Tensor("bq", "attn_q.bias", "self_attn.q_proj.bias", ("q_dim",), optional=True),
-    Tensor("bk", "attn_k.bias", "self_attn.k_proj.bias", ("kv_dim",), optional=True),
-    Tensor("bv", "attn_v.bias", "self_attn.v_proj.bias", ("kv_dim",), optional=True),
+    Tensor("bq", "attn_q.bias", "self_attn.q_proj.bias", ("q_dim",), when="qkv_bias", optional=True),
+    Tensor("bk", "attn_k.bias", "self_attn.k_proj.bias", ("kv_dim",), when="qkv_bias", optional=True),
+    Tensor("bv", "attn_v.bias", "self_attn.v_proj.bias", ("kv_dim",), when="qkv_bias", optional=True),
     Tensor("q_norm", "attn_q_norm.weight", "self_attn.q_norm.weight", ("head_dim",), when="qk_norm"),
     Tensor("k_norm", "attn_k_norm.weight", "self_attn.k_norm.weight", ("head_dim",), when="qk_norm"),
     Tensor("ffn_norm", "ffn_norm.weight", "post_attention_layernorm.weight", ("n_embd",)),
@@ -40,6 +46,11 @@ TENSORS = (
     Tensor("w_down", "ffn_down.weight", "mlp.down_proj.weight", ("n_embd", "n_ff")),
 )
 Layer = namedtuple("Layer", [t.field for t in TENSORS])
+
+
+# Outside the blocks (llama.cpp's gguf-py tensor_mapping.py), and what the converter drops.
+GLOBAL_TENSORS = {"model.embed_tokens": "token_embd", "lm_head": "output", "model.norm": "output_norm"}
+IGNORED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
 
 
 def attention(x, L, il, c):
@@ -73,3 +84,49 @@ def block(x, L, il, c):
 
 
 STAGES = (attention, mlp, block)
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Llama's q/k permutation (llama.py:175-181): within each of `n_head` heads, interleave
+    the two rope halves, so row h*D + 2*j + i comes from row h*D + i*D/2 + j."""
+    rows = w.shape[0]
+    return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:])
+             .swapaxes(1, 2).reshape(w.shape))
+
+
+def qk_permute_heads(cfg: ModelConfig, hf_name: str) -> int | None:
+    """How many heads to permute `hf_name` by, or None if it is not permuted."""
+    if not cfg.spec.permute_qk:
+        return None
+    if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        return cfg.n_head
+    if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        return cfg.n_head_kv
+    return None
+
+
+def llama3_rope_freqs(cfg: ModelConfig) -> np.ndarray:
+    """The rope_freqs.weight factors LlamaModel emits for rope_type llama3 (llama.py:298-326)."""
+    rope = dict(cfg.rope_scaling or ())
+    base, dim = cfg.rope_theta, cfg.head_dim
+    v = {k: rope.get(k, d) for k, d in LLAMA3_ROPE_DEFAULTS.items()}  # ModelConfig.from_hf checked them
+    factor, low_freq_factor = float(v["factor"]), float(v["low_freq_factor"])
+    high_freq_factor = float(v["high_freq_factor"])
+    old_context_len = int(v["original_max_position_embeddings"])
+    # torch computes all of this in float32 (Python scalars join a float32 tensor as float32);
+    # numpy's scalar promotion (NEP 50) does the same with np.float32 values.
+    f32 = np.float32
+    freqs = f32(1.0) / (f32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / f32(dim)))
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    out = []
+    for freq in freqs:
+        wavelen = f32(2 * np.pi) / freq
+        if wavelen < high_freq_wavelen:
+            out.append(f32(1.0))
+        elif wavelen > low_freq_wavelen:
+            out.append(f32(factor))
+        else:
+            smooth = (f32(old_context_len) / wavelen - f32(low_freq_factor)) / f32(high_freq_factor - low_freq_factor)
+            out.append(f32(1.0) / ((f32(1.0) - smooth) / f32(factor) + smooth))
+    return np.array(out, dtype=np.float32)

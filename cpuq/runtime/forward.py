@@ -157,7 +157,9 @@ def forward(w: Weights, cfg: ModelConfig, rope: Rope, tokens: np.ndarray, cache:
     n_cpu = len(w.layers) if gpu is None else gpu.first_layer
     scale = np.float32(1.0 / math.sqrt(cfg.head_dim))
     model = family(cfg)
-    if n == 1 and observe is None and steps is not None:
+    if n_cpu == 0:
+        pass  # every block on the GPU
+    elif n == 1 and observe is None and steps is not None:
         stages.decode_step(model).blocks(x, n_cpu, steps, StepContext(cfg.rms_eps, cos, sin, rope.neox, cache.k,
                                                                       cache.v, start, scale, cfg.head_dim))
     else:

@@ -32,7 +32,8 @@ from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
 import cpuq
-from cpuq.arch import ModelConfig, gguf_tensor_name
+from cpuq.arch import ModelConfig
+from cpuq.models import gguf_tensor_name
 from cpuq.cli import app
 from cpuq.convert import scaling
 from cpuq.convert.imatrix import Imatrix
@@ -119,7 +120,7 @@ def fold_with_apply(weights: dict[str, np.ndarray], cfg: ModelConfig,
     """Every checkpoint tensor through scaling.apply (by its GGUF name, as the converter
     calls it; llama's q/k row permutation does not touch columns, so the HF layout serves)."""
     empty = scaling.BlockScales({}, {})
-    return {k: scaling.apply(gguf_tensor_name(k), w, 0, blocks.get(layer_of(k), empty), cfg)
+    return {k: scaling.apply(gguf_tensor_name(cfg, k), w, 0, blocks.get(layer_of(k), empty), cfg)
             for k, w in weights.items()}
 
 
@@ -221,8 +222,9 @@ def tiny(tmp_path_factory):
     """The imatrix golden's Qwen2 (hidden 256: every block matrix a real k-quant), its
     weights by GGUF name, its config."""
     src = tiny_checkpoint(tmp_path_factory.mktemp("scaling-tiny"))
-    weights = {gguf_tensor_name(k): v for k, v in read_weights(src).items()}
-    return src, weights, ModelConfig.from_hf_config(src)
+    cfg = ModelConfig.from_hf_config(src)
+    weights = {gguf_tensor_name(cfg, k): v for k, v in read_weights(src).items()}
+    return src, weights, cfg
 
 
 # the fold is exact ------------------------------------------------------------------------
@@ -666,7 +668,7 @@ def test_awq_file_is_the_fold_quantized(calibrated):
     for byte. The rest (token_embd, output_norm, q/k biases) is the plain file's."""
     c = calibrated
     hf = read_weights(c.src)
-    folded = {gguf_tensor_name(k): v for k, v in fold_by_hand(hf, c.cfg, c.blocks, dtype=np.float32).items()}
+    folded = {gguf_tensor_name(c.cfg, k): v for k, v in fold_by_hand(hf, c.cfg, c.blocks, dtype=np.float32).items()}
     group_of = {m: g for g, ms in GROUP_MATRICES.items() for m in ms}
     checked = 0
     with cpuq.open_gguf(c.awq) as awq, cpuq.open_gguf(c.plain) as plain:

@@ -115,7 +115,7 @@ def invoke(*args: str):
 
 
 def test_command_prints_a_table(tiny_model):
-    r = invoke(tiny_model, "--prompt", "8", "--gen", "4", "--repeat", "2", "--threads", "1")
+    r = invoke(tiny_model, "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "2", "--threads", "1")
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
     assert len(lines) == 4, r.stdout
@@ -132,7 +132,7 @@ def test_command_prints_a_table(tiny_model):
 
 
 def test_command_json(tiny_model):
-    r = invoke(tiny_model, "-p", "8", "-n", "4", "-r", "2", "-t", "1", "--json")
+    r = invoke(tiny_model, "--prompt-tokens", "8", "-n", "4", "-r", "2", "-t", "1", "--json")
     assert r.exit_code == 0, r.output
     tests = json.loads(r.stdout)  # nothing but the JSON on stdout
     assert [t["test"] for t in tests] == ["pp8", "tg4"]
@@ -144,10 +144,10 @@ def test_command_json(tiny_model):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--prompt", "0"], "n_prompt must be a positive integer, not 0"),
-    (["--gen", "-3"], "n_gen must be a positive integer, not -3"),
-    (["--prompt", "32768", "--gen", "1"], "more than the model's context length of 32768"),
-    (["--threads", "0"], "n_threads"),
+    (["--prompt-tokens", "0"], "--prompt-tokens must be a positive integer, not 0"),
+    (["--gen-tokens", "-3"], "--gen-tokens must be a positive integer, not -3"),
+    (["--prompt-tokens", "32768", "--gen-tokens", "1"], "more than the model's context length of 32768"),
+    (["--threads", "0"], "--threads must be between 1 and"),
 ])
 def test_command_bad_input_is_one_line_exit_2(tiny_model, args, words):
     r = invoke(tiny_model, *args)

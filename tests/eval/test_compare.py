@@ -410,7 +410,7 @@ def test_bad_input_before_any_work(tmp_path):
 
 # the CLI ---------------------------------------------------------------------------------------
 
-CLI_SETTINGS = ["--ctx", "64", "--chunks", "2", "--prompt", "16", "--gen", "4", "--repeat", "1"]
+CLI_SETTINGS = ["--ctx", "64", "--chunks", "2", "--prompt-tokens", "16", "--gen-tokens", "4", "--repeat", "1"]
 
 
 @pytest.fixture(scope="module")

@@ -450,9 +450,9 @@ def one_error_line(r, returncode: int = 2) -> str:
 
 @pytest.mark.parametrize("args, words", [
     (("-p", " ".join(["word"] * 60), "--ctx", "32"), "the prompt is 60 tokens; the context holds 32"),
-    (("-p", "x", "--threads", "0"), "n_threads must be between 1 and"),
-    (("-p", "x", "--ctx", "1000000000"), "n_ctx=1000000000: its KV cache would take 21.0 TiB"),
-    (("-p", "x", "-n", "-3"), "max_tokens must be an integer >= 0, or -1"),
+    (("-p", "x", "--threads", "0"), "--threads must be between 1 and"),
+    (("-p", "x", "--ctx", "1000000000"), "--ctx 1000000000: its KV cache would take 21.0 TiB"),
+    (("-p", "x", "-n", "-3"), "--max-tokens must be an integer >= 0, or -1 for no limit"),
     ((b"-p", b"ab\xffc"), "--prompt: not valid UTF-8 (byte 0xff at offset 2)"),  # as a shell passes raw bytes
 ])
 def test_generate_command_edges_are_one_line_exit_2(demo, args, words):
