@@ -46,15 +46,6 @@ def memory_bytes() -> int | None:
         return None
 
 
-def human_bytes(n: float, digits: int = 1) -> str:
-    """1536 -> '1.5 KiB' (the CLI prints its sizes with this too)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
 ONE_AT_A_TIME = threading.Lock()  # every Model's forward passes, under Numba's workqueue layer
 _layer_is_threadsafe: bool | None = None
 

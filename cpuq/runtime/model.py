@@ -46,7 +46,8 @@ from .chunk import Observer
 from .forward import KVCache, Paths, Rope, step_pack
 from .gemm import Gemm
 from .guard import CallGuard, Stream
-from .host import ONE_AT_A_TIME, human_bytes, memory_bytes, physical_cores, sigint_deferred, threadsafe_layer
+from ..info import human_bytes
+from .host import ONE_AT_A_TIME, memory_bytes, physical_cores, sigint_deferred, threadsafe_layer
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer, utf8_text
 from .warmup import StepCompiler, is_cold

@@ -1,0 +1,43 @@
+"""The model files (cpuq.models) and how runtime.stages binds their stages to each path."""
+from __future__ import annotations
+
+import pytest
+
+from cpuq.errors import UnsupportedError
+from cpuq.kernels import step
+from cpuq.models import dense
+from cpuq.runtime import chunk, gpu, stages
+
+
+def test_every_path_has_the_ops_the_stages_name():
+    """The decode step, the prompt chunk and the GPU bind dense's stages (bind checks every
+    global a stage loads against the ops), and the three paths offer the same op names."""
+    assert set(step.OPS) == set(chunk.OPS) == set(gpu.OPS)
+    for ops, path in ((step.OPS, "step"), (chunk.OPS, "chunk"), (gpu.OPS, "gpu")):
+        bound = stages.bind(dense, ops, path)
+        assert bound.block.__qualname__ == f"block_{path}"
+        assert bound.scope["linear3"] is ops["linear3"]
+
+
+@pytest.mark.parametrize("missing", sorted(chunk.OPS))
+def test_a_path_without_an_op_refuses_the_model(missing):
+    ops = {k: v for k, v in chunk.OPS.items() if k != missing}
+    with pytest.raises(UnsupportedError, match=f"needs {missing}, which the partial path lacks"):
+        stages.bind(dense, ops, "partial")
+
+
+def test_layer_fields_are_the_tensor_table():
+    assert dense.Layer._fields == tuple(t.field for t in dense.TENSORS)
+    assert len({t.gguf for t in dense.TENSORS}) == len({t.hf for t in dense.TENSORS}) == len(dense.TENSORS)
+
+
+def test_layer_at_addresses_matrices_and_vectors_in_table_order():
+    """The decode step's view of a block (runtime.stages._layer_at_source): the j-th matrix
+    of the table is the j-th (offset, rows, bytes) of the StepPack, vectors likewise."""
+    src = stages._layer_at_source(dense)
+    matrices = [t.field for t in dense.TENSORS if t.is_matrix]
+    vectors = [t.field for t in dense.TENSORS if not t.is_matrix]
+    args = src.split("Layer(", 1)[1].rsplit(")", 1)[0]
+    for j, name in enumerate(matrices):
+        assert f"p.at[il, {j}]" in args and f"p.types[il, {j}]" in args
+    assert args.count("p.vectors[") == len(vectors)
