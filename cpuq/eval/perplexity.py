@@ -115,9 +115,9 @@ def perplexity(model: str | os.PathLike | Model, text: str, n_ctx: int = 512, n_
     whose vocabulary or tokenization differs. gpu_layers: as cpuq.load's, for models given
     as paths (the base's too)."""
     if not isinstance(n_ctx, int) or n_ctx < 4 or n_ctx % 2:
-        raise InputError(f"--ctx must be an even number of tokens >= 4, not {n_ctx!r}")
+        raise InputError(f"n_ctx must be an even number of tokens >= 4, not {n_ctx!r}")
     if n_chunks is not None and (not isinstance(n_chunks, int) or n_chunks < 1):
-        raise InputError(f"--chunks must be a positive number of windows, not {n_chunks!r}")
+        raise InputError(f"n_chunks must be a positive number of windows, not {n_chunks!r}")
     opened = []
     try:
         m = model if isinstance(model, Model) else _open(model, n_ctx, n_threads, gpu_layers, opened)
@@ -141,7 +141,7 @@ def _measure(m: Model, base: Optional[Model], text: str, n_ctx: int, n_chunks: O
     tok = m.tokenizer
     tokens = tok.encode(text)
     if len(tokens) < 2 * n_ctx:
-        raise InputError(f"the text is {len(tokens)} tokens; perplexity with --ctx {n_ctx} needs at least "
+        raise InputError(f"the text is {len(tokens)} tokens; perplexity with n_ctx={n_ctx} needs at least "
                          f"{2 * n_ctx} (two windows)")
     if base is not None:
         if base.config.n_vocab != m.config.n_vocab or base.tokenizer.encode(text) != tokens:

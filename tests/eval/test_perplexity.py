@@ -169,7 +169,7 @@ def test_bad_input(model):
         perplexity(model, "too short", n_ctx=512)
     with pytest.raises(InputError, match="even number"):
         perplexity(model, TEXT.read_text(), n_ctx=63)
-    with pytest.raises(InputError, match="--chunks"):
+    with pytest.raises(InputError, match="n_chunks"):
         perplexity(model, TEXT.read_text(), n_ctx=64, n_chunks=0)
 
 
