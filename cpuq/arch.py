@@ -25,23 +25,23 @@ class ArchSpec:
     gguf_arch: str            # general.architecture
     qkv_bias: bool            # q_proj/k_proj/v_proj carry a bias (qwen2)
     qk_norm: bool             # per-head RMSNorm on q and k (qwen3)
-    permute_qk: bool          # llama: q/k rows interleaved for ggml's non-NEOX rope (llama.py:175-181)
+    permute_qk: bool          # llama: q/k rows interleaved for ggml's non-NEOX rope (LlamaModel.permute)
     # Whether the converter writes {arch}.attention.key_length/value_length: it does when
-    # transformers' config class exposes `head_dim` (base.py:1541-1543): Qwen3Config and
+    # transformers' config class exposes `head_dim` (TextModel.set_gguf_parameters): Qwen3Config and
     # LlamaConfig do (transformers 5.x), Qwen2Config does only if config.json names it.
     head_dim_key: str         # "always" | "if_in_config"
-    # Keys llama.cpp's LlamaModel adds after the common ones (llama.py:164-173).
+    # Keys llama.cpp's LlamaModel.set_gguf_parameters adds after the common ones.
     writes_vocab_size: bool
     writes_rope_dimension_count: bool
     # transformers config-class defaults, used where config.json omits a key (the
-    # converter reads AutoConfig.to_dict(), base.py:1280).
+    # converter reads AutoConfig.to_dict() in ModelBase.load_hparams).
     default_rope_theta: float
     default_rms_eps: float
     default_context_length: int
     default_head_dim: int | None  # None: hidden_size // num_attention_heads
 
 
-# HF `architectures[0]` -> spec (conversion/qwen.py:48-57,159-161; conversion/llama.py:17-34).
+# HF `architectures[0]` -> spec (the names llama.cpp registers for Qwen2Model, Qwen3Model, LlamaModel).
 ARCHITECTURES: dict[str, ArchSpec] = {
     "Qwen2ForCausalLM": ArchSpec("qwen2", qkv_bias=True, qk_norm=False, permute_qk=False,
                                  head_dim_key="if_in_config", writes_vocab_size=False,
@@ -58,12 +58,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 MAX_U32 = 2**32 - 1
-# rope_scaling keys that hold numbers (conversion/base.py:1462-1495, llama.py:298-326).
+# rope_scaling keys that hold numbers (TextModel.set_gguf_parameters, LlamaModel.generate_extra_tensors).
 ROPE_NUMBERS = ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor",
                 "extrapolation_factor", "attention_factor", "attn_factor", "beta_fast", "beta_slow")
 
 
-# llama3 rope_scaling's keys and their defaults where absent (llama.py:298-326).
+# llama3 rope_scaling's keys and their defaults where absent (LlamaModel.generate_extra_tensors).
 LLAMA3_ROPE_DEFAULTS = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                         "original_max_position_embeddings": 8192}
 
@@ -127,7 +127,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, cfg: dict, where: str = "config.json") -> "ModelConfig":
-        if isinstance(cfg.get("text_config"), dict):  # base.py:1345-1350 merges it into the root
+        if isinstance(cfg.get("text_config"), dict):  # TextModel.__init__ merges it into the root
             cfg = {**cfg, **cfg["text_config"]}
         archs = cfg.get("architectures")
         if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
@@ -295,6 +295,6 @@ class ModelConfig:
         return self.spec.head_dim_key == "always" or self.head_dim_in_config
 
 
-# rope scaling types the converter handles (base.py:1462-1495); "llama3" yields the
-# rope_freqs.weight tensor instead of keys (llama.py:298-326).
+# rope scaling types the converter handles (TextModel.set_gguf_parameters); "llama3" yields the
+# rope_freqs.weight tensor instead of keys (LlamaModel.generate_extra_tensors).
 ROPE_SCALING_TYPES = ("linear", "yarn", "longrope", "su", "dynamic", "llama3")

@@ -1,6 +1,6 @@
 """The tokenizer.* GGUF keys of an HF checkpoint with a byte-level BPE tokenizer.json
 (Qwen2/Qwen3, Llama-3, SmolLM), as llama.cpp's `_set_vocab_gpt2` + `SpecialVocab` write
-them (conversion/base.py:1581-1972, gguf-py/gguf/vocab.py:50-378; see
+them (TextModel.get_vocab_base and get_vocab_base_pre, gguf-py's SpecialVocab; see
 docs/llama_cpp_conventions.md section 1.7).
 
 Reads tokenizer.json with the `tokenizers` library (not transformers). Imports only the
@@ -18,10 +18,10 @@ from gguf import GGUFValueType
 
 from ..errors import FormatError, UnsupportedError
 
-# The text llama.cpp tokenizes to recognise a pre-tokenizer (base.py:1635).
+# The text llama.cpp tokenizes to recognise a pre-tokenizer (chktxt in TextModel.get_vocab_base_pre).
 CHK_TXT = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f (multiple emojis concatenated) \u2705 \U0001f999\U0001f999 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 \u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2\u17b6\u1785\U0001f601 ?\u6211\u60f3\u5728apple\u5de5\u4f5c1314151\u5929\uff5e ------======= \u043d\u0435\u0449\u043e \u043d\u0430 \u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'
 
-# sha256 of str(token ids of CHK_TXT) -> tokenizer.ggml.pre (base.py:1629-1958; only the
+# sha256 of str(token ids of CHK_TXT) -> tokenizer.ggml.pre (TextModel.get_vocab_base_pre; only the
 # entries for the families cpuq converts).
 PRE_BY_HASH: dict[str, str] = {
     "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",             # Qwen1.5/2/2.5/3
@@ -35,8 +35,8 @@ PRE_BY_HASH: dict[str, str] = {
 # llama.cpp token types (gguf-py constants TokenType).
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
-# Special-token kinds in SpecialVocab's order (vocab.py:74) and their GGUF keys; `cls` has
-# no key and is skipped when writing (vocab.py:88-97).
+# Special-token kinds in SpecialVocab's order (SpecialVocab.__init__) and their GGUF keys; `cls` has
+# no key and is skipped when writing (SpecialVocab.add_to_gguf).
 SPECIAL_KINDS = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
 SPECIAL_KEYS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
                 "unk": "tokenizer.ggml.unknown_token_id", "sep": "tokenizer.ggml.seperator_token_id",
@@ -53,7 +53,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _looks_special(text: str) -> bool:
-    """base.py:1557-1578."""
+    """llama.cpp's TextModel.does_token_look_special."""
     return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
             or (text.startswith("<|") and text.endswith("|>"))
             or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
@@ -68,9 +68,9 @@ class TokenizerFiles:
     tok_json: dict         # tokenizer.json
     cfg_path: Path
     tok_config: dict       # tokenizer_config.json, {} if absent or not an object
-    tokens: list[str]      # n_vocab of them, "[PADi]" where the tokenizer has no id i (base.py:1581-1623)
+    tokens: list[str]      # n_vocab of them, "[PADi]" where the tokenizer has no id i (TextModel.get_vocab_base)
     types: list[int]
-    merges: list[str]      # as "a b" (vocab.py:186-212)
+    merges: list[str]      # as "a b" (SpecialVocab._try_load_from_tokenizer_json)
     chkhsh: str            # sha256 of CHK_TXT's token ids: names the pre-tokenizer
     template: Any          # tokenizer_config's chat_template, else chat_template.jinja's text, else None
 
@@ -90,7 +90,7 @@ def read_tokenizer_files(src_dir: Path, n_vocab: int) -> TokenizerFiles:
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise UnsupportedError(f"{tok_path}: model is not a BPE vocabulary (only byte-level BPE is supported)")
     if model.get("byte_fallback"):
-        # Llama-2-style HF BPE: llama.cpp writes it as tokenizer.ggml.model "llama" (vocab.py:555-623).
+        # Llama-2-style HF BPE: llama.cpp writes it as tokenizer.ggml.model "llama" (gguf-py's LlamaHfVocab).
         raise UnsupportedError(f"{tok_path}: BPE with byte_fallback (Llama-2 style) is not supported")
     try:
         tokenizer = Tokenizer.from_file(str(tok_path))
@@ -100,7 +100,7 @@ def read_tokenizer_files(src_dir: Path, n_vocab: int) -> TokenizerFiles:
     tok_config = _read_json(cfg_path) if cfg_path.is_file() else {}
     if not isinstance(tok_config, dict):
         tok_config = {}
-    # tokens and types (base.py:1581-1623)
+    # tokens and types (TextModel.get_vocab_base)
     reverse = {i: s for s, i in tokenizer.get_vocab(with_added_tokens=True).items()}
     added = {t["id"]: t for t in tok_json.get("added_tokens") or []}
     if reverse and max(reverse) >= n_vocab:
@@ -121,7 +121,7 @@ def read_tokenizer_files(src_dir: Path, n_vocab: int) -> TokenizerFiles:
         else:
             types.append(NORMAL)
         tokens.append(text)
-    # merges (vocab.py:186-212)
+    # merges (SpecialVocab._try_load_from_tokenizer_json)
     merges = []
     for m in model.get("merges") or []:
         if isinstance(m, str):
@@ -140,7 +140,7 @@ def read_tokenizer_files(src_dir: Path, n_vocab: int) -> TokenizerFiles:
 
 def tokenizer_metadata(src_dir: Path, n_vocab: int, config: dict, arch: str) -> tuple[dict[str, Any], dict[str, GGUFValueType]]:
     """(values, explicit types) of every tokenizer.* key, in the converter's order.
-    `arch` is the GGUF architecture name (llama adds its own keys, llama.py:106-162)."""
+    `arch` is the GGUF architecture name (llama adds its own keys, LlamaModel.set_vocab)."""
     files = read_tokenizer_files(src_dir, n_vocab)
     tok_path, tok_json, tok_config = files.tok_path, files.tok_json, files.tok_config
 
@@ -151,7 +151,7 @@ def tokenizer_metadata(src_dir: Path, n_vocab: int, config: dict, arch: str) -> 
                                f"known: {', '.join(sorted(set(PRE_BY_HASH.values())))}")
 
     values: dict[str, Any] = {}
-    if arch == "llama" and tok_config.get("add_prefix_space") is not None:  # written first (llama.py:128-131)
+    if arch == "llama" and tok_config.get("add_prefix_space") is not None:  # written first (LlamaModel.set_vocab)
         values["tokenizer.ggml.add_space_prefix"] = bool(tok_config["add_prefix_space"])
     values |= {
         "tokenizer.ggml.model": "gpt2",
@@ -164,7 +164,8 @@ def tokenizer_metadata(src_dir: Path, n_vocab: int, config: dict, arch: str) -> 
     if files.merges:
         values["tokenizer.ggml.merges"] = list(files.merges)
 
-    # special ids: tokenizer_config first, then config.json; the first set wins (vocab.py:149-378)
+    # special ids: tokenizer_config first, then config.json; the first set wins
+    # (SpecialVocab._load, _set_special_token)
     special: dict[str, int] = {}
     added_by_content: dict[str, int] = {}
     for t in tok_json.get("added_tokens") or []:
@@ -184,7 +185,7 @@ def tokenizer_metadata(src_dir: Path, n_vocab: int, config: dict, arch: str) -> 
             values[SPECIAL_KEYS[kind]] = tid
             vtypes[SPECIAL_KEYS[kind]] = GGUFValueType.UINT32
 
-    # add_bos/add_eos from the post-processor, then tokenizer_config (vocab.py:234-347)
+    # add_bos/add_eos from the post-processor, then tokenizer_config (SpecialVocab._try_load_from_tokenizer_json)
     add: dict[str, bool] = {}
     post = tok_json.get("post_processor") or {}
     procs = post.get("processors", [post]) if isinstance(post, dict) else []
@@ -216,7 +217,7 @@ def tokenizer_metadata(src_dir: Path, n_vocab: int, config: dict, arch: str) -> 
     elif template is not None and not isinstance(template, str):
         raise UnsupportedError(f"{files.cfg_path}: chat_template lists named templates; only one template is supported")
     if arch == "llama" and n_vocab == 49152:
-        # SmolLM/SmolLM2/granite: LlamaModel forces add_bos off after set_vocab (llama.py:144-158);
+        # SmolLM/SmolLM2/granite: LlamaModel.set_vocab forces add_bos off;
         # a dict update keeps an existing key's position, as gguf-py's re-add does, else appends.
         values["tokenizer.ggml.add_bos_token"] = False
     return values, vtypes

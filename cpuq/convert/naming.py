@@ -1,6 +1,7 @@
 """The general.name / organization / basename / finetune / version / size_label keys that
 llama.cpp's converter derives from a model id such as "Qwen/Qwen2.5-0.5B-Instruct"
-(gguf-py/gguf/metadata.py:235-362, 562-602; utility.py:21-52; notes section 1.4).
+(gguf-py's Metadata.get_model_id_components, id_to_title and apply_metadata_heuristic, and
+utility.size_label; notes section 1.4).
 
 README front-matter and --metadata overrides are not read. Imports only the standard library.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# Part annotations, tested in this order on each '-'-separated part (metadata.py:277-330).
+# Part annotations, tested in this order on each '-'-separated part (Metadata.get_model_id_components).
 _VERSION = re.compile(r"(v|iter)?\d+([.]\d+)*", re.IGNORECASE)
 _QUANT_TYPE = re.compile(r"i?q\d(_\w)*|b?fp?(16|32)", re.IGNORECASE)
 _SIZE = re.compile(r"(([A]|\d+[x])?\d+([._]\d+)?[KMBT][\d]?|small|mini|medium|large|x?xl)", re.IGNORECASE)
@@ -27,13 +28,13 @@ class ModelId:
 
 
 def id_to_title(s: str) -> str:
-    """'qwen2.5-0.5b-instruct' -> 'Qwen2.5 0.5b Instruct' (metadata.py:235-238)."""
+    """'qwen2.5-0.5b-instruct' -> 'Qwen2.5 0.5b Instruct' (gguf-py's Metadata.id_to_title)."""
     return " ".join(w.title() if w.islower() and not re.match(r"^(v\d+(?:\.\d+)*|\d.*)$", w) else w
                     for w in s.replace("-", " ").split())
 
 
 def size_label(total_params: int) -> str:
-    """Rounded parameter count, '135M', '1.5B' (utility.py:21-52, dense models)."""
+    """Rounded parameter count, '135M', '1.5B' (gguf-py's utility.size_label, dense models)."""
     for limit, scale, suffix in ((1e12, 1e-12, "T"), (1e9, 1e-9, "B"), (1e6, 1e-6, "M")):
         if total_params > limit:
             break
@@ -109,7 +110,7 @@ def parse_model_id(model_id: str, total_params: int) -> ModelId:
 
 
 def general_name_keys(name_or_path: object, dir_name: str, total_params: int) -> dict[str, str]:
-    """general.* name keys in the order gguf-py writes them (metadata.py:634-654): config.json's
+    """general.* name keys in the order gguf-py writes them (Metadata.set_gguf_meta_model): config.json's
     `_name_or_path` (if it has at most one '/') first, then the directory name, each field
     taken from the first source that has it; size_label falls back to the parameter count."""
     sources = []

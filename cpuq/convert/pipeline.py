@@ -45,7 +45,7 @@ from .safetensors_io import open_checkpoint
 # tensor starts and after each piece of it.
 Progress = Callable[[int, int, str], None]
 
-GGML_QUANT_VERSION = 2  # gguf-py constants.py:13
+GGML_QUANT_VERSION = 2  # gguf-py's constants.GGML_QUANT_VERSION
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class OutType:
     mix: str | None = None    # a llama-quantize type mix (MIXES) instead of one type for all
 
 
-# --type -> behaviour. file_type values: include/llama.h:117-162; for the pure k-quants the
+# --type -> behaviour. file_type values: llama.h's enum llama_ftype; for the pure k-quants the
 # value llama-quantize writes when asked for the _M mix with --pure (notes section 4.6).
 OUT_TYPES: dict[str, OutType] = {
     "f32": OutType("F32", 0, False),
@@ -74,22 +74,22 @@ OUT_TYPES: dict[str, OutType] = {
 
 
 def use_more_bits(i: int, n: int) -> bool:
-    """llama-quant.cpp:452-454 (C integer division; i >= n/8 wherever the modulo is taken)."""
+    """llama_tensor_get_type_impl's use_more_bits (C integer division; i >= n/8 wherever the modulo is taken)."""
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
 # llama_tensor_get_type_impl for LLAMA_FTYPE_MOSTLY_Q4_K_M on dense Qwen2/Qwen3/Llama
-# (llama-quant.cpp:444-714; notes section 4.4): GGUF name suffix -> type, where a pair
+# (src/llama-quant.cpp; notes section 4.4): GGUF name suffix -> type, where a pair
 # (more, less) picks by use_more_bits over the layers. Everything else takes the default.
 MIXES: dict[str, dict[str, str | tuple[str, str]]] = {
     "q4_k_m": {
-        "output.weight": "Q6_K",                # :490-511 (also a tied token_embd, see below)
-        "attn_v.weight": ("Q6_K", "Q4_K"),      # :567-604
-        "ffn_down.weight": ("Q6_K", "Q4_K"),    # :623-667
+        "output.weight": "Q6_K",                # its output branch (also a tied token_embd, see below)
+        "attn_v.weight": ("Q6_K", "Q4_K"),      # its attn_v branch
+        "ffn_down.weight": ("Q6_K", "Q4_K"),    # its ffn_down branch
     },
 }
 
-# llama-quantize's tensor_type_fallback (src/llama-quant.cpp:390-441) for a row length that
+# llama-quantize's tensor_type_fallback (src/llama-quant.cpp) for a row length that
 # is not a multiple of the wanted type's block; F16 if the fallback does not fit either.
 SHAPE_FALLBACK: dict[str, str] = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
@@ -136,8 +136,8 @@ def _mix_type(name: str, out: OutType, cfg: ModelConfig, tied: bool) -> str:
     if isinstance(choice, str):
         return choice
     want = choice[0] if use_more_bits(int(m.group(1)), cfg.n_layer) else choice[1]
-    # 70B-class models (80 layers; llama only with GQA) get Q5_K for attn_v (:593-599,
-    # src/models/qwen2.cpp:14, src/models/llama.cpp:28).
+    # 70B-class models (80 layers; llama only with GQA) get Q5_K for attn_v (LLM_TYPE_70B in
+    # llama_tensor_get_type_impl; load_arch_hparams of src/models/qwen2.cpp and llama.cpp).
     if (m.group(2) == "attn_v.weight" and want == "Q4_K" and cfg.n_layer == 80
             and (cfg.arch == "qwen2" or (cfg.arch == "llama" and cfg.n_head != cfg.n_head_kv))):
         want = "Q5_K"
@@ -146,7 +146,7 @@ def _mix_type(name: str, out: OutType, cfg: ModelConfig, tied: bool) -> str:
 
 def tensor_qtype(name: str, shape: tuple[int, ...], out: OutType, cfg: ModelConfig | None = None,
                  tied: bool = False) -> QType:
-    """The converter's per-tensor choice (base.py:1083-1167), then (for the llama-quantize
+    """The converter's per-tensor choice (ModelBase.prepare_tensors), then (for the llama-quantize
     types) the type mix and llama-quantize's shape fallback."""
     if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
         return get_qtype("F32")
@@ -154,14 +154,14 @@ def tensor_qtype(name: str, shape: tuple[int, ...], out: OutType, cfg: ModelConf
         want = get_qtype(_mix_type(name, out, cfg, tied))
         if want.name == "Q6_K" and (name == "output.weight" or name == "token_embd.weight") \
                 and shape[-1] % get_qtype(out.qtype).block_size:
-            want = get_qtype("Q8_0")  # :500-509, qk_k of the default type
+            want = get_qtype("Q8_0")  # the output branch: row not a multiple of the default type's block
     else:
         want = get_qtype(out.qtype)
     cols = shape[-1]
     if cols % want.block_size == 0:
         return want
     if not out.via_llama_quantize:
-        return get_qtype("F16")  # gguf-py QuantError -> F16 (base.py:1159-1167)
+        return get_qtype("F16")  # gguf-py QuantError -> F16 (ModelBase.prepare_tensors)
     fallback = SHAPE_FALLBACK.get(want.name)
     if fallback is not None:
         try:
@@ -175,7 +175,7 @@ def tensor_qtype(name: str, shape: tuple[int, ...], out: OutType, cfg: ModelConf
 
 
 def _quantize_order(name: str) -> tuple[int, bytes]:
-    """llama-quantize's tensor order (llama-model-loader.h:54-65): non-block tensors first,
+    """llama-quantize's tensor order (llama_model_loader's weight_name_comparer): non-block tensors first,
     then blocks numerically, bytewise by name within each."""
     m = re.match(r"blk\.(\d+)\.", name)
     return (int(m.group(1)) if m else -1, name.encode())
@@ -194,7 +194,7 @@ def plan_tensors(ckpt, cfg: ModelConfig, out: OutType, where: Path) -> list[Tens
         if tuple(ckpt.shape(hf_name)) != shape:
             raise FormatError(f"{where}: tensor '{hf_name}' has shape {list(ckpt.shape(hf_name))}, "
                               f"config.json implies {list(shape)}")
-    # Converter order (base.py:219-306): shards sorted by file name, names sorted within each.
+    # Converter order (ModelBase.index_tensors): shards sorted by file name, names sorted within each.
     by_shard: dict[str, list[str]] = {}
     for hf_name in ckpt.names:
         by_shard.setdefault(ckpt.file_of(hf_name).name, []).append(hf_name)
@@ -252,7 +252,8 @@ def _ids_in_vocab(config: dict, n_vocab: int) -> dict:
 
 
 def _arch_metadata(cfg: ModelConfig) -> tuple[dict, dict]:
-    """{arch}.* keys in base.py:1435-1545 / llama.py:164-173 order (file_type excluded)."""
+    """{arch}.* keys in the order TextModel.set_gguf_parameters, then LlamaModel's, write them
+    (file_type excluded)."""
     a = cfg.arch
     u32 = GGUFValueType.UINT32
     f32 = GGUFValueType.FLOAT32
@@ -470,7 +471,7 @@ def _importances(im: Imatrix, plans: list[TensorPlan], out: OutType) -> dict[str
 
 
 def _imatrix_metadata(im: Imatrix, file_name: str | None) -> tuple[dict, dict]:
-    """The keys llama-quantize --imatrix adds (quantize.cpp:509-538): strings cut to 127
+    """The keys llama-quantize --imatrix adds (tools/quantize's llama_quantize): strings cut to 127
     bytes; no file key for a matrix that was never a file (convert with calibration text)."""
     def cut(text: str) -> str:
         return text.encode()[:127].decode(errors="ignore")

@@ -87,7 +87,7 @@ STAGES = (attention, mlp, block)
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Llama's q/k permutation (llama.py:175-181): within each of `n_head` heads, interleave
+    """Llama's q/k permutation (llama.cpp's LlamaModel.permute): within each of `n_head` heads, interleave
     the two rope halves, so row h*D + 2*j + i comes from row h*D + i*D/2 + j."""
     rows = w.shape[0]
     return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:])
@@ -106,7 +106,7 @@ def qk_permute_heads(cfg: ModelConfig, hf_name: str) -> int | None:
 
 
 def llama3_rope_freqs(cfg: ModelConfig) -> np.ndarray:
-    """The rope_freqs.weight factors LlamaModel emits for rope_type llama3 (llama.py:298-326)."""
+    """The rope_freqs.weight factors LlamaModel emits for rope_type llama3 (generate_extra_tensors)."""
     rope = dict(cfg.rope_scaling or ())
     base, dim = cfg.rope_theta, cfg.head_dim
     v = {k: rope.get(k, d) for k, d in LLAMA3_ROPE_DEFAULTS.items()}  # ModelConfig.from_hf checked them

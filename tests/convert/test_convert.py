@@ -63,7 +63,7 @@ def _gguf_name(hf: str) -> str:
 
 
 def _llama_permuted(x: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.py:175-181 by its row formula: out row h*D + 2j + i = in row h*D + i*D/2 + j."""
+    """llama.cpp's LlamaModel.permute by its row formula: out row h*D + 2j + i = in row h*D + i*D/2 + j."""
     d = x.shape[0] // n_head
     src = np.empty(x.shape[0], dtype=np.int64)
     for h in range(n_head):
@@ -99,7 +99,7 @@ def test_tensors_equal_source(arch, qtype, checkpoints, converted):
             x = source[t.name]
             assert t.shape == x.shape, t.name
             is_matrix = x.ndim == 2 and not t.name.endswith("_norm.weight")
-            want_type = qtype.upper() if is_matrix else "F32"  # converter rules, base.py:1083-1157
+            want_type = qtype.upper() if is_matrix else "F32"  # converter rules, ModelBase.prepare_tensors
             assert t.qtype.name == want_type, t.name
             if want_type == "F32":
                 np.testing.assert_array_equal(cpuq.dequantize(t.data, "F32", t.shape), x, err_msg=t.name)
@@ -111,7 +111,7 @@ def test_tensors_equal_source(arch, qtype, checkpoints, converted):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tensor_order_is_the_converters(arch, checkpoints, converted):
-    """Shards in name order, HF names sorted within each (base.py:219-306, notes 2.3)."""
+    """Shards in name order, HF names sorted within each (ModelBase.index_tensors, notes 2.3)."""
     with open_checkpoint(checkpoints[arch]) as ckpt:
         shards = sorted({ckpt.file_of(n).name for n in ckpt.names})
         want = [_gguf_name(n) for s in shards for n in sorted(n for n in ckpt.names if ckpt.file_of(n).name == s)]
@@ -191,7 +191,7 @@ def test_metadata_head_dim_and_llama_keys(converted):
 
 
 def test_pure_kquant_falls_back_like_llama_quantize(checkpoints, tmp_path):
-    """Row length 64 is not a multiple of 256: Q4_K -> Q5_0 (llama-quant.cpp:390-441), on the
+    """Row length 64 is not a multiple of 256: Q4_K -> Q5_0 (tensor_type_fallback), on the
     F16-rounded weights llama-quantize reads; llama-quantize's tensor and key order."""
     path = cpuq.convert(checkpoints["qwen2"], tmp_path / "q4k.gguf", "q4_k")
     source = _source_tensors(checkpoints["qwen2"])
@@ -368,7 +368,7 @@ MODEL_IDS = ["Qwen/Qwen2.5-0.5B-Instruct", "HuggingFaceTB/smollm2-135M-8k-lc100k
 
 @pytest.mark.parametrize("total_params", [0, 134515008, 494032768])
 def test_model_id_parsing_matches_gguf_py(total_params):
-    """The reference is gguf-py's own heuristic (metadata.py:240-362), as installed."""
+    """The reference is gguf-py's own heuristic (Metadata.get_model_id_components), as installed."""
     from gguf.metadata import Metadata
     from cpuq.convert.naming import parse_model_id
     for model_id in MODEL_IDS:

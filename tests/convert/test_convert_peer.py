@@ -36,7 +36,7 @@ p.pure = pure == "pure"
 p.nthread = 2
 sys.exit(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), p))
 """
-# cpuq type -> llama-quantize ftype whose default type it is (llama-quant.cpp:881-925).
+# cpuq type -> llama-quantize ftype whose default type it is (llama_ftype_get_default_type).
 PURE_FTYPES = {"q4_k": "Q4_K_M", "q5_k": "Q5_K_M", "q6_k": "Q6_K", "q4_0": "Q4_0", "q5_0": "Q5_0"}
 
 
@@ -98,7 +98,7 @@ def test_same_bytes_as_convert_hf_to_gguf(arch, tied, sharded, qtype, tmp_path):
 @pytest.mark.parametrize("arch, overrides", [
     ("qwen2", {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}),
     ("qwen3", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
-    # llama3 rope: the generated rope_freqs.weight tensor (llama.py:298-326), float32 like torch
+    # llama3 rope: the generated rope_freqs.weight tensor (LlamaModel.generate_extra_tensors), float32 like torch
     ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
                "hidden_size": 256, "head_dim": 64}),
@@ -112,7 +112,7 @@ def test_rope_scaling_same_bytes(arch, overrides, tmp_path):
 
 @pytest.mark.parametrize("arch, hidden, qtype", [
     ("qwen2", 256, "q4_k"),    # every matrix Q4_K
-    ("qwen3", 64, "q4_k"),     # row length 64: Q4_K -> Q5_0 fallback (llama-quant.cpp:390-441)
+    ("qwen3", 64, "q4_k"),     # row length 64: Q4_K -> Q5_0 fallback (tensor_type_fallback)
     ("llama", 256, "q6_k"),
     ("qwen2", 64, "q5_0"),
     ("qwen2", 64, "q5_k"),     # row length 64: Q5_K -> Q5_1 fallback

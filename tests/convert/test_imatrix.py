@@ -175,7 +175,7 @@ def test_add_sums_squares_and_counts_tokens():
 
 
 def test_importance_of_a_matrix_never_seen_is_ones():
-    """llama-quantize's rule (quantize.cpp:204-213): sums / count per matrix (expert), ones
+    """llama-quantize's rule (tools/quantize's load_imatrix): sums / count per matrix (expert), ones
     where the count is 0."""
     im = Imatrix(chunk_size=4)
     im.sums["e"] = np.array([[4.0, 8.0, 12.0], [5.0, 6.0, 7.0]])
