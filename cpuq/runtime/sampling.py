@@ -1,5 +1,5 @@
 """Token sampling: the next token id from a row of logits, as llama.cpp's default sampler
-chain picks it (common/sampling.cpp, src/llama-sampler.cpp, llama-cpp-python 0.3.36):
+chain picks it (common/sampling.cpp, src/llama-sampler.cpp; version pinned in docs/llama_cpp_conventions.md):
 
     penalties -> top_k -> top_p -> min_p -> temperature -> dist
 

@@ -1,6 +1,6 @@
 """The tokenizer of a GGUF model: byte-level BPE (`tokenizer.ggml.model = "gpt2"`) built
 from the file's `tokenizer.ggml.*` metadata with the `tokenizers` library, behaving as
-llama.cpp's llama_vocab does (src/llama-vocab.cpp, llama-cpp-python 0.3.36):
+llama.cpp's llama_vocab does (src/llama-vocab.cpp; version pinned in docs/llama_cpp_conventions.md):
 
 * the pre-tokenizer is a row of PRE_TOKENIZERS, chosen by `tokenizer.ggml.pre` through
   PRE_NAMES: llama.cpp's regexes for that LLAMA_VOCAB_PRE_TYPE_*, applied in order, each
