@@ -1,4 +1,4 @@
-"""Codec speed, cpuq next to llama.cpp in one run, on this machine.
+"""Codec speed, cpuq next to llama.cpp in one run, on the machine it runs on.
 
     .venv/bin/python benchmarks/quant_speed.py [--rows 4096 --cols 4096 --threads 2 --repeat 3]
 

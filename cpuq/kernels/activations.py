@@ -12,7 +12,7 @@ def swiglu(gate, up, out):
     """gate, up: (n, f) f32 -> out: (n, f) f32 = silu(gate) * up, silu(g) = g / (1 + exp(-g)).
     out may be gate or up. exp is attention._expf (within 3 ulp), in a loop of its own into
     a fresh row, so that it vectorizes (np.exp is a libm call per element, and out aliasing
-    gate keeps one fused loop scalar): one token of Qwen3-0.6B's 3072, 13.6 -> 4.9 us."""
+    gate keeps one fused loop scalar)."""
     n = min(gate.shape[0], up.shape[0], out.shape[0])
     f = min(gate.shape[1], up.shape[1], out.shape[1])
     row = np.empty(f, np.float32)

@@ -72,8 +72,8 @@ def _attend(q, k_cache, v_cache, start, scale, out, job):
     vector_keys = block == BLOCK_POSITIONS and k_cache.shape[2] == hd  # block_scores' shapes
     vector_values = hd % 16 == 0 and v_cache.shape[3] == hd  # block_values' shapes
     # The last, partial block too: all its positions (in the cache's memory, the unused ones
-    # stale or zeros) into `part`, the used ones kept. Element by element it was ~30 us of a
-    # Qwen3-0.6B layer's ~50 at 128-160 positions.
+    # stale or zeros) into `part`, the used ones kept: element by element, the partial block
+    # took most of a layer's decode attention.
     part = np.empty(block, np.float32)
     for b0 in range(0, n_keys, block):
         cnt = min(block, n_keys - b0)

@@ -353,9 +353,8 @@ def _scaled_pairs(b, acc, parts, xp, h, scales, picks):
     parts are half-block h's four <32 x i16> value sets in X_ORDERS' order, picks[set] the
     scale of each i32 lane. i32 scales (Q4_K) multiply the lanes' sums (vpmulld); i16 scales
     (Q6_K: |q * scale| <= 32 * 128) multiply the values before pmaddwd (vpmullw), which keeps
-    a block one multiply-add chain: cache-resident Q6_K rows 15 -> 17.5 G weights/s on one
-    thread (streamed from memory, within noise), where Q4_K, with twice the vpmullw of its
-    vpmulld, got slower (25 -> 20)."""
+    a block one multiply-add chain: faster for Q6_K, where Q4_K, with twice the vpmullw of
+    its vpmulld, got slower."""
     for s in range(2):
         xs = [b.load(b.bitcast(b.gep(xp, [ir.Constant(I64, (4 * h + 2 * s + k) * 32)]), V32S.as_pointer()), align=2)
               for k in range(2)]

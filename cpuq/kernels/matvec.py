@@ -7,8 +7,8 @@ in LLVM vector IR, accumulators in registers), rows spread over the threads.
 x in integers: for the types decode spends its time in (Q8_0, Q5_0, Q4_K, Q6_K), on x86
 hosts, x is rounded once per product to int16 per span of 256 elements (of 32 when k is
 not a multiple of 256; scale = max|x| / 32767) and each block's integers are multiplied
-with it by pmaddwd: half the vector instructions of converting every weight to float,
-Q5_0 16 -> 23 GB/s. K-quant blocks (Q4_K, Q6_K) are read as 16-bit words, whose
+with it by pmaddwd: half the vector instructions of converting every weight to float.
+K-quant blocks (Q4_K, Q6_K) are read as 16-bit words, whose
 masks and shifts give the even and odd elements of two groups with no shuffles (x is
 copied once per product into that order, blocks.X_ORDERS), and sum in int32 (vpdpwssd
 with AVX512-VNNI), each group's products times its small scale. The rounding error is

@@ -63,8 +63,7 @@ def _untouched_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     """Zeros in private anonymous memory that the kernel maps 4 KiB at a time on first
     touch. Not np.zeros: numpy asks for transparent huge pages on large arrays, and where
     the kernel's THP defrag setting is "madvise" (a common default) a first touch of each
-    2 MiB page may wait for memory compaction: ~9 ms per layer's first store measured
-    here, up to a third of a 32-token prompt's time."""
+    2 MiB page may wait for memory compaction, a large share of a short prompt's time."""
     count = math.prod(shape)
     buf = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return np.frombuffer(buf, dtype, count).reshape(shape)

@@ -31,28 +31,23 @@ from ..kernels.qgemm import HOST_VNNI, ROWS, TOKENS, TYPES as INT8_TYPES, qgemm_
 
 TILE_BYTES = 8 << 20  # float32 weights per task at most: a few hundred rows or more, as sgemm likes
 # Attention scores per kv head in flight, at most: deep prompt chunks take fewer tokens a part
-# (16 MiB: 14 MiB of scores at depth 4096 on 2 threads, in the peak RSS; 4 MiB no slower).
+# (a larger budget only raises the peak RSS; docs/performance.md).
 SCORES_BYTES = 4 << 20
 # Query tokens per attention part: a part multiplies only the keys its last token sees, so
-# the masked-out triangle is mostly skipped (512-token prompt: 56% of the full products).
+# the masked-out triangle is mostly skipped.
 PART_TOKENS = 64
 MIN_TOKENS = 32  # below this, the fused per-row kernels beat decoding tiles (measured, 0.5B shapes)
-# The int8 products beat them from 2 tokens on (Qwen3-0.6B Q4_K_M, 2 threads, Model.logits of n
-# tokens, 11-24: 2 tokens 138 vs 255 ms, 4: 133 vs 336, 8: 133 vs 357, 12: 160 vs 389; one token
-# is a decode step)
+# The int8 products beat them from 2 tokens on (one token is a decode step).
 MIN_TOKENS_INT8 = 2
 # With the int8 products, chunks shorter than this run as one-token steps (kernels.step), token
-# by token: a chunk's ~300 rounds of worker tasks cost more than a few steps (Qwen3-0.6B
-# Q4_K_M, 2 threads, after 40 tokens, 11-24: 2 tokens 111 ms as a chunk vs 35 as steps, 4: 129
-# vs 71, 6: 124 vs 107, 8: 129 vs 152, 12: 173 vs 228). Elsewhere: not measured, not done.
+# by token: a chunk's ~300 rounds of worker tasks cost more than a few steps. Elsewhere: not
+# measured, not done.
 STEP_TOKENS_INT8 = 8
 # Up to this many tokens, tile @ x.T plus a transposed copy beats x @ tile.T written in place
-# (one-thread sgemm, k=1024, 1536 rows: 32 tokens 52 -> 83 GFLOP/s, 128: 81 -> 87; 512: 92 -> 84).
+# (one-thread sgemm; at longer x the in-place product is faster).
 SMALL_BATCH = 128
 # Up to this many rows, split's row-wise kernels (norms, RoPE, SwiGLU, quantizing x) run on the
-# calling thread: a round of worker tasks costs ~80 us, more than their work on a few rows
-# (Qwen3-0.6B Q4_K_M, 2 threads, a chunk of 12 / 32 / 64 tokens, median of 12 alternated:
-# 217 -> 178, 243 -> 222, 383 -> 417 ms; the same logits bit for bit).
+# calling thread: a round of worker tasks costs ~80 us, more than their work on a few rows.
 INLINE_ROWS = 32
 
 _controller: ThreadpoolController | None = None

@@ -4,7 +4,7 @@ while this one compiles the prompt's.
 Numba compiles on one thread. With an empty cache (the first run after an install or an
 upgrade) a chat's first answer waits for two sets of kernels in turn: the prompt chunk's
 (qgemm, the BLAS attention) and the one-token step's (the model file's
-stages bound to kernels.step), each ~10-15 s here. So at load, when the cache lacks this
+stages bound to kernels.step), each compiling for many seconds. So at load, when the cache lacks this
 kind of model's step kernels, a child process (`python -m cpuq.runtime.warmup FILE
 KV_TYPE MARKER`) loads the same file and runs one token through it, on the other core: the
 same calls, so the same Numba signatures, compiled into the same cache. The parent's first
