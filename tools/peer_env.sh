@@ -48,7 +48,11 @@ venv/bin/pip download --no-binary :all: --no-deps "llama-cpp-python==$VERSION" -
 [ -d "llama_cpp_python-$VERSION" ] || tar xzf "sdist/llama_cpp_python-$VERSION.tar.gz"
 # Native CPU flags for the runtime (fair speed comparisons); the reference quantizers
 # live in ggml-base, which CMake builds without -march, so its rounding is portable.
-CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF" \
+# AMX off: on hosts with AMX (Sapphire Rapids and later) a native build's AMX matrix products
+# crash on Q4_K files (llama.cpp issue 20824, ggml_backend_amx_mul_mat); the AVX512/VNNI
+# kernels and weight repacking stay as a native build has them.
+NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DCMAKE_C_FLAGS='$NO_AMX' -DCMAKE_CXX_FLAGS='$NO_AMX'" \
   venv/bin/pip install -v "sdist/llama_cpp_python-$VERSION.tar.gz" > build.log 2>&1
 echo "peer venv ready: $PEER/venv (llama.cpp source: $PEER/llama_cpp_python-$VERSION/vendor/llama.cpp)"
 build_tools
