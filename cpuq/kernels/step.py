@@ -7,6 +7,9 @@ allocations, and a call per block ~25 us for its ~30 arguments (docs/performance
 These are the kernels the prompt-chunk ops (runtime.chunk) run for one row, in the same
 order, so a token's logits are bit-identical on either path (tests/runtime/test_logits.py).
 
+The ops are inlined into the stages that call them (Numba IR), so a cold start compiles
+the stages, not each op as well.
+
 Shapes: x (1, n_embd) f32. A matrix is (w, ggml_type): w uint8 (rows, row_bytes) GGML
 blocks of matvec.BLOCK_TYPES; a vector (norm, bias) is f32, or empty (0,) where the model
 has none. c is a StepContext.
@@ -57,50 +60,50 @@ def products(x, w0, t0, w1, t1, w2, t2):
     return o0, o1, o2
 
 
-@njit(cache=True)
+@njit(inline="always")
 def rms_norm(x, weight, c):
     h = np.empty_like(x)
     _rms_norm(x, weight, c.eps, h)
     return h
 
 
-@njit(cache=True)
+@njit(inline="always")
 def linear3(h, a, b, d, c):
     o0, o1, o2 = products(h[0], a[0], a[1], b[0], b[1], d[0], d[1])
     return _row(o0), _row(o1), _row(o2)
 
 
-@njit(cache=True)
+@njit(inline="always")
 def linear2(h, a, b, c):
     o0, o1, _ = products(h[0], a[0], a[1], b[0], b[1], NONE_W, _NONE[0])
     return _row(o0), _row(o1)
 
 
-@njit(cache=True)
+@njit(inline="always")
 def linear(h, a, c):
     return _row(products(h.reshape(-1), a[0], a[1], NONE_W, _NONE[0], NONE_W, _NONE[0])[0])
 
 
-@njit(cache=True)
+@njit(inline="always")
 def add_bias(t, bias, c):
     if bias.shape[0]:
         row = t[0]
         row += bias
 
 
-@njit(cache=True)
+@njit(inline="always")
 def head_norm(t, weight, c):
     if weight.shape[0]:
         heads = t.reshape(t.shape[1] // c.head_dim, c.head_dim)
         _rms_norm(heads, weight, c.eps, heads)
 
 
-@njit(cache=True)
+@njit(inline="always")
 def rope(t, c):
     apply_rope(t.reshape(1, t.shape[1] // c.head_dim, c.head_dim), c.cos, c.sin, c.neox)
 
 
-@njit(cache=True)
+@njit(inline="always")
 def attend(q, k, v, il, c):
     hd = c.head_dim
     q3 = q.reshape(1, q.shape[1] // hd, hd)
@@ -111,8 +114,9 @@ def attend(q, k, v, il, c):
     return out.reshape(1, q.shape[1])
 
 
-@njit(cache=True)
-def swiglu(gate, up, c):
+@njit(inline="always")
+def swiglu(gate_up, c):
+    gate, up = gate_up
     _swiglu(gate, up, gate)
     return gate
 

@@ -71,10 +71,10 @@ def attention(x, L, il, c):
 def mlp(x, L, c):
     """SwiGLU MLP: down(silu(gate(h)) * up(h)) -> (n, n_embd)."""
     h = rms_norm(x, L.ffn_norm, c)
-    # swiglu(gate, up) into gate's memory; up, unnamed, is not held through the down product
-    # (a long prompt chunk's largest activation)
-    gate = swiglu(*linear2(h, L.w_gate, L.w_up, c), c)
-    return linear(gate, L.w_down, c)
+    # silu(gate) * up into gate's memory; the (gate, up) pair is a temporary, so up is not
+    # held through the down product (a long prompt chunk's largest activation)
+    act = swiglu(linear2(h, L.w_gate, L.w_up, c), c)
+    return linear(act, L.w_down, c)
 
 
 def block(x, L, il, c):

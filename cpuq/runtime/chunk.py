@@ -121,7 +121,8 @@ def attend(q, k, v, il, c):
     return out.reshape(n, -1)
 
 
-def swiglu(gate, up, c):
+def swiglu(gate_up, c):
+    gate, up = gate_up
     rows(c, gate.shape[0], lambda lo, hi: activations.swiglu(gate[lo:hi], up[lo:hi], gate[lo:hi]))
     return gate
 

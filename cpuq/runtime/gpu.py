@@ -366,7 +366,8 @@ def _attend(q, k, v, il, c):
     return b.att
 
 
-def _swiglu(gate, up, c):
+def _swiglu(gate_up, c):
+    gate, up = gate_up
     c.gpu._fn("swiglu")((-(-gate.size // 256),), (256,), (gate, up, np.int64(gate.size)))
     return gate
 

@@ -22,7 +22,7 @@ from ..errors import UnsupportedError
 def bind(module: ModuleType, ops: dict, path: str, jit=None) -> SimpleNamespace:
     """module's STAGES with `ops` for their op names (UnsupportedError if one is missing).
     path names the copies (block -> block_step); jit: a decorator applied to each
-    (numba.njit)."""
+    (numba.njit, or one chosen per function)."""
     scope = dict(vars(module))
     scope.update(ops)
     out = {}
@@ -59,7 +59,9 @@ def decode_step(module: ModuleType) -> SimpleNamespace:
     from numba import njit
 
     from ..kernels import step
-    ns = bind(module, step.OPS, "step", njit(cache=True))
+    # block inlines into blocks: one compiled unit less at a cold start
+    ns = bind(module, step.OPS, "step",
+              lambda f: njit(inline="always")(f) if f.__name__ == "block" else njit(cache=True)(f))
     scope = {"Layer": module.Layer, "matrix_at": step.matrix_at}
     exec(_layer_at_source(module), scope)  # compiled into `blocks`, never called alone: nothing to cache
     blocks = FunctionType(step.blocks.__code__, {**vars(step), "block": ns.block,
