@@ -22,7 +22,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from ..arch import LLAMA3_ROPE_DEFAULTS
+from ..arch import LLAMA3_ROPE_DEFAULTS, ModelConfig
 from . import Tensor
 
 ARCHITECTURES = ("qwen2", "qwen3", "llama")

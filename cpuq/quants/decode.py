@@ -23,20 +23,9 @@ from numba import njit, prange
 
 from .search import f32_from_bits as _f32_from_bits
 from .search import fp16_bits_to_fp32 as half_bits_to_float
-from .types import BF16, F16, GGML_TYPES, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
+from .types import (BF16, F16, GGML_TYPES, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q5_K_BYTES,
+                    Q6_K_BYTES, Q8_0_BYTES, QK, QK_K)
 
-# Block sizes and bytes per block from the types table; the legacy types share one block
-# size, the K-types another (tests/quants/test_types.py).
-QK = GGML_TYPES[Q8_0].block_size  # elements per block of the legacy types
-QK_K = GGML_TYPES[Q4_K].block_size  # elements per super-block of the K-types
-Q8_0_BYTES = GGML_TYPES[Q8_0].type_size
-Q4_0_BYTES = GGML_TYPES[Q4_0].type_size
-Q4_1_BYTES = GGML_TYPES[Q4_1].type_size
-Q5_0_BYTES = GGML_TYPES[Q5_0].type_size
-Q5_1_BYTES = GGML_TYPES[Q5_1].type_size
-Q4_K_BYTES = GGML_TYPES[Q4_K].type_size
-Q5_K_BYTES = GGML_TYPES[Q5_K].type_size
-Q6_K_BYTES = GGML_TYPES[Q6_K].type_size
 
 
 # ---------------------------------------------------------------------------------------------

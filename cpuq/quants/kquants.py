@@ -35,15 +35,10 @@ from .search import (
     make_qx_quants,
     nearest_int,
 )
-from .types import GGML_TYPES, Q4_K, Q5_K, Q6_K
+from .types import Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES, QK_K
 
 f32 = np.float32
 
-# Sizes from the types table; the three types share one block size (tests/quants/test_types.py).
-QK_K = GGML_TYPES[Q4_K].block_size
-Q4_K_BYTES = GGML_TYPES[Q4_K].type_size
-Q5_K_BYTES = GGML_TYPES[Q5_K].type_size
-Q6_K_BYTES = GGML_TYPES[Q6_K].type_size
 
 _JIT = dict(cache=True, fastmath=False, error_model="numpy")
 

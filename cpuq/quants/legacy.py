@@ -31,17 +31,10 @@ from .search import (
     make_qx_quants,
     round_half_away,
 )
-from .types import GGML_TYPES, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
+from .types import Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES, QK
 
 f32 = np.float32
 
-# Sizes from the types table; the five types share one block size (tests/quants/test_types.py).
-QK = GGML_TYPES[Q8_0].block_size
-Q8_0_BYTES = GGML_TYPES[Q8_0].type_size
-Q4_0_BYTES = GGML_TYPES[Q4_0].type_size
-Q4_1_BYTES = GGML_TYPES[Q4_1].type_size
-Q5_0_BYTES = GGML_TYPES[Q5_0].type_size
-Q5_1_BYTES = GGML_TYPES[Q5_1].type_size
 
 _JIT = dict(cache=True, fastmath=False, error_model="numpy")
 _NO_IMPORTANCE = np.empty(0, np.float32)

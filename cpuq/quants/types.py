@@ -83,6 +83,13 @@ GGML_TYPES: dict[int, GGMLType] = {t.id: t for t in (
 )}
 _BY_NAME = {t.name: t for t in GGML_TYPES.values()}
 
+# The codecs' block geometry as plain ints (a Numba kernel reads a global as a constant): the
+# legacy types share one block size, the K-types another.
+QK = GGML_TYPES[Q8_0].block_size
+QK_K = GGML_TYPES[Q4_K].block_size
+Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES, Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES = (
+    GGML_TYPES[t].type_size for t in (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K))
+
 
 def by_id(type_id: int) -> GGMLType:
     """The row for a ggml type id; KeyError for an id not in the table."""

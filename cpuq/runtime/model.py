@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
-import threading
 import time
 import warnings
 import weakref
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
