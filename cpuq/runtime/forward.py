@@ -32,6 +32,7 @@ from ..models import family
 from . import stages
 from .chunk import ChunkContext, Observer, products, rms_norm
 from .gemm import Gemm
+from .warmup import write_marker
 from .weights import Weights
 
 
@@ -189,6 +190,8 @@ class Paths:
                  steps: StepPack | None = None, step_compiler=None):
         self.w, self.cfg, self.rope, self.gemm, self.gpu, self.steps = w, cfg, rope, gemm, gpu, steps
         self.step_compiler = step_compiler
+        # (marker, file): written once this process has compiled the one-token step's kernels
+        self.compiled_marker = None
 
     def choose(self, n: int, observe: Observer | None) -> str:
         """'tokens', 'step' or 'chunk' for n tokens (the GPU's blocks follow any of them)."""
@@ -210,6 +213,10 @@ class Paths:
             self.step_compiler = None
         args = (self.w, self.cfg, self.rope, tokens, cache, logits_from)
         if tokens.size < self.gemm.min_tokens:
-            return forward(*args, observe=observe, gpu=self.gpu, steps=self.steps if path == "step" else None)
+            out = forward(*args, observe=observe, gpu=self.gpu, steps=self.steps if path == "step" else None)
+            if tokens.size == 1 and self.compiled_marker is not None:
+                write_marker(*self.compiled_marker)
+                self.compiled_marker = None
+            return out
         with self.gemm.session():
             return forward(*args, self.gemm, observe, self.gpu)

@@ -48,7 +48,7 @@ from ..info import human_bytes
 from .host import ONE_AT_A_TIME, memory_bytes, physical_cores, sigint_deferred, threadsafe_layer
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer, utf8_text
-from .warmup import StepCompiler, is_cold
+from .warmup import StepCompiler, cold_marker
 from .weights import load_weights
 
 if TYPE_CHECKING:
@@ -148,9 +148,11 @@ class Model(CallGuard):
         if step_compiler is not None:
             weakref.finalize(self, step_compiler.stop)
         # Numba's cache lacks this kind of model's kernels: the first answer waits for them
-        self.first_run = step_compiler is not None or is_cold(self.weights, self.config, kv_type,
-                                                              self._steps is not None)
+        marker = cold_marker(self.weights, self.config, kv_type, self._steps is not None)
+        self.first_run = step_compiler is not None or marker is not None
         self._paths = Paths(self.weights, self.config, self._rope, self._gemm, self._gpu, self._steps, step_compiler)
+        if step_compiler is None and self._gpu is None and marker is not None:
+            self._paths.compiled_marker = (marker, self.path)  # this process compiles the step's kernels
         self._tokens: list[int] = []  # what the cache holds, position by position
         # The last token of a generation that max_tokens ended: in the context but not yet in
         # the cache (evaluating it would cost a step whose logits nobody reads); eval runs it first.

@@ -61,11 +61,24 @@ def marker_path(weights, cfg, kv_type: str, packed: bool) -> Path | None:
     return Path(cache) / "cpuq-warm" / key
 
 
-def is_cold(weights, cfg, kv_type: str, packed: bool) -> bool:
-    """Whether this kind of model's step kernels are not yet in Numba's cache (as far as
-    the marker tells: False when there is no cache directory)."""
+def cold_marker(weights, cfg, kv_type: str, packed: bool) -> Path | None:
+    """The marker, when this kind of model's step kernels are not yet in Numba's cache (as
+    far as the marker tells); None when they are or there is no cache directory."""
     marker = marker_path(weights, cfg, kv_type, packed)
-    return marker is not None and not marker.exists()
+    return marker if marker is not None and not marker.exists() else None
+
+
+def write_marker(marker: Path, path) -> None:
+    """Mark the step kernels as compiled (by the child, or by a process that compiled them
+    itself with the child turned off). Best effort: an unwritable cache only means the
+    next run says "first run" again."""
+    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(f"{path}\n")
+        os.replace(tmp, marker)  # whole or absent, whatever stops us
+    except OSError:
+        pass
 
 
 class StepCompiler:
@@ -119,10 +132,7 @@ def main(argv: list[str]) -> int:
     from .model import Model
     with Model(path, n_ctx=8, n_threads=1, kv_type=kv_type) as model:
         model.logits([0])  # token 0 exists in every vocabulary
-    marker = Path(marker)
-    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{path}\n")
-    os.replace(tmp, marker)  # whole or absent, whatever stops us
+    write_marker(Path(marker), path)
     return 0
 
 

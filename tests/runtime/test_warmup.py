@@ -21,9 +21,10 @@ event.register("numba:compile", Listener())
 import cpuq
 m = cpuq.load(sys.argv[1], n_ctx=64, n_threads=1)
 child = m._paths.step_compiler is not None
+first_run = m.first_run
 ids = list(m.generate([1], max_tokens=2, temperature=0))
 m.close()
-print(json.dumps({"child": child, "compiled": compiled, "ids": ids}))
+print(json.dumps({"child": child, "first_run": first_run, "compiled": compiled, "ids": ids}))
 """
 
 
@@ -49,7 +50,10 @@ def test_cold_cache_steps_come_from_the_child(demo, tmp_path):
 
 
 def test_turned_off(demo, tmp_path):
-    """CPUQ_JIT_HELPER=0: no child; this process compiles the step kernels itself."""
+    """CPUQ_JIT_HELPER=0: no child; this process compiles the step kernels itself, then marks
+    the cache warm, so the next run neither starts a child nor says "first run"."""
     off = _run(demo, tmp_path / "cache", helper="0")
-    assert not off["child"] and {"blocks_dense", "attention_step"} <= set(off["compiled"])
-    assert not (tmp_path / "cache" / "cpuq-warm").exists()
+    assert not off["child"] and off["first_run"] and {"blocks_dense", "attention_step"} <= set(off["compiled"])
+    assert len(list((tmp_path / "cache" / "cpuq-warm").iterdir())) == 1
+    again = _run(demo, tmp_path / "cache")
+    assert not again["child"] and not again["first_run"] and not again["compiled"]
