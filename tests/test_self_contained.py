@@ -1,6 +1,6 @@
 """The repository stands alone: every fixture the tests and tools read lies inside it and is
 tracked by git (so a fresh clone has it), nothing tracked points outside it (a sibling
-folder such as ../shared), and no test skips because a fixture of the repo is missing (a
+folder of the checkout), and no test skips because a fixture of the repo is missing (a
 missing fixture fails loudly instead)."""
 from __future__ import annotations
 
@@ -20,9 +20,12 @@ SOURCES = ("tests/", "tools/", "benchmarks/", "examples/")
 # file name, or the path tests/golden/<name> written out.
 FIXTURE_REFS = [re.compile(r"""["'](golden|data)["']\s*/\s*["']([^"'/]+)["']"""),
                 re.compile(r"""tests/(golden|data)/([\w.\-]+\w)""")]
-# Ways to reach outside the checkout: a sibling folder, by relative path or through parents.
-OUTSIDE = [re.compile(r"\.\./shared\b"), re.compile(r"""["']shared["']\s*/\s*["']fixtures["']"""),
-           re.compile(r"""\.parent\s*/\s*["']shared["']"""), re.compile(r"/work/shared\b")]
+# The sibling folder the fixtures were once read from, and the ways to reach it from the
+# checkout: by relative path, joined to its fixtures folder, or through a parent.
+SIBLING = "shared"
+_S = re.escape(SIBLING)
+OUTSIDE = [re.compile(rf"\.\./{_S}\b"), re.compile(rf"""["']{_S}["']\s*/\s*["']fixtures["']"""),
+           re.compile(rf"""\.parent\s*/\s*["']{_S}["']"""), re.compile(rf"/work/{_S}\b")]
 
 
 def tracked() -> set[str]:
@@ -94,10 +97,11 @@ def outside_refs(text: str) -> list[str]:
 
 
 def test_outside_refs_finds_a_sibling_folder():
-    assert outside_refs('ROOT.parent / "shared" / "fixtures" / "v.gguf"') == ['"shared" / "fixtures"',
-                                                                            '.parent / "shared"']
-    assert outside_refs("- Layout and house style: `../shared/DESIGN.md`.") == ["../shared"]
-    assert outside_refs("tests/golden/ggml-vocab-qwen2.gguf, a shared fixture") == []
+    up, q = "..", '"'  # the samples are assembled, so this file names no such path itself
+    assert outside_refs(f"ROOT.parent / {q}{SIBLING}{q} / {q}fixtures{q} / {q}v.gguf{q}") == [
+        f"{q}{SIBLING}{q} / {q}fixtures{q}", f".parent / {q}{SIBLING}{q}"]
+    assert outside_refs(f"- Layout and house style: `{up}/{SIBLING}/DESIGN.md`.") == [f"{up}/{SIBLING}"]
+    assert outside_refs(f"tests/golden/ggml-vocab-qwen2.gguf, a {SIBLING} fixture") == []
 
 
 def test_no_tracked_file_refers_outside_the_repo():

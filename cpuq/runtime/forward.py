@@ -157,14 +157,13 @@ def forward(w: Weights, cfg: ModelConfig, rope: Rope, tokens: np.ndarray, cache:
     n_cpu = len(w.layers) if gpu is None else gpu.first_layer
     scale = np.float32(1.0 / math.sqrt(cfg.head_dim))
     model = family(cfg)
+    c = ChunkContext(cfg.rms_eps, cos, sin, rope.neox, cache.k, cache.v, start, scale, cfg.head_dim, gemm, observe)
     if n_cpu == 0:
         pass  # every block on the GPU
     elif n == 1 and observe is None and steps is not None:
         stages.decode_step(model).blocks(x, n_cpu, steps, StepContext(cfg.rms_eps, cos, sin, rope.neox, cache.k,
                                                                       cache.v, start, scale, cfg.head_dim))
     else:
-        c = ChunkContext(cfg.rms_eps, cos, sin, rope.neox, cache.k, cache.v, start, scale, cfg.head_dim, gemm,
-                         observe)
         block = stages.prompt_chunk(model).block
         for il, layer in enumerate(w.layers[:n_cpu]):
             block(x, layer, il, c)
@@ -177,7 +176,7 @@ def forward(w: Weights, cfg: ModelConfig, rope: Rope, tokens: np.ndarray, cache:
         return x
     if x.shape[0] == 0:
         return np.empty((0, w.output.rows), np.float32)
-    c = ChunkContext(cfg.rms_eps, cos, sin, rope.neox, cache.k, cache.v, start, scale, cfg.head_dim, gemm)
+    c.observe = None  # the importance matrix leaves out the output matrix
     return products(rms_norm(x, w.output_norm, c), c, w.output)[0]
 
 

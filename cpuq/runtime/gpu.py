@@ -346,8 +346,7 @@ def _attend(q, k, v, il, c):
     gpu, cfg, b, cache = c.gpu, c.gpu.cfg, c.b, c.cache
     n, hd = b.x.shape[0], cfg.head_dim
     null = np.uint64(0)
-    p = {key: value for key, value in c.pending.items()}
-    c.pending.clear()
+    p, c.pending = c.pending, {}
     k_cache, v_cache = cache.k[il], cache.v[il]
     gpu._fn(f"qkv_post<{gpu.kv_name}>")(
         (cfg.n_head + cfg.n_head_kv, n), (-(-hd // 32) * 32,),
