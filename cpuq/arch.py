@@ -39,6 +39,12 @@ class ArchSpec:
     default_rms_eps: float
     default_context_length: int
     default_head_dim: int | None  # None: hidden_size // num_attention_heads
+    # Mixture of experts (cpuq.models.moe): every block's MLP is routed experts; a shared
+    # expert gated by sigmoid (qwen2moe); the top-k weights renormalized to sum 1 (llama.cpp's
+    # build_moe_ffn norm_w: true for qwen3moe, false for qwen2moe, whatever config.json says).
+    moe: bool = False
+    shared_expert: bool = False
+    norm_topk: bool = False
 
 
 # HF `architectures[0]` -> spec (the names llama.cpp registers for Qwen2Model, Qwen3Model, LlamaModel).
@@ -55,6 +61,17 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                                  head_dim_key="always", writes_vocab_size=True,
                                  writes_rope_dimension_count=True, default_rope_theta=10000.0,
                                  default_rms_eps=1e-6, default_context_length=2048, default_head_dim=None),
+    # Qwen2MoeModel, Qwen3MoeModel (conversion/qwen.py): TextModel's keys, then the expert sizes.
+    "Qwen2MoeForCausalLM": ArchSpec("qwen2moe", qkv_bias=True, qk_norm=False, permute_qk=False,
+                                    head_dim_key="if_in_config", writes_vocab_size=False,
+                                    writes_rope_dimension_count=False, default_rope_theta=10000.0,
+                                    default_rms_eps=1e-6, default_context_length=32768, default_head_dim=None,
+                                    moe=True, shared_expert=True, norm_topk=False),
+    "Qwen3MoeForCausalLM": ArchSpec("qwen3moe", qkv_bias=False, qk_norm=True, permute_qk=False,
+                                    head_dim_key="always", writes_vocab_size=False,
+                                    writes_rope_dimension_count=False, default_rope_theta=10000.0,
+                                    default_rms_eps=1e-6, default_context_length=32768, default_head_dim=128,
+                                    moe=True, shared_expert=False, norm_topk=True),
 }
 
 MAX_U32 = 2**32 - 1
@@ -81,7 +98,7 @@ def _finite_number(v: Any) -> bool:
 @dataclass(frozen=True)
 class ModelConfig:
     """The hyperparameters of one model, whatever file they came from."""
-    arch: str                 # GGUF architecture name: "qwen2" | "qwen3" | "llama"
+    arch: str                 # GGUF architecture name: "qwen2", "qwen3", "llama", "qwen2moe", "qwen3moe"
     hf_architecture: str      # e.g. "Qwen2ForCausalLM"
     n_vocab: int
     n_embd: int
@@ -96,6 +113,12 @@ class ModelConfig:
     tied_embeddings: bool
     rope_scaling: tuple[tuple[str, Any], ...] | None = None  # normalised rope_parameters, sorted items
     head_dim_in_config: bool = False  # config (as transformers sees it) names head_dim
+    # Mixture of experts (0 for a dense model): experts per block, experts each token uses,
+    # an expert's intermediate size, the shared expert's (qwen2moe).
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    n_ff_shexp: int = 0
 
     @property
     def spec(self) -> ArchSpec:
@@ -210,6 +233,23 @@ class ModelConfig:
                                       f"not {low!r} and {high!r}")
             rope_scaling = tuple(sorted((k, v) for k, v in rope.items() if not isinstance(v, (dict, list))))
 
+        experts = {}
+        if spec.moe:
+            # the names llama.cpp's find_hparam tries, in its order
+            key = next((k for k in ("num_local_experts", "num_experts") if cfg.get(k) is not None), "num_experts")
+            experts = dict(n_expert=get_int(key), n_expert_used=get_int("num_experts_per_tok"),
+                           n_ff_exp=get_int("moe_intermediate_size"))
+            if spec.shared_expert:
+                experts["n_ff_shexp"] = get_int("shared_expert_intermediate_size")
+            if experts["n_expert_used"] > experts["n_expert"]:
+                raise FormatError(f"{where}: num_experts_per_tok {experts['n_expert_used']} is more than the "
+                                  f"{experts['n_expert']} experts")
+            # llama.cpp's graphs route every block; HF can make some blocks dense
+            if cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers"):
+                raise UnsupportedError(f"{where}: dense blocks among the expert blocks (decoder_sparse_step "
+                                       f"{_show(cfg.get('decoder_sparse_step', 1))}, mlp_only_layers "
+                                       f"{_show(cfg.get('mlp_only_layers'))}) are not supported")
+
         return cls(
             arch=spec.gguf_arch, hf_architecture=hf_arch,
             n_vocab=get_int("vocab_size"), n_embd=n_embd, n_layer=get_int("num_hidden_layers"),
@@ -217,7 +257,7 @@ class ModelConfig:
             rms_eps=get_float("rms_norm_eps", spec.default_rms_eps), rope_theta=rope_theta,
             context_length=get_int("max_position_embeddings", spec.default_context_length),
             tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            rope_scaling=rope_scaling, head_dim_in_config=head_dim_in_config,
+            rope_scaling=rope_scaling, head_dim_in_config=head_dim_in_config, **experts,
         )
 
     @classmethod
@@ -282,13 +322,23 @@ class ModelConfig:
                                               f"expected a number")
                         rope[hf_key] = float(value)
             rope_scaling = tuple(sorted(rope.items()))
+        experts = {}
+        if spec.moe:  # llama.cpp: an expert's size defaults to feed_forward_length / expert_used_count
+            n_expert, n_used = get_int("expert_count"), get_int("expert_used_count")
+            if n_used > n_expert:
+                raise FormatError(f"{where}: metadata key '{arch}.expert_used_count' is {n_used}, more than "
+                                  f"the {n_expert} experts of '{arch}.expert_count'")
+            experts = dict(n_expert=n_expert, n_expert_used=n_used,
+                           n_ff_exp=get_int("expert_feed_forward_length", max(1, get_int("feed_forward_length") // n_used)))
+            if spec.shared_expert:
+                experts["n_ff_shexp"] = get_int("expert_shared_feed_forward_length", get_int("feed_forward_length"))
         return cls(
             arch=arch, hf_architecture=hf_arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=get_int("block_count"),
             n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_ff=get_int("feed_forward_length"),
             rms_eps=get_float("attention.layer_norm_rms_epsilon", spec.default_rms_eps),
             rope_theta=get_float("rope.freq_base", 10000.0),
             context_length=get_int("context_length", spec.default_context_length),
-            tied_embeddings="output.weight" not in f.tensors, rope_scaling=rope_scaling,
+            tied_embeddings="output.weight" not in f.tensors, rope_scaling=rope_scaling, **experts,
         )
 
     def writes_head_dim(self) -> bool:

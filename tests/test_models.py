@@ -5,25 +5,40 @@ import pytest
 
 from cpuq.errors import UnsupportedError
 from cpuq.kernels import step
-from cpuq.models import dense
+import dis
+
+from cpuq.models import dense, moe
 from cpuq.runtime import chunk, gpu, stages
+
+MOE_OPS = {"route", "experts", "present", "add_gated"}
 
 
 def test_every_path_has_the_ops_the_stages_name():
     """The decode step, the prompt chunk and the GPU bind dense's stages (bind checks every
-    global a stage loads against the ops), and the three paths offer the same op names."""
-    assert set(step.OPS) == set(chunk.OPS) == set(gpu.OPS)
+    global a stage loads against the ops); the CPU paths bind moe's too and offer the same
+    op names. The GPU lacks the experts' ops so far, and refuses an MoE model at bind."""
+    assert set(step.OPS) == set(chunk.OPS) == set(gpu.OPS) | MOE_OPS
     for ops, path in ((step.OPS, "step"), (chunk.OPS, "chunk"), (gpu.OPS, "gpu")):
         bound = stages.bind(dense, ops, path)
         assert bound.block.__qualname__ == f"block_{path}"
         assert bound.scope["linear3"] is ops["linear3"]
+    for ops, path in ((step.OPS, "step"), (chunk.OPS, "chunk")):
+        assert stages.bind(moe, ops, path).scope["experts"] is ops["experts"]
+    with pytest.raises(UnsupportedError, match="moe.mlp needs add_gated, experts, present, route, which the gpu"):
+        stages.bind(moe, gpu.OPS, "gpu")
+
+
+def _named(module, op: str) -> bool:
+    return any(i.opname == "LOAD_GLOBAL" and i.argval == op for f in module.STAGES for i in dis.get_instructions(f))
 
 
 @pytest.mark.parametrize("missing", sorted(chunk.OPS))
 def test_a_path_without_an_op_refuses_the_model(missing):
     ops = {k: v for k, v in chunk.OPS.items() if k != missing}
+    module = dense if _named(dense, missing) else moe
+    assert _named(module, missing)
     with pytest.raises(UnsupportedError, match=f"needs {missing}, which the partial path lacks"):
-        stages.bind(dense, ops, "partial")
+        stages.bind(module, ops, "partial")
 
 
 def test_layer_fields_are_the_tensor_table():

@@ -1,4 +1,5 @@
-"""Tiny HF checkpoints (Qwen2, Qwen3, Llama) built from numpy, for converter tests.
+"""Tiny HF checkpoints (Qwen2, Qwen3, Llama, Qwen3-MoE, Qwen2-MoE) built from numpy, for
+converter tests.
 
     make_tiny_checkpoint(out_dir, arch="qwen3", dtype="bf16", seed=0, tied=True, sharded=False,
                          num_hidden_layers=3)          # any config.json key can be overridden
@@ -48,6 +49,7 @@ _NUMPY = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"
 # (head_dim may also be null, meaning hidden_size / num_attention_heads).
 SIZE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
              "num_key_value_heads", "vocab_size", "head_dim")
+MOE_SIZE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
 
 # Per-architecture config.json, shaped like the real small models of each family
 # (Qwen2-0.5B-Instruct, Qwen3-0.6B, a Llama-3-style model), shrunk.
@@ -69,17 +71,34 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "llama": {**_COMMON, "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
               "mlp_bias": False, "max_position_embeddings": 8192, "pretraining_tp": 1, "rms_norm_eps": 1e-5,
               "rope_scaling": None, "rope_theta": 500000.0},
+    # Qwen3-30B-A3B's and Qwen1.5-MoE-A2.7B's config.json keys, shrunk
+    "qwen3moe": {**_COMMON, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "head_dim": 32,
+                 "attention_bias": False, "decoder_sparse_step": 1, "max_position_embeddings": 40960,
+                 "max_window_layers": 2, "mlp_only_layers": [], "moe_intermediate_size": 32, "norm_topk_prob": True,
+                 "num_experts": 8, "num_experts_per_tok": 2, "output_router_logits": False, "rms_norm_eps": 1e-6,
+                 "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "sliding_window": None,
+                 "use_sliding_window": False},
+    "qwen2moe": {**_COMMON, "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+                 "decoder_sparse_step": 1, "max_position_embeddings": 8192, "max_window_layers": 2,
+                 "moe_intermediate_size": 32, "norm_topk_prob": False, "num_experts": 6, "num_experts_per_tok": 2,
+                 "output_router_logits": False, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                 "router_aux_loss_coef": 0.001, "shared_expert_intermediate_size": 64, "sliding_window": 32768,
+                 "use_sliding_window": False},
 }
 # Which optional tensors each architecture has: q/k/v biases (qwen2), per-head q/k RMSNorm (qwen3).
 QUIRKS = {
     "qwen2": {"qkv_bias": True, "qk_norm": False},
     "qwen3": {"qkv_bias": False, "qk_norm": True},
     "llama": {"qkv_bias": False, "qk_norm": False},
+    "qwen3_moe": {"qkv_bias": False, "qk_norm": True},
+    "qwen2_moe": {"qkv_bias": True, "qk_norm": False},
 }
 
 
-def tensor_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """HF parameter names and shapes, in modeling-file order."""
+def tensor_shapes(config: Mapping[str, Any], fused_experts: bool = False) -> dict[str, tuple[int, ...]]:
+    """HF parameter names and shapes, in modeling-file order. An MoE's experts: one matrix
+    per expert (what save_pretrained writes), or with fused_experts the stacks
+    mlp.experts.gate_up_proj and mlp.experts.down_proj (transformers' in-memory layout)."""
     arch = config["model_type"]
     n_embd, n_ff, n_vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     n_head, n_head_kv = config["num_attention_heads"], config["num_key_value_heads"]
@@ -97,12 +116,35 @@ def tensor_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
             shapes[p + "self_attn.q_norm.weight"] = (head_dim,)
             shapes[p + "self_attn.k_norm.weight"] = (head_dim,)
         shapes[p + "post_attention_layernorm.weight"] = (n_embd,)
+        if "num_experts" in config:
+            shapes.update(_moe_shapes(config, p, fused_experts))
+            continue
         shapes[p + "mlp.gate_proj.weight"] = (n_ff, n_embd)
         shapes[p + "mlp.up_proj.weight"] = (n_ff, n_embd)
         shapes[p + "mlp.down_proj.weight"] = (n_embd, n_ff)
     shapes["model.norm.weight"] = (n_embd,)
     if not config["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (n_vocab, n_embd)
+    return shapes
+
+
+def _moe_shapes(config: Mapping[str, Any], p: str, fused: bool) -> dict[str, tuple[int, ...]]:
+    n_embd, n_expert, n_ff = config["hidden_size"], config["num_experts"], config["moe_intermediate_size"]
+    shapes = {p + "mlp.gate.weight": (n_expert, n_embd)}
+    if fused:
+        shapes[p + "mlp.experts.gate_up_proj"] = (n_expert, 2 * n_ff, n_embd)
+        shapes[p + "mlp.experts.down_proj"] = (n_expert, n_embd, n_ff)
+    else:
+        for e in range(n_expert):
+            shapes[p + f"mlp.experts.{e}.gate_proj.weight"] = (n_ff, n_embd)
+            shapes[p + f"mlp.experts.{e}.up_proj.weight"] = (n_ff, n_embd)
+            shapes[p + f"mlp.experts.{e}.down_proj.weight"] = (n_embd, n_ff)
+    if "shared_expert_intermediate_size" in config:
+        n_sh = config["shared_expert_intermediate_size"]
+        shapes[p + "mlp.shared_expert.gate_proj.weight"] = (n_sh, n_embd)
+        shapes[p + "mlp.shared_expert.up_proj.weight"] = (n_sh, n_embd)
+        shapes[p + "mlp.shared_expert.down_proj.weight"] = (n_embd, n_sh)
+        shapes[p + "mlp.shared_expert_gate.weight"] = (1, n_embd)
     return shapes
 
 
@@ -211,11 +253,12 @@ def random_weights(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str
 
 def make_tiny_checkpoint(out_dir: str | Path, arch: str = "qwen2", dtype: str = "bf16", seed: int = 0,
                          tied: bool = True, sharded: bool = False, *, vocab: str | Path = QWEN2_VOCAB,
-                         **overrides: Any) -> Path:
-    """Write a tiny HF checkpoint of `arch` ("qwen2" | "qwen3" | "llama") to `out_dir`, which
-    must not exist; `overrides` replace config.json keys (sizes included); `vocab` is the
-    GGUF the tokenizer is rebuilt from. Returns `out_dir`. ToolError (or cpuq's CpuqError
-    for a broken vocabulary file) on bad input, before anything is written."""
+                         fused_experts: bool = False, **overrides: Any) -> Path:
+    """Write a tiny HF checkpoint of `arch` (a key of CONFIGS) to `out_dir`, which must not
+    exist; `overrides` replace config.json keys (sizes included); `vocab` is the GGUF the
+    tokenizer is rebuilt from; fused_experts: an MoE's experts as stacks (tensor_shapes).
+    Returns `out_dir`. ToolError (or cpuq's CpuqError for a broken vocabulary file) on bad
+    input, before anything is written."""
     if arch not in CONFIGS:
         raise ToolError(f"arch {arch!r}: expected one of {sorted(CONFIGS)}")
     if dtype not in DTYPES:
@@ -224,18 +267,18 @@ def make_tiny_checkpoint(out_dir: str | Path, arch: str = "qwen2", dtype: str = 
     st_dtype, torch_dtype = DTYPES[dtype]
     config = {**CONFIGS[arch], "tie_word_embeddings": tied, "torch_dtype": torch_dtype, **overrides}
     config = dict(sorted(config.items()))  # transformers writes keys sorted
-    for key in SIZE_KEYS:
+    for key in SIZE_KEYS + (MOE_SIZE_KEYS if "num_experts" in config else ()):
         value = config.get(key)
         if not (type(value) is int and value > 0 or key == "head_dim" and value is None):
             raise ToolError(f"config {key}={json.dumps(value)}: expected a positive integer")
     tokenizer_json, tok_config = qwen2_tokenizer_files(Path(vocab))
     with output_dir(Path(out_dir)) as tmp:
-        _write_checkpoint(tmp, config, st_dtype, seed, sharded, tokenizer_json, tok_config)
+        _write_checkpoint(tmp, config, st_dtype, seed, sharded, tokenizer_json, tok_config, fused_experts)
     return Path(out_dir)
 
 
 def _write_checkpoint(out_dir: Path, config: dict[str, Any], st_dtype: str, seed: int, sharded: bool,
-                      tokenizer_json: str, tok_config: dict) -> None:
+                      tokenizer_json: str, tok_config: dict, fused_experts: bool = False) -> None:
     write_json(out_dir / "config.json", config)
     write_json(out_dir / "generation_config.json", {
         "bos_token_id": config["bos_token_id"], "do_sample": True,
@@ -243,7 +286,7 @@ def _write_checkpoint(out_dir: Path, config: dict[str, Any], st_dtype: str, seed
         "repetition_penalty": 1.05, "temperature": 0.7, "top_k": 20, "top_p": 0.8,
         "transformers_version": config["transformers_version"],
     })
-    weights = random_weights(tensor_shapes(config), seed)
+    weights = random_weights(tensor_shapes(config, fused_experts), seed)
     write_checkpoint_weights(out_dir, {n: (st_dtype, to_storage(w, st_dtype)) for n, w in weights.items()}, sharded)
     hf_tokenizer.write_tokenizer_files(out_dir, tokenizer_json, tok_config)
 
@@ -267,13 +310,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--untied", action="store_true", help="separate lm_head.weight")
     ap.add_argument("--sharded", action="store_true", help="two shards and model.safetensors.index.json")
+    ap.add_argument("--fused-experts", action="store_true", help="an MoE's experts as stacks, not one per expert")
     ap.add_argument("--set", action="append", type=_parse_set, default=[], metavar="KEY=JSON",
                     help="override a config.json key")
     ap.add_argument("--vocab", type=Path, default=QWEN2_VOCAB,
                     help="the GGUF vocabulary the tokenizer is rebuilt from (default: %(default)s)")
     args = ap.parse_args(argv)
     out = make_tiny_checkpoint(args.out_dir, args.arch, args.dtype, args.seed, not args.untied, args.sharded,
-                               vocab=args.vocab, **dict(args.set))
+                               vocab=args.vocab, fused_experts=args.fused_experts, **dict(args.set))
     print(f"wrote {out}")
 
 

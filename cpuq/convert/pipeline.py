@@ -29,7 +29,7 @@ import numpy as np
 from gguf import GGUFValueType
 
 from ..arch import ModelConfig
-from ..models import expected_tensors, gguf_tensor_name
+from ..models import dim, expected_tensors, family, gguf_tensor_name
 from ..models.dense import llama3_rope_freqs, permute_qk, qk_permute_heads
 from ..errors import FormatError, InputError, UnsupportedError
 from ..gguf_io import GGUFStreamWriter, partial_file
@@ -85,9 +85,19 @@ MIXES: dict[str, dict[str, str | tuple[str, str]]] = {
     "q4_k_m": {
         "output.weight": "Q6_K",                # its output branch (also a tied token_embd, see below)
         "attn_v.weight": ("Q6_K", "Q4_K"),      # its attn_v branch
-        "ffn_down.weight": ("Q6_K", "Q4_K"),    # its ffn_down branch
+        "ffn_down.weight": ("Q6_K", "Q4_K"),    # its ffn_down branch (every tensor named ffn_down*)
+        "ffn_down_exps.weight": ("Q6_K", "Q4_K"),
+        "ffn_down_shexp.weight": ("Q6_K", "Q4_K"),
     },
 }
+# ... and for a model of exactly 8 experts, whatever the layer (the n_expert == 8 branches).
+EIGHT_EXPERTS: dict[str, dict[str, str]] = {
+    "q4_k_m": {"attn_v.weight": "Q8_0", "attn_k.weight": "Q8_0", "attn_output.weight": "Q5_K"},
+}
+
+# Routers: the converter keeps them F32 (ModelBase.prepare_tensors' FFN_GATE_INP, _SHEXP);
+# llama-quantize leaves only names containing "ffn_gate_inp.weight" (tensor_allows_quantization).
+ROUTERS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
 
 # llama-quantize's tensor_type_fallback (src/llama-quant.cpp) for a row length that
 # is not a multiple of the wanted type's block; F16 if the fallback does not fit either.
@@ -116,6 +126,12 @@ class TensorPlan:
     name: str                 # GGUF name
     shape: tuple[int, ...]    # numpy order
     qtype: QType
+    # An expert stack's rows, in order: (checkpoint tensor, first row, end row) of the
+    # tensor seen as a matrix of its last dimension; None: hf_name whole.
+    parts: tuple[tuple[str, int, int], ...] | None = None
+
+    def sources(self, ckpt) -> tuple[tuple[str, int, int], ...]:
+        return self.parts if self.parts is not None else ((self.hf_name, 0, ckpt.rows(self.hf_name)),)
 
 
 def out_type(qtype: str) -> OutType:
@@ -130,6 +146,8 @@ def _mix_type(name: str, out: OutType, cfg: ModelConfig, tied: bool) -> str:
     if name == "output.weight" or (tied and name == "token_embd.weight"):
         return mix["output.weight"]
     m = re.match(r"blk\.(\d+)\.(.+)$", name)
+    if m and cfg.n_expert == 8 and m.group(2) in EIGHT_EXPERTS[out.mix]:
+        return EIGHT_EXPERTS[out.mix][m.group(2)]
     choice = mix.get(m.group(2)) if m else None
     if choice is None:
         return out.qtype
@@ -149,6 +167,8 @@ def tensor_qtype(name: str, shape: tuple[int, ...], out: OutType, cfg: ModelConf
     """The converter's per-tensor choice (ModelBase.prepare_tensors), then (for the llama-quantize
     types) the type mix and llama-quantize's shape fallback."""
     if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+        return get_qtype("F32")
+    if name.endswith(ROUTERS[0]) or (name.endswith(ROUTERS) and not out.via_llama_quantize):
         return get_qtype("F32")
     if out.mix is not None:
         want = get_qtype(_mix_type(name, out, cfg, tied))
@@ -181,13 +201,36 @@ def _quantize_order(name: str) -> tuple[int, bytes]:
     return (int(m.group(1)) if m else -1, name.encode())
 
 
+_PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def _fused_layers(ckpt, cfg: ModelConfig) -> dict[int, dict[str, str]]:
+    """Layer -> {fused HF module: its checkpoint name} for the layers whose experts come as
+    stacks (models.moe.FUSED_EXPERTS; with or without .weight, as llama.cpp accepts)."""
+    fused: dict[int, dict[str, str]] = {}
+    if not cfg.spec.moe:
+        return fused
+    for i in range(cfg.n_layer):
+        names = {}
+        for module in family(cfg).FUSED_EXPERTS:
+            base = f"model.layers.{i}.{module}"
+            names[module] = next((n for n in (base + ".weight",) if n in ckpt), base)
+        if any(n in ckpt for n in names.values()):  # then all of them (a missing one is reported)
+            fused[i] = names
+    return fused
+
+
 def plan_tensors(ckpt, cfg: ModelConfig, out: OutType, where: Path) -> list[TensorPlan]:
     """Check the checkpoint holds exactly the tensors `cfg` implies, and lay out the output."""
     has_lm_head = "lm_head.weight" in ckpt
     if cfg.n_layer > len(ckpt):  # before expected_tensors lists billions of names for a lying count
         raise FormatError(f"{where}: config.json says num_hidden_layers {cfg.n_layer}, more layers than the "
                           f"checkpoint's {len(ckpt)} tensors can hold")
-    expected = expected_tensors(cfg, has_lm_head)
+    if cfg.spec.moe and cfg.n_layer * cfg.n_expert > len(ckpt) + cfg.n_layer * 3:  # likewise, for the experts
+        raise FormatError(f"{where}: config.json says {cfg.n_expert} experts in each of {cfg.n_layer} layers, "
+                          f"more than the checkpoint's {len(ckpt)} tensors can hold")
+    fused = _fused_layers(ckpt, cfg)
+    expected = expected_tensors(cfg, has_lm_head, fused)
     for hf_name, shape in expected.items():
         if hf_name not in ckpt:
             raise FormatError(f"{where}: tensor '{hf_name}' is missing from the checkpoint")
@@ -201,16 +244,44 @@ def plan_tensors(ckpt, cfg: ModelConfig, out: OutType, where: Path) -> list[Tens
     plans = []
     if cfg.rope_type == "llama3" and cfg.spec.gguf_arch == "llama":  # generate_extra_tensors() comes first
         plans.append(TensorPlan(None, "rope_freqs.weight", (cfg.head_dim // 2,), get_qtype("F32")))
+
+    def plan(hf_name, name, shape, parts=None):
+        plans.append(TensorPlan(hf_name, name, shape, tensor_qtype(name, shape, out, cfg, not has_lm_head), parts))
+
+    seen_experts: dict[int, int] = {}
     for shard in sorted(by_shard):
         for hf_name in sorted(by_shard[shard]):
+            m = _PER_EXPERT.match(hf_name)
+            if m and hf_name in expected:
+                # Qwen2MoeModel.modify_tensors: a layer's stacks (down, gate, up) are written when its
+                # last expert matrix is read
+                il = int(m.group(1))
+                seen_experts[il] = seen_experts.get(il, 0) + 1
+                if seen_experts[il] == 3 * cfg.n_expert:
+                    for proj in ("down", "gate", "up"):
+                        names = [f"model.layers.{il}.mlp.experts.{e}.{proj}_proj.weight" for e in range(cfg.n_expert)]
+                        rows = ckpt.shape(names[0])
+                        plan(names[0], f"blk.{il}.ffn_{proj}_exps.weight", (cfg.n_expert, *rows),
+                             tuple((n, 0, rows[0]) for n in names))
+                continue
+            layer = re.match(r"^model\.layers\.(\d+)\.", hf_name)
+            stacks = fused.get(int(layer.group(1)), {}) if layer else {}
+            module = next((mod for mod, n in stacks.items() if n == hf_name), None)
+            if module is not None:  # one checkpoint tensor, one or two stacks (gate then up)
+                il, (n_expert, rows, cols) = int(layer.group(1)), ckpt.shape(hf_name)
+                for field, first, count in family(cfg).FUSED_EXPERTS[module]:
+                    first, count = dim(cfg, first), dim(cfg, count)
+                    gguf = next(t.gguf for t in family(cfg).TENSORS if t.field == field)
+                    plan(hf_name, f"blk.{il}.{gguf}", (n_expert, count, cols),
+                         tuple((hf_name, e * rows + first, e * rows + first + count) for e in range(n_expert)))
+                continue
             name = gguf_tensor_name(cfg, hf_name)
             if name is None:
                 continue
             if hf_name not in expected:
                 raise UnsupportedError(f"{where}: tensor '{hf_name}' is not part of a {cfg.hf_architecture} "
                                        f"with this config.json")
-            shape = tuple(ckpt.shape(hf_name))
-            plans.append(TensorPlan(hf_name, name, shape, tensor_qtype(name, shape, out, cfg, not has_lm_head)))
+            plan(hf_name, name, tuple(ckpt.shape(hf_name)))
     if out.via_llama_quantize:
         plans.sort(key=lambda p: _quantize_order(p.name))
     return plans
@@ -290,6 +361,9 @@ def _arch_metadata(cfg: ModelConfig) -> tuple[dict, dict]:
         put(f"{a}.rope.scaling.type", "longrope", GGUFValueType.STRING)
     put(f"{a}.rope.freq_base", cfg.rope_theta, f32)
     put(f"{a}.attention.layer_norm_rms_epsilon", cfg.rms_eps, f32)
+    if cfg.spec.moe:
+        put(f"{a}.expert_count", cfg.n_expert, u32)
+        put(f"{a}.expert_used_count", cfg.n_expert_used, u32)
     if cfg.writes_head_dim():
         put(f"{a}.attention.key_length", cfg.head_dim, u32)
         put(f"{a}.attention.value_length", cfg.head_dim, u32)
@@ -305,7 +379,7 @@ PIECE_WEIGHTS = 1 << 24
 def _encode(x: np.ndarray, plan: TensorPlan, out: OutType, importance: np.ndarray | None = None) -> np.ndarray:
     """Float32 values (whole tensor or a block of its rows) -> the bytes of plan.qtype,
     each column's rounding error weighted by `importance` where the type uses it."""
-    if out.via_llama_quantize and plan.qtype.name != "F32" and len(plan.shape) > 1:
+    if out.via_llama_quantize and plan.qtype.name != "F32" and len(plan.shape) > 1 and not plan.name.endswith(ROUTERS):
         # llama-quantize reads the F16 file the converter wrote (notes section 0).
         x = np.ascontiguousarray(x, dtype=np.float32)
         round_through_f16(x if x.flags.writeable else (x := x.copy()))
@@ -335,18 +409,23 @@ def _tensor_pieces(ckpt, cfg: ModelConfig, plan: TensorPlan, out: OutType,
         values = transform(permute_qk(values, heads), 0)
         yield _encode(values, plan, out, importance), ckpt.nbytes(name)
         return
-    rows = ckpt.rows(name)
-    row_bytes = ckpt.nbytes(name) // max(rows, 1)
     step = max(1, PIECE_WEIGHTS // max(plan.shape[-1], 1))
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        values = ckpt.read_rows_f32(name, start, stop)
-        _check_storable(ckpt, plan, out, values, start)
-        values = transform(values.reshape(-1, *plan.shape[1:]), start)
-        yield _encode(values, plan, out, importance), (stop - start) * row_bytes
+    done = 0  # rows of the output tensor (as a matrix of its last dimension) before this piece
+    for k, (source, first, end) in enumerate(plan.sources(ckpt)):
+        # an expert stack's importance has one row per expert
+        imp = importance[k] if importance is not None and importance.ndim == 2 else importance
+        row_bytes = ckpt.nbytes(source) // max(ckpt.rows(source), 1)
+        for start in range(first, end, step):
+            stop = min(end, start + step)
+            values = ckpt.read_rows_f32(source, start, stop)
+            _check_storable(ckpt, plan, out, values, start, source)
+            values = transform(values.reshape(-1, *plan.shape[1:]) if plan.parts is None else values, done)
+            done += stop - start
+            yield _encode(values, plan, out, imp), (stop - start) * row_bytes
 
 
-def _check_storable(ckpt, plan: TensorPlan, out: OutType, values: np.ndarray, first_row: int) -> None:
+def _check_storable(ckpt, plan: TensorPlan, out: OutType, values: np.ndarray, first_row: int,
+                    source: str | None = None) -> None:
     """FormatError naming the checkpoint's place of a value that plan.qtype cannot hold: the
     block types refuse NaN and inf (quants.quantize), and the llama-quantize types see the
     weights through F16 first, which turns |x| >= 65520 into inf."""
@@ -358,7 +437,8 @@ def _check_storable(ckpt, plan: TensorPlan, out: OutType, values: np.ndarray, fi
     if bad.any():
         r, c = (int(i) for i in np.argwhere(bad)[0])
         why = "not finite" if not np.isfinite(rows[r, c]) else "beyond F16's range, where llama-quantize reads it"
-        raise FormatError(f"{ckpt.file_of(plan.hf_name)}: tensor '{plan.hf_name}' holds {rows[r, c]} at row "
+        source = source or plan.hf_name
+        raise FormatError(f"{ckpt.file_of(source)}: tensor '{source}' holds {rows[r, c]} at row "
                           f"{first_row + r}, column {c}: {why}; {plan.qtype.name} cannot store it")
 
 
@@ -461,10 +541,12 @@ def _importances(im: Imatrix, plans: list[TensorPlan], out: OutType) -> dict[str
         imp = im.importance(p.name)
         if imp is None:
             continue
-        if imp.shape[0] != p.shape[-1]:
+        n_mat = p.shape[0] if len(p.shape) == 3 else 1  # an expert stack: one row per expert
+        if imp.shape[0] != n_mat * p.shape[-1]:
             raise InputError(f"{where}: entry '{p.name}' has {imp.shape[0]} values; the tensor's rows have "
-                             f"{p.shape[-1]} (an importance matrix of another model?)")
-        found[p.name] = imp
+                             f"{p.shape[-1]}" + (f", in {n_mat} experts" if n_mat > 1 else "")
+                             + " (an importance matrix of another model?)")
+        found[p.name] = imp.reshape(n_mat, -1) if len(p.shape) == 3 else imp
     if not found:
         raise InputError(f"{where}: no entry matches a tensor of this model (an importance matrix of another model?)")
     return found
@@ -529,11 +611,16 @@ def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str 
             extra[f"{cfg.arch}.vocab_size"] = cfg.n_vocab
         if cfg.spec.writes_rope_dimension_count:
             extra[f"{cfg.arch}.rope.dimension_count"] = cfg.head_dim
+        if cfg.spec.moe:  # Qwen2MoeModel.set_gguf_parameters, after TextModel's
+            extra[f"{cfg.arch}.expert_feed_forward_length"] = cfg.n_ff_exp
+            if cfg.spec.shared_expert:
+                extra[f"{cfg.arch}.expert_shared_feed_forward_length"] = cfg.n_ff_shexp
         versions = {"general.file_type": out.file_type, "general.quantization_version": GGML_QUANT_VERSION}
         u32 = GGUFValueType.UINT32
         types = {**gen_types, **arch_types, **tok_types, **{k: u32 for k in (*extra, *versions)}}
 
-        total_bytes = sum(ckpt.nbytes(p.hf_name) for p in plans if p.hf_name is not None)
+        total_bytes = sum(ckpt.nbytes(src) // max(ckpt.rows(src), 1) * (end - first)
+                          for p in plans if p.hf_name is not None for src, first, end in p.sources(ckpt))
 
         if out.via_llama_quantize:
             # llama-quantize re-sets these two keys, which moves them to the end (notes 1.6).

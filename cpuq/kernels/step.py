@@ -26,6 +26,7 @@ from numba import njit
 from .activations import swiglu as _swiglu
 from .attention import attention as _attention, store_kv
 from .matvec import NONE_TYPE, NONE_W, matvec3
+from . import moe as _moe
 from .norms import rms_norm as _rms_norm
 from .rope import apply_rope
 
@@ -33,16 +34,19 @@ from .rope import apply_rope
 # array type is another full compilation, ~2 s of a cold start)
 _NONE = np.array([NONE_TYPE], np.int64)
 
-StepContext = namedtuple("StepContext", "eps cos sin neox k_cache v_cache start scale head_dim")
+StepContext = namedtuple("StepContext", "eps cos sin neox k_cache v_cache start scale head_dim n_expert n_used "
+                                        "norm_topk")
 """eps: RMSNorm's; cos, sin (1, n_rot/2) f32: the token's RoPE tables; k_cache, v_cache:
 every layer's caches in kernels.attention's layouts; start: the token's position; scale:
-attention's 1/sqrt(head_dim) as f32."""
+attention's 1/sqrt(head_dim) as f32; n_expert, n_used, norm_topk: the experts per block,
+the experts a token uses, whether their weights are renormalized (0, 0, False: dense)."""
 
 StepPack = namedtuple("StepPack", "buf at types vectors")
 """Every block's tensors addressed in the file's mapping (runtime.forward builds it):
-buf (n_bytes,) uint8 the file; at (n_layer, n_matrix, 3) int64 each matrix as (byte
-offset, rows, row bytes), types (n_layer, n_matrix) their type ids; vectors: per vector
-tensor (n_layer, n) f32, n = 0 where the model has none."""
+buf (n_bytes,) uint8 the file; at (n_layer, n_matrix, 3) int64 each matrix (an expert
+stack as its n_expert * rows rows) as (byte offset, rows, row bytes), (0, 0, 0) where the
+model has none, types (n_layer, n_matrix) their type ids; vectors: per float32 tensor
+(n_layer, *shape) f32, every dim 0 where the model has none."""
 
 
 @njit(cache=True, inline="always")
@@ -121,8 +125,42 @@ def swiglu(gate_up, c):
     return gate
 
 
+@njit(inline="always")
+def route(h, w, c):
+    ids = np.empty((1, c.n_used), np.int64)
+    weights = np.empty((1, c.n_used), np.float32)
+    _moe.route(h, w, c.n_used, c.norm_topk, ids, weights)
+    return ids, weights
+
+
+@njit(inline="always")
+def experts(h, ids, weights, gate, up, down, c):
+    sel = ids[0]
+    m = gate[0].shape[0] // max(c.n_expert, 1)
+    og = np.empty((sel.shape[0], m), np.float32)
+    ou = np.empty((sel.shape[0], m), np.float32)
+    _moe.gate_up(h[0], gate[0], gate[1], up[0], up[1], sel, og, ou)
+    _swiglu(og, ou, og)
+    y = np.empty((1, sel.shape[0], h.shape[1]), np.float32)
+    _moe.down(og, down[0], down[1], sel, y[0])
+    out = np.empty_like(h)
+    _moe.weighted_sum(y, weights, out)
+    return out
+
+
+@njit(inline="always")
+def present(a):
+    return a[0].shape[0] > 0
+
+
+@njit(inline="always")
+def add_gated(out, y, h, g, c):
+    _moe.add_gated(out, y, h, g)
+
+
 OPS = dict(rms_norm=rms_norm, linear3=linear3, linear2=linear2, linear=linear, add_bias=add_bias,
-           head_norm=head_norm, rope=rope, attend=attend, swiglu=swiglu)
+           head_norm=head_norm, rope=rope, attend=attend, swiglu=swiglu, route=route, experts=experts,
+           present=present, add_gated=add_gated)
 
 
 @njit(cache=True, inline="always")

@@ -26,17 +26,25 @@ class Tensor:
     attributes or of the dims below; GGUF's row-major order, rows first). `when`: the
     ArchSpec flag that makes it required (None: always), else it is used if the file has
     it; optional: used if present whatever the architecture (qwen2's q/k/v biases, as
-    llama.cpp loads them)."""
+    llama.cpp loads them). A 3-D shape is a stack of experts' matrices, whose HF name
+    holds {e} for the expert's index. float32: decoded to float32 once at load, as vectors
+    are (a router, which every token reads whole)."""
     field: str
     gguf: str
     hf: str
     shape: tuple[str, ...]
     when: str | None = None
     optional: bool = False
+    float32: bool = False
 
     @property
     def is_matrix(self) -> bool:
-        return len(self.shape) == 2
+        """Read as quantized blocks in place (a matrix or a stack of experts' matrices)."""
+        return len(self.shape) >= 2 and not self.float32
+
+    @property
+    def is_experts(self) -> bool:
+        return len(self.shape) == 3
 
     def dims(self, cfg: ModelConfig) -> tuple[int, ...]:
         return tuple(dim(cfg, d) for d in self.shape)
@@ -53,7 +61,10 @@ class Tensor:
 
 
 def dim(cfg: ModelConfig, name: str) -> int:
-    """A dimension by name: q_dim (n_head * head_dim), kv_dim, or a ModelConfig attribute."""
+    """A dimension by name: q_dim (n_head * head_dim), kv_dim, a number, or a ModelConfig
+    attribute."""
+    if name.isdigit():
+        return int(name)
     if name == "q_dim":
         return cfg.n_head * cfg.head_dim
     if name == "kv_dim":
@@ -63,8 +74,8 @@ def dim(cfg: ModelConfig, name: str) -> int:
 
 def family(cfg: ModelConfig) -> ModuleType:
     """The model file of cfg's architecture."""
-    from . import dense
-    for module in (dense,):
+    from . import dense, moe
+    for module in (dense, moe):
         if cfg.arch in module.ARCHITECTURES:
             return module
     raise UnsupportedError(f"architecture '{cfg.arch}' has no model file")
@@ -72,6 +83,7 @@ def family(cfg: ModelConfig) -> ModuleType:
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _GLOBAL_RE = re.compile(r"^(.+)\.(weight|bias)$")
+_EXPERT_RE = re.compile(r"\.\d+\.")
 
 
 def gguf_tensor_name(cfg: ModelConfig, hf_name: str) -> str | None:
@@ -85,6 +97,7 @@ def gguf_tensor_name(cfg: ModelConfig, hf_name: str) -> str | None:
     m = _LAYER_RE.match(name)
     if m:
         layer, module, suffix = m.groups()
+        module = _EXPERT_RE.sub(".{e}.", module)  # one expert's matrix: part of its stack
         for t in model.TENSORS:  # a module's .weight and .bias share its GGUF base name
             if t.hf.rsplit(".", 1)[0] == module:
                 return f"blk.{int(layer)}.{t.gguf.rsplit('.', 1)[0]}.{suffix}"
@@ -95,14 +108,26 @@ def gguf_tensor_name(cfg: ModelConfig, hf_name: str) -> str | None:
     raise UnsupportedError(f"tensor '{hf_name}' has no GGUF name")
 
 
-def expected_tensors(cfg: ModelConfig, has_lm_head: bool) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape that a checkpoint of cfg must hold."""
+def expected_tensors(cfg: ModelConfig, has_lm_head: bool,
+                     fused: dict[int, dict[str, str]] | None = None) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape that a checkpoint of cfg must hold. fused: layer -> {module of
+    the model file's FUSED_EXPERTS: its name in the checkpoint} for the layers that hold
+    their experts as stacks rather than one matrix per expert."""
     model = family(cfg)
+    fused = fused or {}
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.n_vocab, cfg.n_embd)}
     layer = [t for t in model.TENSORS if t.in_checkpoint(cfg)]
     for i in range(cfg.n_layer):
         for t in layer:
-            shapes[f"model.layers.{i}.{t.hf}"] = t.dims(cfg)
+            if t.is_experts and i not in fused:
+                for e in range(cfg.n_expert):
+                    shapes[f"model.layers.{i}.{t.hf.format(e=e)}"] = t.dims(cfg)[1:]
+            elif not t.is_experts:
+                shapes[f"model.layers.{i}.{t.hf}"] = t.dims(cfg)
+        for module, name in fused.get(i, {}).items():
+            parts = model.FUSED_EXPERTS[module]
+            cols = next(t for t in model.TENSORS if t.field == parts[0][0]).dims(cfg)[2]
+            shapes[name] = (cfg.n_expert, sum(dim(cfg, count) for _, _, count in parts), cols)
     shapes["model.norm.weight"] = (cfg.n_embd,)
     if has_lm_head:
         shapes["lm_head.weight"] = (cfg.n_vocab, cfg.n_embd)

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..kernels import activations, attention as attn, norms
+from ..kernels import activations, attention as attn, moe, norms
 from ..kernels.matmul import matmul
 from ..kernels.matvec import matvec_many
 from ..kernels.rope import apply_rope
@@ -29,7 +29,8 @@ Observer = Callable[[np.ndarray, tuple[str, ...]], None]
 class ChunkContext:
     """What the ops need besides their operands: cos, sin (n, n_rot/2) the chunk's RoPE
     tables; k_cache, v_cache every layer's caches (runtime.forward.KVCache); start the
-    first token's position; gemm the workers (None: this thread); observe(x, names)."""
+    first token's position; gemm the workers (None: this thread); observe(x, names);
+    n_expert, n_used, norm_topk: kernels.step.StepContext's."""
     eps: float
     cos: np.ndarray
     sin: np.ndarray
@@ -41,6 +42,9 @@ class ChunkContext:
     head_dim: int
     gemm: Gemm | None = None
     observe: Observer | None = None
+    n_expert: int = 0
+    n_used: int = 0
+    norm_topk: bool = False
 
 
 def batched(gemm: Gemm | None, n: int) -> bool:
@@ -127,5 +131,41 @@ def swiglu(gate_up, c):
     return gate
 
 
+def route(h, w, c):
+    ids = np.empty((h.shape[0], c.n_used), np.int64)
+    weights = np.empty((h.shape[0], c.n_used), np.float32)
+    rows(c, h.shape[0], lambda lo, hi: moe.route(h[lo:hi], w, c.n_used, c.norm_topk, ids[lo:hi], weights[lo:hi]))
+    return ids, weights
+
+
+def experts(h, ids, weights, gate, up, down, c):
+    """Tokens grouped by expert: each selected expert's matrices are read once for all of
+    its tokens (products: one row through the per-row kernels, as the decode step does)."""
+    n, k = ids.shape
+    y = np.empty((n, k, h.shape[1]), np.float32)
+    flat = ids.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    bounds = np.searchsorted(flat[order], np.arange(c.n_expert + 1))
+    for e in range(c.n_expert):
+        picks = order[bounds[e]:bounds[e + 1]]
+        if picks.size == 0:
+            continue
+        tokens, slots = picks // k, picks % k
+        act = swiglu(linear2(np.ascontiguousarray(h[tokens]), gate.expert(e), up.expert(e), c), c)
+        y[tokens, slots] = linear(act, down.expert(e), c)
+    out = np.empty_like(h)
+    rows(c, n, lambda lo, hi: moe.weighted_sum(y[lo:hi], weights[lo:hi], out[lo:hi]))
+    return out
+
+
+def present(a):
+    return a is not None
+
+
+def add_gated(out, y, h, g, c):
+    rows(c, out.shape[0], lambda lo, hi: moe.add_gated(out[lo:hi], y[lo:hi], h[lo:hi], g))
+
+
 OPS = dict(rms_norm=rms_norm, linear3=linear3, linear2=linear2, linear=linear, add_bias=add_bias,
-           head_norm=head_norm, rope=rope, attend=attend, swiglu=swiglu)
+           head_norm=head_norm, rope=rope, attend=attend, swiglu=swiglu, route=route, experts=experts,
+           present=present, add_gated=add_gated)

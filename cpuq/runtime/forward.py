@@ -25,7 +25,7 @@ import numpy as np
 
 from ..arch import ModelConfig
 from ..kernels.matmul import get_rows
-from ..kernels.matvec import BLOCK_TYPES
+from ..kernels.matvec import BLOCK_TYPES, NONE_TYPE
 from ..kernels.rope import rope_tables
 from ..kernels.step import StepContext, StepPack
 from ..models import family
@@ -104,17 +104,21 @@ class Rope:
 def step_pack(w: Weights, cfg: ModelConfig, buf: np.ndarray | None) -> StepPack | None:
     """The blocks' tensors as a kernels.step.StepPack, or None (the token then takes the
     chunk path) unless every matrix is of a block type (matvec.BLOCK_TYPES) lying whole in
-    buf (the file's uint8 mapping) and each vector is in all blocks or in none."""
+    buf (the file's uint8 mapping), and each tensor is in all blocks or in none."""
     if buf is None or not w.layers:
         return None
     tensors = family(cfg).TENSORS
     matrices = [t.field for t in tensors if t.is_matrix]
     base, size = buf.__array_interface__["data"][0], buf.nbytes
     at = np.zeros((len(w.layers), len(matrices), 3), np.int64)
-    types = np.zeros((len(w.layers), len(matrices)), np.int64)
-    for il, layer in enumerate(w.layers):
-        for j, name in enumerate(matrices):
-            m = getattr(layer, name)
+    types = np.full((len(w.layers), len(matrices)), NONE_TYPE, np.int64)
+    for j, name in enumerate(matrices):
+        ms = [getattr(layer, name) for layer in w.layers]
+        if all(m is None for m in ms):
+            continue  # at (0, 0, 0): an empty matrix
+        for il, m in enumerate(ms):
+            if m is None:
+                return None
             off = m.data.__array_interface__["data"][0] - base
             if (m.ggml_type not in BLOCK_TYPES or not m.data.flags.c_contiguous or off < 0
                     or off + m.data.nbytes > size):
@@ -127,7 +131,7 @@ def step_pack(w: Weights, cfg: ModelConfig, buf: np.ndarray | None) -> StepPack 
             continue
         vs = [getattr(layer, t.field) for layer in w.layers]
         if all(v is None for v in vs):
-            vectors.append(np.zeros((len(vs), 0), np.float32))
+            vectors.append(np.zeros((len(vs),) + (0,) * len(t.shape), np.float32))
         elif any(v is None for v in vs) or len({v.shape for v in vs}) != 1:
             return None
         else:
@@ -157,12 +161,14 @@ def forward(w: Weights, cfg: ModelConfig, rope: Rope, tokens: np.ndarray, cache:
     n_cpu = len(w.layers) if gpu is None else gpu.first_layer
     scale = np.float32(1.0 / math.sqrt(cfg.head_dim))
     model = family(cfg)
-    c = ChunkContext(cfg.rms_eps, cos, sin, rope.neox, cache.k, cache.v, start, scale, cfg.head_dim, gemm, observe)
+    experts = (cfg.n_expert, cfg.n_expert_used, cfg.spec.norm_topk)
+    c = ChunkContext(cfg.rms_eps, cos, sin, rope.neox, cache.k, cache.v, start, scale, cfg.head_dim, gemm, observe,
+                     *experts)
     if n_cpu == 0:
         pass  # every block on the GPU
     elif n == 1 and observe is None and steps is not None:
         stages.decode_step(model).blocks(x, n_cpu, steps, StepContext(cfg.rms_eps, cos, sin, rope.neox, cache.k,
-                                                                      cache.v, start, scale, cfg.head_dim))
+                                                                      cache.v, start, scale, cfg.head_dim, *experts))
     else:
         block = stages.prompt_chunk(model).block
         for il, layer in enumerate(w.layers[:n_cpu]):

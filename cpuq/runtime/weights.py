@@ -23,12 +23,20 @@ from ..quants import dequantize
 
 @dataclass(frozen=True)
 class Matrix:
-    """(rows, cols) weights as GGML blocks: data uint8 (rows, row_bytes), type id."""
+    """(rows, cols) weights as GGML blocks: data uint8 (rows, row_bytes), type id. A stack
+    of n_expert experts' (rows, cols) matrices holds them one after another in data's
+    n_expert * rows rows."""
     name: str
     data: np.ndarray
     ggml_type: int
     rows: int
     cols: int
+    n_expert: int = 0
+
+    def expert(self, e: int) -> "Matrix":
+        """Expert e's matrix of a stack (a view; its name is the stack's with #e)."""
+        return Matrix(f"{self.name}#{e}", self.data[e * self.rows:(e + 1) * self.rows], self.ggml_type,
+                      self.rows, self.cols)
 
 
 @dataclass(frozen=True)
@@ -47,23 +55,27 @@ def _tensor(f: GGUFFile, name: str) -> TensorInfo:
     return t
 
 
-def _matrix(f: GGUFFile, name: str, rows: int, cols: int) -> Matrix:
+def _matrix(f: GGUFFile, name: str, *shape: int) -> Matrix:
+    """A (rows, cols) matrix, or a (n_expert, rows, cols) stack of experts' matrices."""
     t = _tensor(f, name)
-    if tuple(t.shape) != (rows, cols):
-        raise FormatError(f"{f.path}: tensor '{name}' has shape {list(t.shape)}, the metadata implies {[rows, cols]}")
+    if tuple(t.shape) != shape:
+        raise FormatError(f"{f.path}: tensor '{name}' has shape {list(t.shape)}, the metadata implies {list(shape)}")
     ggml_type = int(t.qtype.ggml_type)
     if ggml_type not in SUPPORTED:
         raise UnsupportedError(f"{f.path}: tensor '{name}' has type {t.qtype.name}, which the runtime cannot run")
-    return Matrix(name, t.data.reshape(rows, -1), ggml_type, rows, cols)
+    *stack, rows, cols = shape
+    n_expert = stack[0] if stack else 0
+    return Matrix(name, t.data.reshape(max(n_expert, 1) * rows, -1), ggml_type, rows, cols, n_expert)
 
 
-def _vector(f: GGUFFile, name: str, n: int, optional: bool = False) -> np.ndarray | None:
+def _vector(f: GGUFFile, name: str, *shape: int, optional: bool = False) -> np.ndarray | None:
+    """A tensor of any type decoded to float32 of `shape` (a vector, or a router's matrix)."""
     if optional and name not in f.tensors:
         return None
     t = _tensor(f, name)
-    if t.n_elements != n or len(t.shape) != 1:
-        raise FormatError(f"{f.path}: tensor '{name}' has shape {list(t.shape)}, the metadata implies {[n]}")
-    x = dequantize(t.data, t.qtype, (n,)).astype(np.float32)
+    if tuple(t.shape) != shape:
+        raise FormatError(f"{f.path}: tensor '{name}' has shape {list(t.shape)}, the metadata implies {list(shape)}")
+    x = dequantize(t.data, t.qtype, shape).astype(np.float32)
     return np.ascontiguousarray(x)
 
 
@@ -78,7 +90,7 @@ def load_weights(f: GGUFFile, cfg: ModelConfig) -> Weights:
             if t.is_matrix:
                 tensors.append(_matrix(f, name, *shape) if required or name in f.tensors else None)
             else:
-                tensors.append(_vector(f, name, shape[0], optional=not required))
+                tensors.append(_vector(f, name, *shape, optional=not required))
         layers.append(model.Layer(*tensors))
     token_embd = _matrix(f, "token_embd.weight", cfg.n_vocab, d)
     output = token_embd if "output.weight" not in f.tensors else _matrix(f, "output.weight", cfg.n_vocab, d)
