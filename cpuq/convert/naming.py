@@ -109,10 +109,13 @@ def parse_model_id(model_id: str, total_params: int) -> ModelId:
     return ModelId(full, org, basename, finetune, version, size)
 
 
-def general_name_keys(name_or_path: object, dir_name: str, total_params: int) -> dict[str, str]:
+def general_name_keys(name_or_path: object, dir_name: str, total_params: int,
+                      experts: tuple[int, int] = (0, 0)) -> dict[str, str]:
     """general.* name keys in the order gguf-py writes them (Metadata.set_gguf_meta_model): config.json's
     `_name_or_path` (if it has at most one '/') first, then the directory name, each field
-    taken from the first source that has it; size_label falls back to the parameter count."""
+    taken from the first source that has it; size_label falls back to the parameter count,
+    for an MoE to "{n}x{size}" (experts = (the parameters of one expert of each stack, n),
+    gguf-py's GGUFWriter.get_total_parameter_count and utility.size_label)."""
     sources = []
     if isinstance(name_or_path, str) and name_or_path.count("/") <= 1:
         sources.append(parse_model_id(name_or_path, total_params))
@@ -122,7 +125,10 @@ def general_name_keys(name_or_path: object, dir_name: str, total_params: int) ->
         fields[field] = next((getattr(s, field) for s in sources if getattr(s, field) is not None), None)
     name = id_to_title(fields["name"]) if fields["name"] is not None else dir_name
     org = id_to_title(fields["organization"]) if fields["organization"] is not None else None
-    size = fields["size_label"] or (size_label(total_params) if total_params > 0 else None)
+    expert_params, n_expert = experts
+    fallback = (f"{n_expert}x{size_label(total_params - n_expert * expert_params + expert_params)}" if n_expert
+                else size_label(total_params))
+    size = fields["size_label"] or (fallback if total_params > 0 else None)
     out = {"general.name": name, "general.version": fields["version"], "general.organization": org,
            "general.finetune": fields["finetune"], "general.basename": fields["basename"],
            "general.size_label": size}

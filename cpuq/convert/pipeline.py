@@ -281,7 +281,11 @@ def plan_tensors(ckpt, cfg: ModelConfig, out: OutType, where: Path) -> list[Tens
             if hf_name not in expected:
                 raise UnsupportedError(f"{where}: tensor '{hf_name}' is not part of a {cfg.hf_architecture} "
                                        f"with this config.json")
-            plan(hf_name, name, tuple(ckpt.shape(hf_name)))
+            shape = tuple(ckpt.shape(hf_name))
+            if out.via_llama_quantize:  # it writes ggml_n_dims dimensions: none of size 1 outermost
+                while len(shape) > 1 and shape[0] == 1:
+                    shape = shape[1:]
+            plan(hf_name, name, shape)
     if out.via_llama_quantize:
         plans.sort(key=lambda p: _quantize_order(p.name))
     return plans
@@ -291,7 +295,8 @@ def _f32(x: float) -> float:
     return float(np.float32(x))
 
 
-def _general_metadata(src: Path, raw_config: dict, total_params: int) -> tuple[dict, dict]:
+def _general_metadata(src: Path, raw_config: dict, total_params: int,
+                      experts: tuple[int, int] = (0, 0)) -> tuple[dict, dict]:
     """general.type, general.sampling.* (generation_config.json), then the name keys
     (naming.py). README front-matter is not read."""
     values: dict[str, Any] = {"general.type": "model"}
@@ -310,7 +315,7 @@ def _general_metadata(src: Path, raw_config: dict, total_params: int) -> tuple[d
             continue
         values[key] = _f32(value) if vtype == GGUFValueType.FLOAT32 else value
         types[key] = vtype
-    values.update(general_name_keys(raw_config.get("_name_or_path"), src.resolve().name, total_params))
+    values.update(general_name_keys(raw_config.get("_name_or_path"), src.resolve().name, total_params, experts))
     return values, types
 
 
@@ -604,7 +609,9 @@ def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str 
         importances = _importances(imatrix, plans, out) if imatrix is not None else {}
         scaler = _ChannelScaling(ckpt, cfg, plans, importances, out.via_llama_quantize) if awq else None
         total_params = sum(int(np.prod(p.shape)) for p in plans)
-        gen_values, gen_types = _general_metadata(src, raw_config, total_params)
+        stacks = [p.shape for p in plans if "_exps." in p.name and len(p.shape) == 3]
+        experts = (sum(int(np.prod(s[1:])) for s in stacks), stacks[0][0]) if stacks else (0, 0)
+        gen_values, gen_types = _general_metadata(src, raw_config, total_params, experts)
         arch_values, arch_types = _arch_metadata(cfg)
         extra = {}
         if cfg.spec.writes_vocab_size:

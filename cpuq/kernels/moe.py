@@ -117,11 +117,11 @@ def weighted_sum(y, weights, out):
 
 @njit(cache=True)
 def add_gated(out, y, h, g):
-    """out (n, d) += sigmoid(h[i] . g[0]) * y (n, d): qwen2moe's gated shared expert."""
+    """out (n, d) += sigmoid(h[i] . g) * y (n, d): qwen2moe's gated shared expert."""
     for i in range(min(out.shape[0], y.shape[0], h.shape[0])):
         acc = np.float32(0.0)
-        for j in range(min(h.shape[1], g.shape[1])):
-            acc += h[i, j] * g[0, j]
+        for j in range(min(h.shape[1], g.shape[0])):
+            acc += h[i, j] * g[j]
         gate = np.float32(1.0) / (np.float32(1.0) + np.exp(-acc))
         for j in range(min(out.shape[1], y.shape[1])):
             out[i, j] += gate * y[i, j]

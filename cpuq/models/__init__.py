@@ -28,7 +28,8 @@ class Tensor:
     it; optional: used if present whatever the architecture (qwen2's q/k/v biases, as
     llama.cpp loads them). A 3-D shape is a stack of experts' matrices, whose HF name
     holds {e} for the expert's index. float32: decoded to float32 once at load, as vectors
-    are (a router, which every token reads whole)."""
+    are (a router, which every token reads whole). hf_shape: the checkpoint's shape where
+    it differs (the converter writes the checkpoint's; llama-quantize drops outer 1s)."""
     field: str
     gguf: str
     hf: str
@@ -36,6 +37,7 @@ class Tensor:
     when: str | None = None
     optional: bool = False
     float32: bool = False
+    hf_shape: tuple[str, ...] | None = None  # the checkpoint's, where it differs from `shape`
 
     @property
     def is_matrix(self) -> bool:
@@ -48,6 +50,9 @@ class Tensor:
 
     def dims(self, cfg: ModelConfig) -> tuple[int, ...]:
         return tuple(dim(cfg, d) for d in self.shape)
+
+    def hf_dims(self, cfg: ModelConfig) -> tuple[int, ...]:
+        return tuple(dim(cfg, d) for d in self.hf_shape) if self.hf_shape else self.dims(cfg)
 
     def in_checkpoint(self, cfg: ModelConfig) -> bool:
         """Whether a checkpoint of cfg's architecture must hold it (the converter's check)."""
@@ -123,7 +128,7 @@ def expected_tensors(cfg: ModelConfig, has_lm_head: bool,
                 for e in range(cfg.n_expert):
                     shapes[f"model.layers.{i}.{t.hf.format(e=e)}"] = t.dims(cfg)[1:]
             elif not t.is_experts:
-                shapes[f"model.layers.{i}.{t.hf}"] = t.dims(cfg)
+                shapes[f"model.layers.{i}.{t.hf}"] = t.hf_dims(cfg)
         for module, name in fused.get(i, {}).items():
             parts = model.FUSED_EXPERTS[module]
             cols = next(t for t in model.TENSORS if t.field == parts[0][0]).dims(cfg)[2]

@@ -36,9 +36,9 @@ TENSORS = _ATTENTION + (
     Tensor("gate_exps", "ffn_gate_exps.weight", "mlp.experts.{e}.gate_proj.weight", ("n_expert", "n_ff_exp", "n_embd")),
     Tensor("up_exps", "ffn_up_exps.weight", "mlp.experts.{e}.up_proj.weight", ("n_expert", "n_ff_exp", "n_embd")),
     Tensor("down_exps", "ffn_down_exps.weight", "mlp.experts.{e}.down_proj.weight", ("n_expert", "n_embd", "n_ff_exp")),
-    # qwen2moe's shared expert and its gate (a (1, n_embd) matrix in the file)
-    Tensor("gate_inp_shexp", "ffn_gate_inp_shexp.weight", "mlp.shared_expert_gate.weight", ("1", "n_embd"),
-           when="shared_expert", float32=True),
+    # qwen2moe's shared expert and its gate (HF's (1, n_embd) Linear, a vector in the file)
+    Tensor("gate_inp_shexp", "ffn_gate_inp_shexp.weight", "mlp.shared_expert_gate.weight", ("n_embd",),
+           when="shared_expert", hf_shape=("1", "n_embd")),
     Tensor("gate_shexp", "ffn_gate_shexp.weight", "mlp.shared_expert.gate_proj.weight", ("n_ff_shexp", "n_embd"),
            when="shared_expert"),
     Tensor("up_shexp", "ffn_up_shexp.weight", "mlp.shared_expert.up_proj.weight", ("n_ff_shexp", "n_embd"),
