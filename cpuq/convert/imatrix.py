@@ -2,7 +2,10 @@
 
 For every weight matrix of the transformer blocks: the sum over calibration tokens of each
 input channel's squared activation (`in_sum2`, one row per expert, one for a dense model)
-and how many tokens were summed (`counts`). Quantizing with it weights each column's
+and how many tokens were summed (`counts`). An expert stack's row e sums only the tokens
+routed to expert e (llama-imatrix's MUL_MAT_ID collection), so its counts add up to
+n_tokens * n_expert_used, and an expert no token picked keeps a zero count, which the
+quantizer reads as no importance (all ones). Quantizing with it weights each column's
 rounding error by in_sum2 / counts (quants.quantize(importance=...)), as llama-quantize
 --imatrix does (tools/quantize/quantize.cpp load_imatrix; docs/llama_cpp_conventions.md
 section 5).
@@ -32,6 +35,16 @@ from ..quants import get_qtype
 SUMS, COUNTS = ".in_sum2", ".counts"
 
 
+def _entry_row(name: str) -> tuple[str, int, int]:
+    """(entry, row, rows) of an observed matrix: "<stack>#<e>/<n_expert>" -> (stack, e,
+    n_expert); any other name -> (name, 0, 1)."""
+    stack, sep, which = name.partition("#")
+    if not sep:
+        return name, 0, 1
+    e, n_expert = which.split("/")
+    return stack, int(e), int(n_expert)
+
+
 def check_output(dst: Path, force: bool) -> None:
     """InputError unless an imatrix file can be written at `dst` (callers check before the
     calibration's work, so that a bad -o does not throw it away)."""
@@ -55,14 +68,18 @@ class Imatrix:
     path: Path | None = None              # the file it was read from
 
     def add(self, x: np.ndarray, names: tuple[str, ...]) -> None:
-        """Add the rows of x (n, k), the input of every matrix in `names` (a dense model's)."""
+        """Add the rows of x (n, k), the input of every matrix in `names`: a matrix's name, or
+        an expert's "<stack>#<e>/<n_expert>" (runtime.weights.Matrix.expert), whose rows go
+        to row e of the stack's entry (n_expert rows from its first token on, picked or not),
+        counted per expert as llama-imatrix counts MUL_MAT_ID's tokens."""
         s = np.einsum("ij,ij->j", x, x, dtype=np.float64)
         for name in names:
+            name, row, n_mat = _entry_row(name)
             if name not in self.sums:
-                self.sums[name] = np.zeros((1, x.shape[1]), np.float64)
-                self.counts[name] = np.zeros(1, np.float64)
-            self.sums[name][0] += s
-            self.counts[name][0] += x.shape[0]
+                self.sums[name] = np.zeros((n_mat, x.shape[1]), np.float64)
+                self.counts[name] = np.zeros(n_mat, np.float64)
+            self.sums[name][row] += s
+            self.counts[name][row] += x.shape[0]
 
     def importance(self, name: str) -> np.ndarray | None:
         """float32 (n_mat * n_per_row,) = in_sum2 / counts per matrix, as llama-quantize

@@ -34,9 +34,11 @@ class Matrix:
     n_expert: int = 0
 
     def expert(self, e: int) -> "Matrix":
-        """Expert e's matrix of a stack (a view; its name is the stack's with #e)."""
-        return Matrix(f"{self.name}#{e}", self.data[e * self.rows:(e + 1) * self.rows], self.ggml_type,
-                      self.rows, self.cols)
+        """Expert e's matrix of a stack: a view named "<stack>#<e>/<n_expert>", so that an
+        observer of its input (the importance matrix) knows the stack, the row and how many
+        experts the stack has, also those no token picks."""
+        return Matrix(f"{self.name}#{e}/{self.n_expert}", self.data[e * self.rows:(e + 1) * self.rows],
+                      self.ggml_type, self.rows, self.cols)
 
 
 @dataclass(frozen=True)
