@@ -54,10 +54,11 @@ def convert(src_dir, dst_path, qtype: str = "q4_k_m", calibration: str | None = 
                     awq=bool(awq))
 
 
-def load(path, n_ctx: int = 4096, n_threads: int | None = None, gpu_layers: int = 0, kv_type: str = "f16"):
+def load(path, n_ctx: int = 4096, n_threads: int | None = None, gpu_layers: int = 0, kv_type: str = "f16",
+         cpu_moe: bool = False):
     """Load a GGUF model to run: see cpuq.runtime.model.load."""
     from .runtime.model import load as _load  # the runtime imports only when used
-    return _load(path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers, kv_type=kv_type)
+    return _load(path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers, kv_type=kv_type, cpu_moe=cpu_moe)
 
 
 def __getattr__(name: str):

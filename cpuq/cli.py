@@ -165,6 +165,8 @@ _CHUNKS = typer.Option(None, "--chunks", help="At most this many windows (defaul
 _THREADS = typer.Option(None, "--threads", "-t", help="Threads (default: physical cores).")
 _GPU_LAYERS = typer.Option(0, "--gpu-layers", "-ngl", help="Run the last N transformer blocks on a CUDA GPU "
                                                              "(CuPy, the gpu extra); -1: all, and the output.")
+_CPU_MOE = typer.Option(False, "--cpu-moe", help="With --gpu-layers: keep an MoE's experts in RAM, run on the "
+                                                     "CPU; the rest of those blocks on the GPU.")
 _KV_TYPE = typer.Option("f16", "--kv-type", help="KV cache type: f16 (as llama.cpp) or f32 (exact, 2x memory).")
 _TEMPERATURE = typer.Option(0.8, "--temperature", help="0 = greedy.")
 _TOP_K = typer.Option(40, "--top-k", help="Keep the k most likely tokens (0 = all).")
@@ -217,6 +219,8 @@ def info(
         ("name", str(s["name"])),
         ("parameters", f"{_human_count(s['parameters'])} ({s['parameters']:,})"),
         ("context length", str(s["context_length"])),
+        *([("experts", f"{s['experts']['count']} per block, {s['experts']['used']} used per token "
+                       f"({_human_count(s['experts']['active_parameters'])} parameters active)")] if s["experts"] else []),
         ("bits per weight", f"{s['bits_per_weight']}" if s["bits_per_weight"] is not None else "-"),
         ("tensor types", ", ".join(f"{k}: {v}" for k, v in s["tensor_types"].items()) or "-"),
         ("tokenizer", f"{tok['model']} (pre: {tok['pre']}, {tok['n_vocab']} tokens, "
@@ -354,12 +358,14 @@ def _gpu_notes(fn: Callable):
     return result
 
 
-def _load(model: Optional[Path], ctx: int, threads: Optional[int], kv_type: str, gpu_layers: int = 0):
+def _load(model: Optional[Path], ctx: int, threads: Optional[int], kv_type: str, gpu_layers: int = 0,
+          cpu_moe: bool = False):
     from .demo import demo_model_path
     from .runtime.model import load
     if model is None:
         model = demo_model_path()
-    return _gpu_notes(lambda: load(model, n_ctx=ctx, n_threads=threads, kv_type=kv_type, gpu_layers=gpu_layers))
+    return _gpu_notes(lambda: load(model, n_ctx=ctx, n_threads=threads, kv_type=kv_type, gpu_layers=gpu_layers,
+                                   cpu_moe=cpu_moe))
 
 
 def _compiling_note(m) -> None:
@@ -394,13 +400,14 @@ def generate(
     n: int = typer.Option(256, "--max-tokens", "-n", help="Tokens to generate at most (-1: until the context "
                                                              "is full)."),
     ctx: int = _CTX, threads: Optional[int] = _THREADS, kv_type: str = _KV_TYPE, gpu_layers: int = _GPU_LAYERS,
+    cpu_moe: bool = _CPU_MOE,
     temperature: float = _TEMPERATURE, top_k: int = _TOP_K,
     top_p: float = _TOP_P, min_p: float = _MIN_P, repeat_penalty: float = _REPEAT_PENALTY,
     seed: Optional[int] = _SEED, stop: Optional[list[str]] = _STOP, ignore_eos: bool = _IGNORE_EOS,
 ) -> None:
     """Print the model's continuation of PROMPT (streamed as it is generated)."""
     prompt = _typed_text(prompt, "--prompt")  # before the model loads
-    with _load(model, ctx, threads, kv_type, gpu_layers) as m, _Interrupts() as interrupts:
+    with _load(model, ctx, threads, kv_type, gpu_layers, cpu_moe) as m, _Interrupts() as interrupts:
         _compiling_note(m)
         for piece in interrupts.pieces(m.generate(prompt, max_tokens=n, **_sampling(
                 temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos))):
@@ -421,6 +428,7 @@ def chat(
     n: int = typer.Option(1024, "--max-tokens", "-n", help="Tokens per reply at most (-1: until the context "
                                                             "is full)."),
     ctx: int = _CTX, threads: Optional[int] = _THREADS, kv_type: str = _KV_TYPE, gpu_layers: int = _GPU_LAYERS,
+    cpu_moe: bool = _CPU_MOE,
     temperature: float = _TEMPERATURE, top_k: int = _TOP_K,
     top_p: float = _TOP_P, min_p: float = _MIN_P, repeat_penalty: float = _REPEAT_PENALTY,
     seed: Optional[int] = _SEED, stop: Optional[list[str]] = _STOP, ignore_eos: bool = _IGNORE_EOS,
@@ -445,7 +453,7 @@ def chat(
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    with _load(model, ctx, threads, kv_type, gpu_layers) as m:
+    with _load(model, ctx, threads, kv_type, gpu_layers, cpu_moe) as m:
         m.template  # noqa: B018  (compiled on first use: a template that does not compile fails here, exit 2)
         first = [{"role": "system", "content": system}] if system else []
         messages = list(first)
@@ -526,7 +534,7 @@ def bench(
     n_prompt: int = _prompt_tokens(512),
     n_gen: int = _gen_tokens(128),
     repeat: int = _repeat(3),
-    threads: Optional[int] = _THREADS, gpu_layers: int = _GPU_LAYERS,
+    threads: Optional[int] = _THREADS, gpu_layers: int = _GPU_LAYERS, cpu_moe: bool = _CPU_MOE,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per test."),
 ) -> None:
     """Measure prompt (ppN) and generation (tgN) speed in tokens/s, mean ± std over repetitions, like llama-bench.
@@ -544,7 +552,8 @@ def bench(
             status.update(f"{model.name}: {test}, " + (f"repetition {rep}/{n}" if rep else "warm-up"))
 
         results = _gpu_notes(lambda: run_bench(model, n_prompt=n_prompt, n_gen=n_gen, repeat=repeat,
-                                               n_threads=threads, gpu_layers=gpu_layers, progress=progress))
+                                               n_threads=threads, gpu_layers=gpu_layers, cpu_moe=cpu_moe,
+                                               progress=progress))
     s = summarize(model)
     types = ", ".join(s["tensor_types"])
     if as_json:
@@ -586,7 +595,7 @@ def perplexity(
     kl_base: Optional[Path] = typer.Option(None, "--kl-base", help="A base GGUF of the same model (e.g. its F16 "
                                                                    "file): KL divergence, top-1 agreement and "
                                                                    "perplexity change against it."),
-    threads: Optional[int] = _THREADS, gpu_layers: int = _GPU_LAYERS,
+    threads: Optional[int] = _THREADS, gpu_layers: int = _GPU_LAYERS, cpu_moe: bool = _CPU_MOE,
     as_json: bool = typer.Option(False, "--json", help="Print the result as a JSON object."),
 ) -> None:
     """Perplexity of MODEL over a text, as llama.cpp's llama-perplexity measures it.
@@ -611,7 +620,8 @@ def perplexity(
             bar.update(task, description=f"{model.name}: windows", completed=done, total=total)
 
         r = _gpu_notes(lambda: run_perplexity(model, text, n_ctx=ctx, n_chunks=chunks, kl_base=kl_base,
-                                              n_threads=threads, gpu_layers=gpu_layers, progress=progress))
+                                              n_threads=threads, gpu_layers=gpu_layers, cpu_moe=cpu_moe,
+                                               progress=progress))
     if as_json:
         sys.stdout.write(json.dumps(r.to_dict(), indent=2) + "\n")
         return

@@ -29,7 +29,7 @@ def summarize(path: str | os.PathLike, tensors: bool = False) -> dict[str, Any]:
     """A JSON-ready summary of the GGUF file at `path`.
 
     Keys: path, file_size, gguf_version, architecture, name, parameters, context_length,
-    tensor_count, tensor_types ({type: count}), tensor_bytes, bits_per_weight,
+    experts (an MoE's {count, used, active_parameters}: per block, per token; else None), tensor_count, tensor_types ({type: count}), tensor_bytes, bits_per_weight,
     tokenizer ({model, pre, n_vocab, bos/eos ids}), chat_template (bool), metadata
     (every scalar key; bulky arrays as their length), and with `tensors=True` a list of
     {name, type, shape, bytes}.
@@ -45,6 +45,12 @@ def summarize(path: str | os.PathLike, tensors: bool = False) -> dict[str, Any]:
                 metadata[key] = f"<{f.array_length(key) or len(str(f.get(key)))} {'items' if f.array_length(key) else 'chars'}>"
             else:
                 metadata[key] = f.get(key)
+        experts = None
+        n_expert, n_used = (f.get(f"{arch}.expert_count"), f.get(f"{arch}.expert_used_count")) if arch else (0, 0)
+        if isinstance(n_expert, int) and isinstance(n_used, int) and n_expert > 0:
+            stacked = sum(t.n_elements for t in f if "_exps." in t.name)  # the routed experts' weights
+            experts = {"count": n_expert, "used": n_used,
+                       "active_parameters": n_params - stacked + stacked * n_used // n_expert}
         summary: dict[str, Any] = {
             "path": str(path),
             "file_size": f.file_size,
@@ -53,6 +59,7 @@ def summarize(path: str | os.PathLike, tensors: bool = False) -> dict[str, Any]:
             "name": f.get("general.name"),
             "parameters": n_params,
             "context_length": f.get(f"{arch}.context_length") if arch else None,
+            "experts": experts,
             "tensor_count": len(f.tensors),
             "tensor_types": dict(histogram.most_common()),
             "tensor_bytes": tensor_bytes,

@@ -400,7 +400,7 @@ class GGUFTarget:
 
     def __init__(self, work: Path, small_share: float = SMALL_SHARE):
         folder = work / "gguf"
-        if not (folder / "q4_k_m-v1024.gguf").exists():
+        if not (folder / "q4_k_m-v1024.gguf").exists() or not (folder / "moe-q4_k_m-v1024.gguf").exists():
             build_gguf_seeds(folder)
         self.seeds = []
         for p in sorted(folder.glob("*.gguf")):
@@ -433,11 +433,16 @@ def build_gguf_seeds(folder: Path) -> None:
     shutil.rmtree(folder / "ckpt", ignore_errors=True)  # left by a run killed before the end
     ckpt = make_tiny_checkpoint(folder / "ckpt", arch="qwen2", num_hidden_layers=1, hidden_size=256,
                                 intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
-    for qtype in ("q8_0", "q4_k_m"):
-        full = cpuq.convert(ckpt, folder / f"{qtype}.gguf", qtype, force=True)
-        cut_vocab(full, folder / f".{qtype}-v{SMALL_VOCAB}.tmp", SMALL_VOCAB)
-        os.replace(folder / f".{qtype}-v{SMALL_VOCAB}.tmp", folder / f"{qtype}-v{SMALL_VOCAB}.gguf")
+    shutil.rmtree(folder / "moe-ckpt", ignore_errors=True)
+    # an MoE too: its expert keys, stacks and routers (Q4_K stacks: rows of 256)
+    moe = make_tiny_checkpoint(folder / "moe-ckpt", arch="qwen3moe", num_hidden_layers=1, hidden_size=256,
+                               moe_intermediate_size=256, num_experts=4, num_experts_per_tok=2)
+    for src, name, qtype in ((ckpt, "q8_0", "q8_0"), (ckpt, "q4_k_m", "q4_k_m"), (moe, "moe-q4_k_m", "q4_k_m")):
+        full = cpuq.convert(src, folder / f"{name}.gguf", qtype, force=True)
+        cut_vocab(full, folder / f".{name}-v{SMALL_VOCAB}.tmp", SMALL_VOCAB)
+        os.replace(folder / f".{name}-v{SMALL_VOCAB}.tmp", folder / f"{name}-v{SMALL_VOCAB}.gguf")
     shutil.rmtree(ckpt)
+    shutil.rmtree(moe)
 
 
 # the converter's inputs ---------------------------------------------------------------------
@@ -491,7 +496,8 @@ HF_KEYS = ["architectures", "hidden_size", "intermediate_size", "num_attention_h
            "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_theta", "max_position_embeddings",
            "tie_word_embeddings", "rope_scaling", "rope_parameters", "text_config", "bos_token_id", "eos_token_id",
            "unk_token_id", "sep_token_id", "pad_token_id", "mask_token_id", "_name_or_path", "torch_dtype",
-           "model_type"]
+           "model_type", "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
+           "shared_expert_intermediate_size", "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob"]
 ROPE_TYPES = ["linear", "yarn", "llama3", "longrope", "su", "dynamic", "default", "bogus", 3, None]
 ROPE_KEYS = ["factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor", "beta_fast",
              "beta_slow", "extrapolation_factor", "attention_factor", "attn_factor", "rope_theta"]
@@ -515,6 +521,7 @@ def mutate_config(rng: random.Random, raw: bytes) -> bytes:
             cfg[rng.choice(["rope_scaling", "rope_parameters"])] = rope if rng.random() < 0.9 else _junk(rng)
         elif op == "arch":
             cfg["architectures"] = rng.choice([["Qwen3ForCausalLM"], ["LlamaForCausalLM"], ["Qwen2ForCausalLM"],
+                                               ["Qwen2MoeForCausalLM"], ["Qwen3MoeForCausalLM"],
                                                ["MistralForCausalLM"], [], [""], [None], "Qwen2ForCausalLM", None])
         elif op == "text_config":
             cfg["text_config"] = {k: _junk(rng, cfg.get(k)) for k in rng.sample(HF_KEYS, 2)}
@@ -623,7 +630,7 @@ class ConverterTarget:
 
     def __init__(self, work: Path):
         folder = work / "ckpt"
-        if not (folder / "llama" / "config.json").exists():
+        if not (folder / "llama" / "config.json").exists() or not (folder / "qwen2moe" / "config.json").exists():
             build_converter_seeds(folder)
         self.seeds = [(d.name, d, (d / self.file).read_bytes()) for d in sorted(folder.iterdir())
                       if not d.name.startswith(".")]
@@ -689,10 +696,12 @@ class ConfigTarget(ConverterTarget):
 
 def build_converter_seeds(folder: Path) -> None:
     from make_tiny_checkpoint import make_tiny_checkpoint
-    for arch in ("qwen2", "llama"):
+    for arch, sizes in (("qwen2", {}), ("llama", {}), ("qwen2moe", {"num_experts": 4})):
+        if (folder / arch / "config.json").exists():
+            continue
         tmp = folder / f".{arch}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        make_tiny_checkpoint(tmp, arch=arch, num_hidden_layers=1, intermediate_size=128)
+        make_tiny_checkpoint(tmp, arch=arch, num_hidden_layers=1, intermediate_size=128, **sizes)
         os.replace(tmp, folder / arch)
 
 

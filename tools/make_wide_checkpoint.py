@@ -1,14 +1,17 @@
-"""Full-width HF Qwen2 checkpoints with few layers, written in a streaming pass, for the
-converter's memory and speed benchmarks.
+"""Full-width HF Qwen2 and Qwen3-MoE checkpoints with few layers, written in a streaming
+pass, for the converter's memory and speed benchmarks and the MoE runtime benchmark.
 
     python tools/make_wide_checkpoint.py OUT_DIR --shape qwen2.5-72b --layers 2
     python tools/make_wide_checkpoint.py OUT_DIR --shape qwen2.5-0.5b
+    python tools/make_wide_checkpoint.py OUT_DIR --shape qwen3-30b-a3b --layers 4
 
 OUT_DIR must not exist; it appears only once complete (written under a temporary name).
 
 The shapes are the real models' config.json values (Qwen2.5-72B: hidden 8192,
 intermediate 29568, 64 / 8 heads, vocab 152064, untied; Qwen2.5-0.5B: hidden 896,
-intermediate 4864, 14 / 2 heads, vocab 151936, tied) with random N(0, 0.02) bf16 weights
+intermediate 4864, 14 / 2 heads, vocab 151936, tied; Qwen3-30B-A3B: hidden 2048, 128
+experts of 768 of which 8 per token, 32 / 4 heads of 128, vocab 151936, untied, one
+matrix per expert as its checkpoint stores them) with random N(0, 0.02) bf16 weights
 (norms 1 + N(0, 0.1)), as make_tiny_checkpoint.py draws them, and the real Qwen2
 tokenizer. Unlike make_tiny_checkpoint, no tensor is ever whole in memory: each is drawn
 and written 4M values at a time, so a 12 GB checkpoint needs ~50 MB of RAM. One shard per
@@ -43,6 +46,12 @@ SHAPES: dict[str, dict[str, Any]] = {
                      "num_key_value_heads": 2, "vocab_size": 151936, "num_hidden_layers": 24,
                      "tie_word_embeddings": True, "max_position_embeddings": 32768, "max_window_layers": 21,
                      "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "sliding_window": 32768},
+    # Qwen/Qwen3-30B-A3B config.json
+    "qwen3-30b-a3b": {"arch": "qwen3moe", "hidden_size": 2048, "intermediate_size": 6144, "head_dim": 128,
+                      "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 151936,
+                      "num_hidden_layers": 48, "num_experts": 128, "num_experts_per_tok": 8,
+                      "moe_intermediate_size": 768, "tie_word_embeddings": False, "max_position_embeddings": 40960,
+                      "max_window_layers": 48, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6},
 }
 PIECE = 1 << 22  # values drawn and written at a time
 
@@ -84,7 +93,8 @@ def make_wide_checkpoint(out_dir: str | Path, shape: str = "qwen2.5-72b", layers
     if layers is not None and layers < 1:
         raise ToolError(f"layers {layers}: expected a positive number")
     tokenizer_json, tok_config = qwen2_tokenizer_files()  # first: a missing vocabulary stops it here
-    config = {**CONFIGS["qwen2"], **SHAPES[shape], "torch_dtype": "bfloat16"}
+    values = dict(SHAPES[shape])
+    config = {**CONFIGS[values.pop("arch", "qwen2")], **values, "torch_dtype": "bfloat16"}
     if layers is not None:
         config["num_hidden_layers"] = layers
         config["max_window_layers"] = min(config["max_window_layers"], layers)
@@ -122,7 +132,7 @@ def _write(out_dir: Path, config: dict[str, Any], groups: list[dict[str, tuple[i
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = ArgumentParser(description="Write a full-width Qwen2 checkpoint with random bf16 weights.")
+    ap = ArgumentParser(description="Write a full-width Qwen2 or Qwen3-MoE checkpoint with random bf16 weights.")
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-72b")
     ap.add_argument("--layers", type=int, default=None, help="number of layers (default: the real model's)")

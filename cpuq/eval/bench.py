@@ -84,7 +84,8 @@ def prompt_ids(tokenizer: Tokenizer, n_prompt: int, seed: int = 0) -> list[int]:
 
 def bench(path: str | os.PathLike, n_prompt: int = 512, n_gen: int = 128, repeat: int = 3,
           n_threads: Optional[int] = None, seed: int = 0,
-          progress: Optional[Callable[[str, int, int], None]] = None, gpu_layers: int = 0) -> list[BenchResult]:
+          progress: Optional[Callable[[str, int, int], None]] = None, gpu_layers: int = 0,
+          cpu_moe: bool = False) -> list[BenchResult]:
     """Measure prefill and decode speed of the GGUF model at `path`: [ppN, tgN] results.
 
     The model is loaded once with a context of exactly n_prompt + n_gen tokens (which must
@@ -92,7 +93,7 @@ def bench(path: str | os.PathLike, n_prompt: int = 512, n_gen: int = 128, repeat
     `repeat` timed repetitions follow one warm-up (Numba's compiled-kernel cache, page
     faults on the mapped weights). The prompt is `prompt_ids(tokenizer, n_prompt, seed)`.
     progress(test, repetition, repeat) is called before each test runs; repetition 0 is
-    the warm-up. gpu_layers: as cpuq.load's; each result's `gpu` says where the blocks ran.
+    the warm-up. gpu_layers, cpu_moe: as cpuq.load's; each result's `gpu` says where the blocks ran.
     """
     for name, value in (("n_prompt", n_prompt), ("n_gen", n_gen), ("repeat", repeat)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -107,7 +108,7 @@ def bench(path: str | os.PathLike, n_prompt: int = 512, n_gen: int = 128, repeat
     pp, tg = f"pp{n_prompt}", f"tg{n_gen}"
     prefill: list[float] = []
     decode: list[float] = []
-    with load(path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers) as m:
+    with load(path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers, cpu_moe=cpu_moe) as m:
         ids = prompt_ids(m.tokenizer, n_prompt, seed)
         for rep in range(repeat + 1):
             if progress:

@@ -108,30 +108,32 @@ def _ppl(nll: np.ndarray) -> tuple[float, float]:
 
 def perplexity(model: str | os.PathLike | Model, text: str, n_ctx: int = 512, n_chunks: Optional[int] = None,
                kl_base: str | os.PathLike | Model | None = None, n_threads: Optional[int] = None,
-               progress: Optional[Callable[[int, int], None]] = None, gpu_layers: int = 0) -> PerplexityResult:
+               progress: Optional[Callable[[int, int], None]] = None, gpu_layers: int = 0,
+               cpu_moe: bool = False) -> PerplexityResult:
     """Perplexity of `model` (a path, or a loaded Model) over `text`, in windows of n_ctx
     tokens (at most n_chunks), optionally against `kl_base`. progress(done, total) is called
     after each window. InputError: n_ctx < 4 or odd, a text shorter than two windows, a base
-    whose vocabulary or tokenization differs. gpu_layers: as cpuq.load's, for models given
-    as paths (the base's too)."""
+    whose vocabulary or tokenization differs. gpu_layers, cpu_moe: as cpuq.load's, for
+    models given as paths (the base's too)."""
     if not isinstance(n_ctx, int) or n_ctx < 4 or n_ctx % 2:
         raise InputError(f"n_ctx must be an even number of tokens >= 4, not {n_ctx!r}")
     if n_chunks is not None and (not isinstance(n_chunks, int) or n_chunks < 1):
         raise InputError(f"n_chunks must be a positive number of windows, not {n_chunks!r}")
     opened = []
     try:
-        m = model if isinstance(model, Model) else _open(model, n_ctx, n_threads, gpu_layers, opened)
+        m = model if isinstance(model, Model) else _open(model, n_ctx, n_threads, gpu_layers, cpu_moe, opened)
         base = None
         if kl_base is not None:
-            base = kl_base if isinstance(kl_base, Model) else _open(kl_base, n_ctx, n_threads, gpu_layers, opened)
+            base = kl_base if isinstance(kl_base, Model) else _open(kl_base, n_ctx, n_threads, gpu_layers, cpu_moe,
+                                                                    opened)
         return _measure(m, base, text, n_ctx, n_chunks, progress)
     finally:
         for m in opened:
             m.close()
 
 
-def _open(path, n_ctx: int, n_threads: Optional[int], gpu_layers: int, opened: list) -> Model:
-    m = load(path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers)
+def _open(path, n_ctx: int, n_threads: Optional[int], gpu_layers: int, cpu_moe: bool, opened: list) -> Model:
+    m = load(path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers, cpu_moe=cpu_moe)
     opened.append(m)
     return m
 

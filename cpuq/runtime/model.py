@@ -95,9 +95,12 @@ class Model(CallGuard):
     gpu_status = "CPU only"  # where the blocks run, in words (set when gpu_layers is asked for)
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None,
-                 gpu_layers: int = 0, kv_type: str = "f16"):
+                 gpu_layers: int = 0, kv_type: str = "f16", cpu_moe: bool = False):
         if not isinstance(gpu_layers, int) or isinstance(gpu_layers, bool) or gpu_layers < -1:
             raise InputError(f"gpu_layers must be -1 (all) or a number of layers >= 0, not {gpu_layers!r}")
+        if not isinstance(cpu_moe, bool):
+            raise InputError(f"cpu_moe must be True or False, not {cpu_moe!r}")
+        self._cpu_moe = cpu_moe
         if not _is_int(n_ctx) or n_ctx < 1:
             raise InputError(f"n_ctx must be a positive integer, not {n_ctx!r}")
         n_ctx = int(n_ctx)
@@ -180,7 +183,8 @@ class Model(CallGuard):
         cp, why = find_gpu()
         if cp is not None:
             try:
-                gpu = GpuOffload(self.weights, self.config, self._rope, gpu_layers, self.kv_type)
+                gpu = GpuOffload(self.weights, self.config, self._rope, gpu_layers, self.kv_type,
+                                 cpu_moe=self._cpu_moe)
             except UnsupportedError as e:
                 why = str(e)
             except cp.cuda.memory.OutOfMemoryError as e:
@@ -477,13 +481,14 @@ class Model(CallGuard):
 
 
 def load(path: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None, gpu_layers: int = 0,
-         kv_type: str = "f16") -> Model:
-    """Load a GGUF model (qwen2, qwen3 or llama; F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/
+         kv_type: str = "f16", cpu_moe: bool = False) -> Model:
+    """Load a GGUF model (qwen2, qwen3, llama, qwen2moe or qwen3moe; F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/
     Q5_K/Q6_K tensors). Weights stay memory-mapped; nothing is dequantized up front.
     n_ctx: context length in tokens (default 4096, or the model's trained context if
     smaller); n_threads: default the number of physical cores; kv_type: the KV cache's
     element type, "f16" (default, as llama.cpp's) or "f32" (twice the memory, no rounding
     of keys and values); gpu_layers: run the last N transformer blocks on a CUDA GPU through
     CuPy (-1: all of them and the output matrix; needs the `gpu` extra), else (no CuPy or
-    no GPU) a GpuFallbackWarning and the CPU."""
-    return Model(path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers, kv_type=kv_type)
+    no GPU) a GpuFallbackWarning and the CPU; cpu_moe: an MoE's experts stay in RAM and
+    run on the CPU, the rest of the offloaded blocks on the GPU (llama.cpp's --cpu-moe)."""
+    return Model(path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers, kv_type=kv_type, cpu_moe=cpu_moe)
