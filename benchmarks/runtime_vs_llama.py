@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/runtime_vs_llama.py [--models qwen2.5-0.5b,qwen3-0.6b] [--types q4_k_m,q8_0]
         [--depths 128,1024,4096] [--prompt 512] [--gen 32] [--repeat 3] [--threads 2] [--flash-attn]
         [--out benchmarks/results] [--skip-build]
+    .venv/bin/python benchmarks/runtime_vs_llama.py --files qwen3-30b-a3b-12l=PATH.gguf [--depths 128] ...
 
 Inputs (benchmarks/peer_inputs.py, built once into $CPUQ_BENCH_HOME, default ~/.cache/cpuq-bench):
 checkpoints with the exact shapes of Qwen2.5-0.5B and Qwen3-0.6B (random N(0, 0.02) bf16
@@ -25,6 +26,11 @@ repetition. The tests, llama-bench's names:
   tg32 @ d1024    make the context hold exactly the first 1024 prompt ids (only what it lacks
                   is evaluated, as a chat turn does; not timed), then --gen single-token steps,
                   each feeding back the argmax of the previous logits: decode tok/s at that depth
+With --files, those GGUF files (llama.cpp-written, e.g. llama-quantize's Q4_K_M of a
+Qwen3-30B-A3B-shaped checkpoint from tools/make_wide_checkpoint.py; docs/performance.md)
+are benchmarked instead of the shapes, and decode is also reported as the bytes a token
+reads (every tensor of the blocks and the output matrix, of an expert stack only the
+used / count share: the experts a token runs) times tok/s, in GB/s.
 Reported: mean ± sample standard deviation over --repeat repetitions, and cpuq / llama.cpp.
 Peak RSS is each worker's ru_maxrss (os.wait4) over its whole run, i.e. while generating
 at the deepest context. Time to first token: a fresh process per run (Numba's cache and
@@ -390,6 +396,37 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
+_TOKEN_BYTES = """
+import json, sys, cpuq
+with cpuq.open_gguf(sys.argv[1]) as f:
+    arch = f.get("general.architecture")
+    n_expert, n_used = f.get(arch + ".expert_count") or 0, f.get(arch + ".expert_used_count") or 0
+    total = types = 0
+    for t in f:
+        if t.name == "token_embd.weight" and "output.weight" in f.tensors:
+            continue  # one row per token is read from it
+        share = n_used / n_expert if "_exps." in t.name else 1.0
+        total += t.n_bytes * share
+    print(json.dumps({"bytes": total, "types": sorted({t.qtype.name for t in f})}))
+"""
+
+
+def _file_facts(path: Path) -> dict:
+    """Computed in a child: this process imports only the standard library (see the docstring)."""
+    r = subprocess.run([sys.executable, "-c", _TOKEN_BYTES, str(path)], capture_output=True, text=True, check=True)
+    return json.loads(r.stdout)
+
+
+def token_bytes(path: Path) -> float:
+    """Bytes one decoded token reads from the file: every block tensor and the output matrix,
+    of an expert stack the used / count share."""
+    return _file_facts(path)["bytes"]
+
+
+def _file_types(path: Path) -> str:
+    return ", ".join(_file_facts(path)["types"])
+
+
 def report(rows: list[dict], args, info: dict, identical: dict[str, bool], floor_mib: float) -> str:
     p, g = args.prompt, args.gen
     tests = [(f"pp{p}", None)] + [(f"tg{g} @ d{d}", d) for d in args.depths]
@@ -413,7 +450,8 @@ def report(rows: list[dict], args, info: dict, identical: dict[str, bool], floor
            f"(n_ctx {max([p, *args.depths]) + g + 8}, up to depth {max(args.depths)} + {g}) and of the "
            f"time-to-first-token process (a /bin/true child reads {floor_mib:.0f} MiB)",
            "- files: written by llama.cpp (convert_hf_to_gguf.py --outtype f16, then llama-quantize), from "
-           "checkpoints with the models' exact shapes and random bf16 weights (benchmarks/peer_inputs.py)"]
+           "checkpoints with the models' exact shapes and random bf16 weights (benchmarks/peer_inputs.py)"
+           if not args.files else "- files: given with --files, " + ", ".join(args.files)]
     for shape, same in identical.items():
         out.append(f"- {shape}: cpuq convert's Q4_K_M file is {'byte-identical to' if same else 'NOT identical to'}"
                    f" llama.cpp's")
@@ -436,6 +474,19 @@ def report(rows: list[dict], args, info: dict, identical: dict[str, bool], floor
             rc, rl = rates(c, d), rates(l, d)
             out.append(f"| {row['model']} | {row['type']} | {row['mib']:,.0f} | {test} | {_cell(rc)} | {_cell(rl)} | "
                        f"{_ratio(stats(rc)[0], stats(rl)[0])} |")
+
+    if any("token_bytes" in row for row in rows):
+        out.append("\nDecode as bandwidth: bytes a token reads (the blocks' tensors and the output matrix, of "
+                   "an expert stack the experts a token uses) x tok/s:\n")
+        out += ["| model | test | MB per token | cpuq GB/s | llama.cpp GB/s |", "|---|---|---:|---:|---:|"]
+        for row in rows:
+            if "token_bytes" not in row:
+                continue
+            c, l = row["results"]["cpuq"], row["results"]["llama.cpp"]
+            for test, d in tests[1:]:
+                b = row["token_bytes"]
+                out.append(f"| {row['model']} | {test} | {b / 1e6:,.0f} | {b * stats(rates(c, d))[0] / 1e9:.1f} | "
+                           f"{b * stats(rates(l, d))[0] / 1e9:.1f} |")
 
     out.append("\nStart-up and memory:\n")
     out += ["| model | type | runtime | time to first token s | of which load s | prompt + token s "
@@ -516,6 +567,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="of the token ids")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--skip-build", action="store_true", help="use the cached files only; fail if one is missing")
+    ap.add_argument("--files", type=_list(str), default=[], help="NAME=PATH,...: these llama.cpp-written files "
+                                                                "instead of --models/--types")
     args = ap.parse_args()
     args.depths = sorted(set(args.depths))
     if min(args.prompt, args.gen, args.repeat, args.threads, *args.depths) < 1 or args.prompt < TTFT_PROMPT:
@@ -526,7 +579,12 @@ def main() -> None:
 
     files: list[tuple[str, str, Path]] = []  # (shape, type, path)
     identical: dict[str, bool] = {}
-    for shape in args.models:
+    for item in args.files:
+        name, _, path = item.partition("=")
+        if not Path(path).is_file():
+            raise SystemExit(f"--files: {path!r} is not a file")
+        files.append((name, "file", Path(path)))
+    for shape in (args.models if not args.files else []):
         for qtype in args.types:
             producer = TYPES[qtype][0]
             if producer == "llama":
@@ -557,8 +615,11 @@ def main() -> None:
     for shape, qtype, path in files:
         tag = f"{shape}-{qtype}"
         print(f"{tag}: {path}", file=sys.stderr, flush=True)
-        rows.append({"model": shape, "type": TYPES[qtype][1], "path": str(path), "mib": path.stat().st_size / MIB,
+        rows.append({"model": shape, "type": TYPES[qtype][1] if qtype in TYPES else _file_types(path),
+                     "path": str(path), "mib": path.stat().st_size / MIB,
                      "results": benchmark_file(path, ids, args, log_dir, tag)})
+        if args.files:
+            rows[-1]["token_bytes"] = token_bytes(path)
 
     info["load_end"] = os.getloadavg()[0]
     info["versions"] = versions()

@@ -18,9 +18,11 @@ from .matvec import _dot, quantize_x
 
 # llama.cpp clamps the top-k weights' sum to F16's smallest normal before dividing by it
 _MIN_SUM = np.float32(6.103515625e-5)
+# the router's dot products may reorder their sums (so they vectorize), as matmul's do
+_DOT = {"reassoc", "contract"}
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_DOT)
 def route(h, w, n_used, norm, ids, weights):
     """h (n, k) f32 rows, w (n_expert, k) f32 router -> ids (n, n_used) int64: each row's
     n_used most probable experts, most probable first (the lower index on a tie), and
@@ -115,7 +117,7 @@ def weighted_sum(y, weights, out):
             out[i, j] = acc
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_DOT)
 def add_gated(out, y, h, g):
     """out (n, d) += sigmoid(h[i] . g) * y (n, d): qwen2moe's gated shared expert."""
     for i in range(min(out.shape[0], y.shape[0], h.shape[0])):
