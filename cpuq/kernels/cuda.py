@@ -7,9 +7,13 @@ float32 operations, in the same order, as cpuq.quants.decode (so the GPU's dequa
 weights equal the CPU's bit for bit). The kernels are templates over those structs:
   matvec<T, ADD>      y[t, r] (+)= W[r] . x[t]   one warp per row, f32 accumulation (decode,
                                                   and prompts of a few tokens)
+  moe_matvec<T>       the same for each selected expert of a stack, the ids read from device
+                      memory (a mixture of experts' one-token step)
   dequant<T, O>       W -> O (float or __half) rows (prompts: then cuBLAS)
 and the small ops: rms_norm, qkv_post (biases, Qwen3's q/k norm, RoPE from tables, the KV
-cache store), attention (causal, grouped-query, online softmax), swiglu.
+cache store), attention (causal, grouped-query, online softmax), swiglu, add_to, and a mixture
+of experts' router (moe_route: softmax, top-k, weights), moe_weighted_sum and moe_add_gated
+(qwen2moe's shared expert), with kernels/moe.py's semantics.
 
 Positions come from a device int (`n_past`), not from launch arguments, so one recorded
 CUDA graph replays every decode step. Every index is bounded by the sizes passed in, which
@@ -30,10 +34,12 @@ TYPE_QK = {t: GGML_TYPES[t].block_size if GGML_TYPES[t].block_size > 1 else 32 f
 MATVEC_WARPS = 4      # rows per matvec block (one warp each)
 ATTENTION_WARPS = 8   # warps sharing one query's keys
 ATTENTION_CHUNK = 256  # keys per split of a one-token step's attention
+MOE_MAX_EXPERTS = 512  # experts a router may have (moe_route's shared arrays)
 
 SOURCE = r"""
 #include <cuda_fp16.h>
 #define CUDART_INF_F __int_as_float(0x7f800000)
+#define MOE_MAX_EXPERTS """ + str(MOE_MAX_EXPERTS) + r"""
 typedef unsigned char u8;
 
 __device__ __forceinline__ float half_at(const u8* p) {
@@ -145,16 +151,10 @@ __device__ __forceinline__ float warp_sum(float s) {
     return s;
 }
 
-// w: (rows, cols/QK*BYTES) blocks; x: (n, x_stride) f32; y: (n, y_stride) f32.
-// grid (ceil(rows / warps), n), block 32 * warps: warp -> row, its lanes over the row's 32-value parts.
-template <class T, bool ADD>
-__global__ void matvec(const u8* __restrict__ w, int rows, int cols, const float* __restrict__ x, int x_stride,
-                       float* __restrict__ y, int y_stride) {
-    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31, t = blockIdx.y;
-    if (row >= rows) return;
+// Row wr (cols/QK blocks) . xr, summed over the warp: lane i takes parts i, i + 32, ...
+template <class T>
+__device__ __forceinline__ float row_dot(const u8* __restrict__ wr, int cols, const float* __restrict__ xr, int lane) {
     const int parts = cols / 32, per_block = T::QK / 32;
-    const u8* wr = w + (size_t)row * (size_t)(cols / T::QK) * T::BYTES;
-    const float* xr = x + (size_t)t * x_stride;
     float acc = 0.f;
     for (int p = lane; p < parts; p += 32) {
         float v[32];
@@ -166,11 +166,36 @@ __global__ void matvec(const u8* __restrict__ w, int rows, int cols, const float
             acc += v[4 * i] * xv.x + v[4 * i + 1] * xv.y + v[4 * i + 2] * xv.z + v[4 * i + 3] * xv.w;
         }
     }
-    acc = warp_sum(acc);
+    return warp_sum(acc);
+}
+
+// w: (rows, cols/QK*BYTES) blocks; x: (n, x_stride) f32; y: (n, y_stride) f32.
+// grid (ceil(rows / warps), n), block 32 * warps: warp -> row, its lanes over the row's 32-value parts.
+template <class T, bool ADD>
+__global__ void matvec(const u8* __restrict__ w, int rows, int cols, const float* __restrict__ x, int x_stride,
+                       float* __restrict__ y, int y_stride) {
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31, t = blockIdx.y;
+    if (row >= rows) return;
+    float acc = row_dot<T>(w + (size_t)row * (size_t)(cols / T::QK) * T::BYTES, cols, x + (size_t)t * x_stride, lane);
     if (lane == 0) {
         float* out = y + (size_t)t * y_stride + row;
         *out = ADD ? *out + acc : acc;
     }
+}
+
+// The selected experts' products, the expert ids read from device memory (a recorded step
+// replays them): slot s (blockIdx.y, of n tokens * k selected) is expert ids[s] of the stack
+// w (n_expert * rows rows of cols/QK*BYTES bytes), times x row s / x_div (x_div = k: the
+// token's input, for gate and up; 1: the slot's own, for down); y: (n*k, y_stride) f32.
+template <class T>
+__global__ void moe_matvec(const u8* __restrict__ w, int rows, int cols, int n_expert, const int* __restrict__ ids,
+                           const float* __restrict__ x, int x_div, int x_stride, float* __restrict__ y, int y_stride) {
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31, s = blockIdx.y;
+    int e = ids[s];
+    if (row >= rows || e < 0 || e >= n_expert) return;
+    const u8* wr = w + ((size_t)e * rows + row) * (size_t)(cols / T::QK) * T::BYTES;
+    float acc = row_dot<T>(wr, cols, x + (size_t)(s / x_div) * x_stride, lane);
+    if (lane == 0) y[(size_t)s * y_stride + row] = acc;
 }
 
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
@@ -381,6 +406,81 @@ extern "C" __global__ void swiglu(float* __restrict__ gate, const float* __restr
     if (i < n) { float g = gate[i]; gate[i] = g / (1.f + __expf(-g)) * up[i]; }
 }
 
+// x += y over n values (the residual stream plus a computed stage output).
+extern "C" __global__ void add_to(float* __restrict__ x, const float* __restrict__ y, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
+}
+
+// The router of token t (blockIdx.x), as kernels/moe.py route: p = softmax(h[t] . w[e] for each
+// expert e), its n_used most probable experts (most probable first, the lower index on a tie)
+// -> ids (n, n_used) and weights (n, n_used) = their p, divided by their sum (clamped below at
+// F16's smallest normal, as llama.cpp) if norm. h: (n, d), w: (n_expert, d) f32,
+// n_expert <= MOE_MAX_EXPERTS; block: a multiple of 32 threads, warp -> expert.
+extern "C" __global__ void moe_route(const float* __restrict__ h, const float* __restrict__ w, int n_expert, int d,
+                                     int n_used, int norm, int* __restrict__ ids, float* __restrict__ weights) {
+    __shared__ float p[MOE_MAX_EXPERTS];
+    __shared__ unsigned char taken[MOE_MAX_EXPERTS];
+    int t = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n_warps = blockDim.x >> 5;
+    const float* hr = h + (size_t)t * d;
+    for (int e = warp; e < n_expert; e += n_warps) {
+        const float* wr = w + (size_t)e * d;
+        float acc = 0.f;
+        for (int j = lane; j < d; j += 32) acc += hr[j] * wr[j];
+        acc = warp_sum(acc);
+        if (lane == 0) { p[e] = acc; taken[e] = 0; }
+    }
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    // one thread, in kernels/moe.py's order: the softmax's sum and the top-k are sequential there
+    float top = -CUDART_INF_F;
+    for (int e = 0; e < n_expert; e++) top = fmaxf(top, p[e]);
+    float total = 0.f;
+    for (int e = 0; e < n_expert; e++) { p[e] = expf(p[e] - top); total += p[e]; }
+    for (int e = 0; e < n_expert; e++) p[e] = p[e] / total;
+    int* id = ids + (size_t)t * n_used;
+    float* wt = weights + (size_t)t * n_used;
+    float sum = 0.f;
+    for (int q = 0; q < n_used; q++) {
+        int best = -1;
+        for (int e = 0; e < n_expert; e++)
+            if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
+        taken[best] = 1;
+        id[q] = best;
+        wt[q] = p[best];
+        sum += p[best];
+    }
+    if (norm) {
+        sum = fmaxf(sum, 6.103515625e-5f);
+        for (int q = 0; q < n_used; q++) wt[q] = wt[q] / sum;
+    }
+}
+
+// out[t, j] = sum over q of weights[t, q] * y[t * k + q, j], added in q's order (the most
+// probable expert first, as llama.cpp and kernels/moe.py weighted_sum). y: (n*k, d), out: (n, d);
+// grid (ceil(d / blockDim.x), n).
+extern "C" __global__ void moe_weighted_sum(const float* __restrict__ y, const float* __restrict__ weights, int k,
+                                            int d, float* __restrict__ out) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
+    if (j >= d) return;
+    float acc = 0.f;
+    for (int q = 0; q < k; q++)
+        acc = __fadd_rn(acc, __fmul_rn(weights[(size_t)t * k + q], y[((size_t)t * k + q) * d + j]));
+    out[(size_t)t * d + j] = acc;
+}
+
+// qwen2moe's gated shared expert: out[t] += sigmoid(h[t] . g) * y[t]; out, y, h: (n, d), g: (d);
+// grid n, block a multiple of 32 threads.
+extern "C" __global__ void moe_add_gated(float* __restrict__ out, const float* __restrict__ y,
+                                         const float* __restrict__ h, const float* __restrict__ g, int d) {
+    __shared__ float scratch[32];
+    size_t at = (size_t)blockIdx.x * d;
+    float s = 0.f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) s += h[at + j] * g[j];
+    float gate = 1.f / (1.f + expf(-block_sum(s, scratch)));
+    for (int j = threadIdx.x; j < d; j += blockDim.x) out[at + j] += gate * y[at + j];
+}
+
 // x (n) f32 -> y (n) f16
 extern "C" __global__ void to_half(const float* __restrict__ x, __half* __restrict__ y, long long n) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -393,8 +493,8 @@ def template_names() -> list[str]:
     """The template instances runtime/gpu.py asks NVRTC for."""
     names = []
     for struct in TYPE_STRUCTS.values():
-        names += [f"matvec<{struct}, false>", f"matvec<{struct}, true>", f"dequant<{struct}, float>",
-                  f"dequant<{struct}, __half>"]
+        names += [f"matvec<{struct}, false>", f"matvec<{struct}, true>", f"moe_matvec<{struct}>",
+                  f"dequant<{struct}, float>", f"dequant<{struct}, __half>"]
     for kv in ("__half", "float"):
         names += [f"qkv_post<{kv}>", f"attention<{kv}, {ATTENTION_WARPS}>"]
     return names

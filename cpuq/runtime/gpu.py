@@ -11,11 +11,20 @@ read from device memory). The blocks are the model file's stages bound to the GP
 the end of this file. A prompt chunk: each matrix is dequantized to fp16 and multiplied
 by cuBLAS (fp16 inputs, float32 accumulation and output).
 
+A mixture of experts (cpuq.models.moe): the router runs on the device and leaves each
+token's expert ids there, so a one-token step's expert products (kernels.cuda moe_matvec)
+read them without a trip to the host and the step stays one recorded graph. A prompt
+chunk brings the ids down, groups its tokens by expert and multiplies each expert's
+matrices once for its tokens, as any matrix of the chunk. With cpu_moe (llama.cpp's
+--cpu-moe) the expert stacks are not uploaded: the experts op sends the normalized hidden
+state and the routing down, runs runtime.chunk's experts on the CPU and sends the result
+back, so such a model's one-token steps run op by op, not as a recorded graph.
+
 CuPy is optional: `find_gpu()` says why there is no GPU instead of raising, and nothing
 here imports cupy at module level.
 
 Imports numpy, cpuq.arch, cpuq.errors, cpuq.models, cpuq.kernels.cuda and
-cpuq.runtime.stages and weights (and cupy, lazily).
+cpuq.runtime.chunk, stages and weights (and cupy, lazily).
 """
 from __future__ import annotations
 
@@ -27,9 +36,10 @@ import numpy as np
 
 from ..arch import ModelConfig
 from ..errors import UnsupportedError
-from ..kernels.cuda import ATTENTION_CHUNK, ATTENTION_WARPS, MATVEC_WARPS, SOURCE, TYPE_QK, TYPE_STRUCTS, template_names
+from ..kernels.cuda import (ATTENTION_CHUNK, ATTENTION_WARPS, MATVEC_WARPS, MOE_MAX_EXPERTS, SOURCE, TYPE_QK,
+                            TYPE_STRUCTS, template_names)
 from ..models import family
-from . import stages
+from . import chunk, stages
 from .weights import Matrix, Weights
 
 MATVEC_MAX_TOKENS = 8  # up to this many tokens, matrix products read the blocks directly; above, fp16 + cuBLAS
@@ -89,10 +99,15 @@ def splits(n_ctx: int) -> int:
 
 @dataclass
 class _Matrix:
-    data: object      # cupy uint8 (rows, row_bytes)
+    data: object      # cupy uint8 (rows, row_bytes); a stack: (n_expert * rows, row_bytes)
     struct: str
     rows: int
     cols: int
+    n_expert: int = 0
+
+    def expert(self, e: int) -> "_Matrix":
+        """Expert e's matrix of a stack (a view)."""
+        return _Matrix(self.data[e * self.rows:(e + 1) * self.rows], self.struct, self.rows, self.cols)
 
 
 class _Buffers:
@@ -107,8 +122,19 @@ class _Buffers:
         self.k = cp.empty((n, kv_rows), f32)
         self.v = cp.empty((n, kv_rows), f32)
         self.att = cp.empty((n, q_rows), f32)
-        self.gate = cp.empty((n, cfg.n_ff), f32)
-        self.up = cp.empty((n, cfg.n_ff), f32)
+        # linear2's (gate, up) outputs by width: the dense MLP's, or an MoE's shared expert's
+        widths = {cfg.n_ff_shexp} if cfg.spec.shared_expert else set() if cfg.spec.moe else {cfg.n_ff}
+        self.ffn = {w: (cp.empty((n, w), f32), cp.empty((n, w), f32)) for w in widths}
+        if cfg.spec.moe:
+            k = cfg.n_expert_used
+            self.ids = cp.empty((n, k), cp.int32)            # the router's picks, most probable first
+            self.weights = cp.empty((n, k), f32)
+            if n <= MATVEC_MAX_TOKENS:  # per (token, pick): GpuOffload.experts' products
+                self.exp_gate = cp.empty((n * k, cfg.n_ff_exp), f32)
+                self.exp_up = cp.empty((n * k, cfg.n_ff_exp), f32)
+            self.exp_out = cp.empty((n * k, cfg.n_embd), f32)
+            self.moe_out = cp.empty((n, cfg.n_embd), f32)
+            self.shared = cp.empty((n, cfg.n_embd), f32) if cfg.spec.shared_expert else None
         self.logits = cp.empty((n_out, cfg.n_vocab), f32) if n_out else None
         self.n_split = n_split  # attention's key splits (see kernels.cuda attention)
         self.part = cp.empty((n, cfg.n_head, n_split, cfg.head_dim + 2), f32) if n_split > 1 else None
@@ -134,7 +160,10 @@ class GpuCache:
 class GpuOffload:
     """The offloaded part of one model on one device. forward() runs it for a chunk."""
 
-    def __init__(self, weights: Weights, cfg: ModelConfig, rope, gpu_layers: int, kv_type: str, device_id: int = 0):
+    def __init__(self, weights: Weights, cfg: ModelConfig, rope, gpu_layers: int, kv_type: str, device_id: int = 0,
+                 cpu_moe: bool = False):
+        """cpu_moe: an MoE's expert stacks stay in the file's mapping and run on the CPU
+        (the router, attention and the shared expert on the GPU)."""
         cp, why = find_gpu()
         if cp is None:
             raise UnsupportedError(why)
@@ -148,6 +177,14 @@ class GpuOffload:
         self.n_layers = cfg.n_layer - self.first_layer
         if cfg.head_dim > 256:
             raise UnsupportedError(f"GPU offload needs a head_dim of at most 256, not {cfg.head_dim}")
+        if cfg.n_expert > MOE_MAX_EXPERTS:
+            raise UnsupportedError(f"GPU offload needs at most {MOE_MAX_EXPERTS} experts, not {cfg.n_expert}")
+        self.cpu_moe = cpu_moe and cfg.spec.moe
+        # cpu_moe's experts run runtime.chunk's op, which reads only these fields (no gemm:
+        # the calling thread's kernels)
+        self.cpu_context = chunk.ChunkContext(cfg.rms_eps, None, None, rope.neox, None, None, 0, np.float32(1.0),
+                                              cfg.head_dim, n_expert=cfg.n_expert, n_used=cfg.n_expert_used,
+                                              norm_topk=cfg.spec.norm_topk) if self.cpu_moe else None
         self.device = cp.cuda.Device(device_id)
         self.kv_type = kv_type
         self.kv_name = {"f16": "__half", "f32": "float"}[kv_type]
@@ -165,15 +202,19 @@ class GpuOffload:
         struct = TYPE_STRUCTS.get(m.ggml_type)
         if struct is None or m.cols % TYPE_QK[m.ggml_type] or m.cols % 32:
             raise UnsupportedError(f"tensor '{m.name}' (GGML type {m.ggml_type}, {m.cols} columns) cannot run on the GPU")
-        return _Matrix(self.cp.asarray(np.ascontiguousarray(m.data)), struct, m.rows, m.cols)
+        return _Matrix(self.cp.asarray(np.ascontiguousarray(m.data)), struct, m.rows, m.cols, m.n_expert)
 
     def _vector(self, v):
         return None if v is None else self.cp.asarray(np.ascontiguousarray(v, np.float32))
 
     def _layer(self, layer):
-        """A block's tensors on the device, as the model file's Layer."""
-        return type(layer)(*(None if a is None else self._matrix(a) if t.is_matrix else self._vector(a)
-                             for t, a in zip(self.model.TENSORS, layer)))
+        """A block's tensors on the device, as the model file's Layer (with cpu_moe, the
+        expert stacks stay the CPU's Matrix)."""
+        def upload(t, a):
+            if a is None or (self.cpu_moe and t.is_experts):
+                return a
+            return self._matrix(a) if t.is_matrix else self._vector(a)
+        return type(layer)(*(upload(t, a) for t, a in zip(self.model.TENSORS, layer)))
 
     def new_cache(self, n_ctx: int) -> GpuCache:
         cos, sin = self.rope.tables(np.arange(n_ctx), self.rope_freqs)
@@ -218,13 +259,69 @@ class GpuOffload:
                       beta_h.ctypes.data, out.data.ptr, _CUDA_R_32F, out.shape[1],
                       cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
 
+    def _swiglu(self, gate, up) -> None:
+        """gate = silu(gate) * up, in place."""
+        self._fn("swiglu")((-(-gate.size // 256),), (256,), (gate, up, np.int64(gate.size)))
+
+    def experts(self, h, ids, weights, gate, up, down, b: _Buffers) -> None:
+        """b.moe_out (n, n_embd) = the weighted sum of each token's selected experts (ids,
+        weights (n, k) on the device) applied to h (n, n_embd): on the host with cpu_moe
+        (gate, up, down are then the CPU's Matrix stacks); up to MATVEC_MAX_TOKENS tokens,
+        one product per (token, pick) that reads the ids on the device (the recorded step);
+        more, tokens grouped by expert, each expert's matrices multiplied once for them."""
+        n, k = ids.shape
+        if isinstance(gate, Matrix):
+            out = chunk.experts(h.get(), ids.get().astype(np.int64), weights.get(), gate, up, down, self.cpu_context)
+            b.moe_out.set(out)
+            return
+        if n <= MATVEC_MAX_TOKENS:
+            self._expert_products(gate, ids, h, k, b.exp_gate)
+            self._expert_products(up, ids, h, k, b.exp_up)
+            self._swiglu(b.exp_gate, b.exp_up)
+            self._expert_products(down, ids, b.exp_gate, 1, b.exp_out)
+        else:
+            self._experts_grouped(h, ids, gate, up, down, b.exp_out)
+        d = b.moe_out.shape[1]
+        self._fn("moe_weighted_sum")((-(-d // 256), n), (256,), (b.exp_out, weights, np.int32(k), np.int32(d),
+                                                                  b.moe_out))
+
+    def _expert_products(self, w: _Matrix, ids, x, x_div: int, out) -> None:
+        """out[s] = expert ids[s]'s matrix of the stack w times x[s // x_div], for each of the
+        n * k (token, pick) slots s."""
+        self._fn(f"moe_matvec<{w.struct}>")(
+            (-(-w.rows // MATVEC_WARPS), ids.size), (32 * MATVEC_WARPS,),
+            (w.data, np.int32(w.rows), np.int32(w.cols), np.int32(w.n_expert), ids, x, np.int32(x_div),
+             np.int32(x.shape[1]), out, np.int32(out.shape[1])))
+
+    def _experts_grouped(self, h, ids, gate: _Matrix, up: _Matrix, down: _Matrix, out) -> None:
+        """out (n * k, n_embd): row token * k + pick = that pick's expert applied to the token's h."""
+        cp = self.cp
+        k = ids.shape[1]
+        flat = ids.get().reshape(-1)  # waits for the router: the groups' sizes decide the launches
+        order = np.argsort(flat, kind="stable")
+        bounds = np.searchsorted(flat[order], np.arange(gate.n_expert + 1))
+        slots = cp.asarray(order)
+        for e in range(gate.n_expert):
+            if bounds[e] == bounds[e + 1]:
+                continue
+            picked = slots[bounds[e]:bounds[e + 1]]
+            x = h[picked // k]
+            g = cp.empty((x.shape[0], gate.rows), cp.float32)
+            u = cp.empty_like(g)
+            self._linear(gate.expert(e), x, g)
+            self._linear(up.expert(e), x, u)
+            self._swiglu(g, u)
+            y = cp.empty((x.shape[0], down.rows), cp.float32)
+            self._linear(down.expert(e), g, y)
+            out[picked] = y
+
     def _norm(self, x, weight, out) -> None:
         self._fn("rms_norm")((x.shape[0],), (256,), (x, weight, np.float32(self.cfg.rms_eps), np.int32(x.shape[1]), out))
 
     # the pass ---------------------------------------------------------------------------
     def _blocks(self, b: _Buffers, cache: GpuCache, n: int) -> None:
         c = _Context(self, b, cache)
-        x = _Residual(b.x)
+        x = _Residual(self, b.x)
         for il, layer in enumerate(self.layers):
             self.block(x, layer, il, c)
 
@@ -246,7 +343,11 @@ class GpuOffload:
         n_out = n - logits_from
         with self.device, self.stream:
             cache.n_past.set(np.array([start], np.int32))
-            if n == 1 and n_out == 1:
+            if n == 1 and n_out == 1 and self.cpu_moe:  # the host's experts: not recordable
+                b = cache.step
+                b.x.set(np.ascontiguousarray(x, np.float32))
+                self._pass(b, cache, 1, 0)
+            elif n == 1 and n_out == 1:
                 b = cache.step
                 b.x.set(np.ascontiguousarray(x, np.float32))
                 if cache.graph is None:
@@ -290,13 +391,17 @@ class _Context:
 
 
 class _Residual:
-    """The residual stream x (n, n_embd) on the device; x += linear(...) adds the product in place."""
+    """The residual stream x (n, n_embd) on the device; x += linear(...) adds the product in
+    place, x += a computed (n, n_embd) device array (an MoE's output) adds it."""
 
-    def __init__(self, x):
-        self.x = x
+    def __init__(self, gpu: GpuOffload, x):
+        self.gpu, self.x = gpu, x
 
-    def __iadd__(self, product: "_Product") -> "_Residual":
-        product.gpu._linear(product.w, product.h, self.x, add=True)
+    def __iadd__(self, y) -> "_Residual":
+        if isinstance(y, _Product):
+            y.gpu._linear(y.w, y.h, self.x, add=True)
+        else:
+            self.gpu._fn("add_to")((-(-self.x.size // 256),), (256,), (self.x, y, np.int64(self.x.size)))
         return self
 
 
@@ -319,9 +424,10 @@ def _linear3(h, a, b, d, c):
 
 
 def _linear2(h, a, b, c):
-    c.gpu._linear(a, h, c.b.gate)
-    c.gpu._linear(b, h, c.b.up)
-    return c.b.gate, c.b.up
+    gate, up = c.b.ffn[a.rows]
+    c.gpu._linear(a, h, gate)
+    c.gpu._linear(b, h, up)
+    return gate, up
 
 
 def _linear(h, a, c):
@@ -367,9 +473,34 @@ def _attend(q, k, v, il, c):
 
 def _swiglu(gate_up, c):
     gate, up = gate_up
-    c.gpu._fn("swiglu")((-(-gate.size // 256),), (256,), (gate, up, np.int64(gate.size)))
+    c.gpu._swiglu(gate, up)
     return gate
 
 
+def _route(h, w, c):
+    cfg, b = c.gpu.cfg, c.b
+    c.gpu._fn("moe_route")((h.shape[0],), (256,), (h, w, np.int32(cfg.n_expert), np.int32(cfg.n_embd),
+                                                   np.int32(cfg.n_expert_used), np.int32(cfg.spec.norm_topk),
+                                                   b.ids, b.weights))
+    return b.ids, b.weights
+
+
+def _experts(h, ids, weights, gate, up, down, c):
+    """Into c.b.moe_out (see GpuOffload.experts)."""
+    c.gpu.experts(h, ids, weights, gate, up, down, c.b)
+    return c.b.moe_out
+
+
+def _present(a):
+    return a is not None
+
+
+def _add_gated(out, shared, h, g, c):
+    """out += sigmoid(h . g) * shared, shared the shared expert's down product (a _Product)."""
+    c.gpu._linear(shared.w, shared.h, c.b.shared)
+    c.gpu._fn("moe_add_gated")((out.shape[0],), (256,), (out, c.b.shared, h, g, np.int32(out.shape[1])))
+
+
 OPS = dict(rms_norm=_rms_norm, linear3=_linear3, linear2=_linear2, linear=_linear, add_bias=_add_bias,
-           head_norm=_head_norm, rope=_rope, attend=_attend, swiglu=_swiglu)
+           head_norm=_head_norm, rope=_rope, attend=_attend, swiglu=_swiglu, route=_route, experts=_experts,
+           present=_present, add_gated=_add_gated)

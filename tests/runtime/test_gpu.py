@@ -193,6 +193,97 @@ def test_real_weights_gpu_matches_cpu(cp):
             assert "Paris" in text
 
 
+# Mixture of experts (qwen3moe, qwen2moe): the experts on the GPU, or on the CPU (cpu_moe) ---
+
+MOE_PROMPT = IDS * 3  # 60 tokens: most experts get more than MATVEC_MAX_TOKENS (the grouped fp16 path)
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    """f16, q8_0 and q4_k_m files of tiny qwen3moe (8 experts, 2 used, renormalized) and
+    qwen2moe (6 experts, 2 used, a gated shared expert) checkpoints, 256 wide so that
+    q4_k_m's expert stacks are K-quants."""
+    from make_tiny_checkpoint import make_tiny_checkpoint
+    where = tmp_path_factory.mktemp("gpu-moe")
+    out = {}
+    for arch, extra in (("qwen3moe", {}), ("qwen2moe", {"shared_expert_intermediate_size": 256})):
+        src = make_tiny_checkpoint(where / arch, arch=arch, dtype="f32", seed=3, hidden_size=256,
+                                   moe_intermediate_size=256, **extra)
+        for qtype in ("f16", "q8_0", "q4_k_m"):
+            out[arch, qtype] = cpuq.convert(src, where / f"{arch}-{qtype}.gguf", qtype)
+    return out
+
+
+@pytest.fixture(scope="module")
+def moe_cpu(tiny_moe):
+    """The CPU's prompt logits and one-token steps of each file (computed once)."""
+    done = {}
+
+    def reference(path):
+        if path not in done:
+            with cpuq.load(path, n_ctx=128) as cpu:
+                done[path] = cpu.logits(MOE_PROMPT), _steps(cpu, IDS)
+        return done[path]
+    return reference
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cpu_moe", [False, True])
+@pytest.mark.parametrize("gpu_layers", [1, -1])
+@pytest.mark.parametrize("qtype", ["f16", "q8_0", "q4_k_m"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe"])
+def test_moe_agrees_with_cpu(cp, tiny_moe, moe_cpu, arch, qtype, gpu_layers, cpu_moe):
+    path = tiny_moe[arch, qtype]
+    ref_prompt, ref_steps = moe_cpu(path)
+    with cpuq.load(path, n_ctx=128, gpu_layers=gpu_layers, cpu_moe=cpu_moe) as g:
+        assert g.gpu_status.startswith("1 of 2" if gpu_layers == 1 else "2 of 2 layers and the output")
+        where = f"{arch} {qtype} gpu_layers={gpu_layers} cpu_moe={cpu_moe}"
+        # a prompt (fp16 + cuBLAS products; the experts grouped by token, or the CPU's)
+        got = g.logits(MOE_PROMPT)
+        err = _rel_rms(got, ref_prompt)
+        agree = float(np.mean(got.argmax(1) == ref_prompt.argmax(1)))
+        # a few tokens (the per-pick expert products without the graph) and one-token steps
+        # (the recorded graph; op by op with cpu_moe) against the CPU's steps
+        few = _rel_rms(g.logits(IDS[:6]), ref_steps[:6])
+        step = _steps(g, IDS)
+        step_err = _rel_rms(step, ref_steps)
+        print(f"{where}: prompt vs CPU {err:.2e} top-1 {agree:.0%}, 6 tokens {few:.2e}, steps {step_err:.2e}")
+        assert err <= 2e-3 and agree >= 0.95
+        assert few <= 1e-4 and step_err <= 1e-4
+        assert np.array_equal(step.argmax(1), ref_steps.argmax(1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cpu_moe", [False, True])
+def test_moe_generate_matches_cpu(cp, tiny_moe, cpu_moe):
+    """A prompt, then greedy steps that read its keys, across a cache reuse, as chat does."""
+    path = tiny_moe["qwen2moe", "q4_k_m"]
+    outs = {}
+    with cpuq.load(path, n_ctx=64) as cpu, cpuq.load(path, n_ctx=64, gpu_layers=-1, cpu_moe=cpu_moe) as g:
+        for key, m in (("cpu", cpu), ("gpu", g)):
+            outs[key] = [list(m.generate(IDS[:12], max_tokens=6, temperature=0, ignore_eos=True)) for _ in range(2)]
+    assert outs["gpu"] == outs["cpu"]
+
+
+@pytest.mark.gpu
+def test_cpu_moe_leaves_the_experts_in_ram(cp, tiny_moe):
+    from cpuq.runtime.forward import Rope
+    from cpuq.runtime.weights import Matrix
+    with cpuq.load(tiny_moe["qwen2moe", "q8_0"], n_ctx=32) as m:
+        w, cfg = m.weights, m.config
+        stacks = ("gate_exps", "up_exps", "down_exps")
+        for cpu_moe in (False, True):
+            g = gpu_mod.GpuOffload(w, cfg, Rope.from_config(cfg), -1, "f16", cpu_moe=cpu_moe)
+            for layer, host in zip(g.layers, w.layers):
+                for name in stacks:
+                    if cpu_moe:
+                        assert getattr(layer, name) is getattr(host, name)
+                    else:
+                        assert not isinstance(getattr(layer, name), Matrix)
+                        assert getattr(layer, name).data.nbytes == getattr(host, name).data.nbytes
+                assert not isinstance(layer.gate_shexp, Matrix)  # the shared expert goes to the GPU
+
+
 # CI (no GPU): what happens without CuPy or a device -------------------------------------
 
 def test_no_gpu_falls_back_to_cpu_with_one_warning(tiny_gguf_cpu, monkeypatch):
@@ -223,6 +314,19 @@ def test_offloaded_layers_follow_llama_cpp():
     assert gpu_mod.offloaded(Cfg, 24) == (0, False)
     assert gpu_mod.offloaded(Cfg, 25) == (0, True)
     assert gpu_mod.offloaded(Cfg, -1) == (0, True)
+
+
+def test_cpu_moe_without_gpu_falls_back_to_cpu(tmp_path, monkeypatch):
+    from make_tiny_checkpoint import make_tiny_checkpoint
+    path = cpuq.convert(make_tiny_checkpoint(tmp_path / "ckpt", arch="qwen3moe", dtype="f32"), tmp_path / "m.gguf",
+                        "q8_0")
+    monkeypatch.setattr(gpu_mod, "find_gpu", lambda: (None, "no CUDA device here"))
+    with cpuq.load(path, n_ctx=32) as cpu:
+        ref = cpu.logits(IDS[:5])
+    with pytest.warns(GpuFallbackWarning, match="gpu_layers=-1 ignored, running on the CPU: no CUDA device here"):
+        m = cpuq.load(path, n_ctx=32, gpu_layers=-1, cpu_moe=True)
+    with m:
+        assert np.array_equal(m.logits(IDS[:5]), ref)
 
 
 @pytest.fixture(scope="module")
