@@ -8,10 +8,10 @@ cpuq's MoE importance matrix, its file and convert --imatrix against them
     .venv/bin/python tools/make_imatrix_moe_golden.py   # tests/golden/imatrix_{arch}.gguf, imatrix_moe.json
 
 Steps per architecture: the checkpoint (rebuilt identically by `moe_checkpoint`); cpuq's F32
-conversion of it, which llama-imatrix reads: with F32 weights llama.cpp's products round no
-activation to F16, so its routing is cpuq's token for token and the per-expert counts can
-be compared exactly (from an F16 file about one token in a thousand picks another expert
-where two router logits nearly tie); cpuq's F16 conversion (what llama-quantize reads, as
+conversion of it, which llama-imatrix reads: with F32 weights llama.cpp rounds only its KV
+cache's products to F16, so a token picks another expert than cpuq's only where two router
+logits all but tie (none at these windows: the per-expert counts agree exactly; from an F16
+file about one pick in a thousand moves); cpuq's F16 conversion (what llama-quantize reads, as
 convert_hf_to_gguf.py --outtype f16 writes it: tests/convert/test_convert_peer.py), then
 llama-quantize --imatrix to Q4_K_M. As in make_imatrix_golden.py the tools run in the
 repository root with relative paths, which they store as given. imatrix_moe.json holds, per

@@ -38,13 +38,37 @@ STACK = re.compile(r"blk\.\d+\.ffn_(gate|up|down)_exps\.weight$")
 # The routers are products llama-imatrix sees and cpuq's route op does not show its observer;
 # llama-quantize keeps them F32, so their entries never weight a quantization.
 ROUTERS = re.compile(r"blk\.\d+\.ffn_gate_inp(_shexp)?\.weight$")
-# cpuq's importance against llama-imatrix's from the same F32 file (relative L2 per entry
-# row-wise over all experts, max relative per channel): the routing is the same token for
-# token (counts equal exactly), and what differs is llama.cpp's F16 rounding of the KV cache
-# products' inputs and float32 sums in another order. The dense golden's bars
-# (test_imatrix.py: an F16 rounding, 4.9e-4, doubled by the square): 1e-3 per entry, 1e-2
-# per channel; measured here 2.6e-5 and 4.7e-4.
-BAR_ENTRY, BAR_CHANNEL = 1e-3, 1e-2
+# cpuq's importance against llama-imatrix's. llama.cpp rounds some activations to F16 that
+# cpuq keeps in float32 (the attention products' inputs with its F16 KV cache; with F16
+# weights every product's), so a token whose two router logits nearly tie can take another
+# expert: at most REROUTED of a stack's (token, expert) picks may move (measured from the F32
+# file: none at the golden's windows, at most 1 of 1280 at 64 x 10; from the F16 file at most
+# 2 of 1536 at 128 x 6). Experts whose counts agree hold the same tokens, and their rows meet
+# the dense golden's bars (test_imatrix.py: an F16 rounding, 4.9e-4, doubled by the square):
+# 1e-3 per entry, 1e-2 per channel; measured here 2.6e-5 and 4.7e-4, live (peer test) up to
+# 5.5e-4 and 4.7e-3 from the F16 file, where a moved pick also nudges the later layers.
+REROUTED, BAR_ENTRY, BAR_CHANNEL = 0.01, 1e-3, 1e-2
+
+
+def assert_agrees(ours: Imatrix, theirs: Imatrix) -> tuple[float, float, float]:
+    """ours (cpuq's) against theirs (llama-imatrix's) over the same windows, as the bars above
+    say; returns (most picks moved in one stack, worst relative L2, worst channel)."""
+    missing = set(theirs.sums) - set(ours.sums)
+    assert set(ours.sums) <= set(theirs.sums) and all(ROUTERS.match(n) for n in missing), sorted(missing)
+    assert (ours.chunk_count, ours.chunk_size) == (theirs.chunk_count, theirs.chunk_size)
+    worst = [0.0, 0.0, 0.0]
+    for name in ours.sums:
+        c_ours, c_theirs = ours.counts[name], theirs.counts[name]
+        assert c_ours.sum() == c_theirs.sum(), name  # each token takes n_expert_used experts in both
+        moved = np.abs(c_ours - c_theirs).sum() / 2
+        assert moved == 0 or (STACK.match(name) and moved <= REROUTED * c_theirs.sum()), (name, c_ours, c_theirs)
+        rows = (c_ours == c_theirs) & (c_theirs > 0)
+        a = theirs.importance(name).reshape(c_theirs.size, -1)[rows].astype(np.float64)
+        b = ours.importance(name).reshape(c_ours.size, -1)[rows].astype(np.float64)
+        rel, channel = np.linalg.norm(b - a) / np.linalg.norm(a), np.max(np.abs(b - a) / a)
+        assert rel <= BAR_ENTRY and channel <= BAR_CHANNEL, (name, rel, channel)
+        worst = [max(worst[0], moved), max(worst[1], rel), max(worst[2], channel)]
+    return tuple(worst)
 
 
 def stack_entries(im: Imatrix) -> list[str]:
@@ -156,23 +180,12 @@ def test_add_sends_each_experts_rows_to_its_row():
 def test_collect_agrees_with_llama_imatrix(arch, collected, checkpoints):
     cfg = ModelConfig.from_hf_config(checkpoints[arch])
     ours, theirs = collected[arch], Imatrix.read(golden_imatrix(arch))
-    assert set(ours.sums) <= set(theirs.sums)
-    missing = set(theirs.sums) - set(ours.sums)
-    assert missing and all(ROUTERS.match(n) for n in missing), sorted(missing)
-    assert (ours.chunk_count, ours.chunk_size) == (theirs.chunk_count, theirs.chunk_size) == \
-        (GOLDEN["chunks"], GOLDEN["ctx"])
-    worst = [0.0, 0.0]
-    for name in ours.sums:
-        np.testing.assert_array_equal(ours.counts[name], theirs.counts[name], err_msg=name)  # same routing
-        a = theirs.importance(name).astype(np.float64)
-        b = ours.importance(name).astype(np.float64)
-        rel, channel = np.linalg.norm(b - a) / np.linalg.norm(a), np.max(np.abs(b - a) / a)
-        assert rel <= BAR_ENTRY and channel <= BAR_CHANNEL, (name, rel, channel)
-        worst = [max(worst[0], rel), max(worst[1], channel)]
+    assert (ours.chunk_count, ours.chunk_size) == (GOLDEN["chunks"], GOLDEN["ctx"])
+    moved, rel, channel = assert_agrees(ours, theirs)
     for name in stack_entries(ours):
         assert ours.counts[name].sum() == N_TOKENS * cfg.n_expert_used, name
         assert (ours.counts[name] > 0).all(), name  # every expert picked: each row is compared
-    print(f"\n{arch}: max rel L2 {worst[0]:.2g}, max channel {worst[1]:.2g}")
+    print(f"\n{arch}: {moved:.0f} picks moved, max rel L2 {rel:.2g}, max channel {channel:.2g}")
 
 
 # convert --imatrix ---------------------------------------------------------------------------
