@@ -81,7 +81,8 @@ def convert_calibrated(src_dir: str | os.PathLike, dst_path: str | os.PathLike, 
     as convert's, for both conversions (the first names its tensors "calibration model:
     ..."); calibration_progress(done, total) after each window. awq: also scale the blocks'
     input channels by the matrix (convert.scaling; cpuq's default for calibration text:
-    real-weights Q4_K_M, perplexity increase over F16 +3.57% -> +2.01%)."""
+    real-weights Q4_K_M, perplexity increase over F16 +3.57% -> +2.01%; an MoE model's
+    attention only)."""
     src, dst = Path(src_dir), Path(dst_path)
     check_uses_importance(out_type(qtype))  # before the calibration's work, not after
     check_windows(n_ctx, n_chunks)

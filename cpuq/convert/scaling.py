@@ -19,6 +19,10 @@ worse by this measure. attn_output's scales are shared by the query heads that r
 head's values (grouped-query attention). The importance of each scaled matrix's input
 becomes m / s^2.
 
+An MoE block (qwen3moe, qwen2moe) has no dense ffn_gate/ffn_up/ffn_down, so only its
+attention groups are scaled: its ffn_norm also feeds the router, and dividing it out would
+need every expert's, the shared expert's and the router's columns scaled alike.
+
 Its measured effect (perplexity and KL against the importance matrix alone, and why one
 alpha for every group was not kept) is in docs/calibration.md.
 
