@@ -95,6 +95,7 @@ def test_the_cli_writes_a_whole_checkpoint(tmp_path):
     ("fuzz.py", ["--target", "nope"], "--target"),
     ("make_golden.py", ["extra"], "extra"),
     ("make_perplexity_golden.py", ["extra"], "extra"),
+    ("make_moe_golden.py", ["extra"], "extra"),
 ])
 def test_other_tools_fail_with_one_error_line(tmp_path, name, args, fragment):
     r = tool(name, *args, cwd=tmp_path)
