@@ -16,6 +16,13 @@ Tolerances:
   the F16 file vs HF (golden), which rounds to fp16 the same way; and <= 2e-2 relative RMS of
   the CPU's logits on the real-weights model (fp16's unit roundoff 4.9e-4 per operand,
   through 30 blocks), with the same top-1 at >= 95% of the positions.
+* mixtures of experts (tiny qwen3moe/qwen2moe, f16/q8_0/q4_k_m), against the CPU's logits:
+  one-token steps and chunks of up to 8 tokens (f32 products; the router in f32; with
+  cpu_moe the experts are the CPU's own kernels) <= 1e-4 relative RMS and the same top-1, as
+  the dense steps above; prompts (fp16 operands into cuBLAS, as the dense prompts) <= 2e-3,
+  3x the dense tiny prompts' largest error from HF (6.6e-4), and the same top-1 at >= 95% of
+  the positions (a token whose k-th and next experts are closer than fp16 rounding may pick
+  the other one: the top-1 bar allows such a token, the RMS bar a few).
 """
 from __future__ import annotations
 
