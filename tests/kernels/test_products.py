@@ -119,3 +119,23 @@ def test_dequantize_rows_equals_dequantize(qtype):
     dequantize_rows(data, int(t.ggml_type), 15, short)
     np.testing.assert_array_equal(short[:4], dense[15:19].astype(np.float32))
     assert np.isnan(short[4:]).all()
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_matvec_with_subnormal_half_scales(qtype):
+    """Weights of ordinary magnitude give K-quant block scales below fp16's smallest normal
+    (6.1e-5; Q6_K's are ~1e-5 for weights of ~0.02): the block kernels read such a half as
+    its exact value (blocks._half's subnormal branch), as quants' decoder does."""
+    t, data, dense = _weights(qtype, 33, 512)
+    scale = {"Q8_0": 1e-5, "Q4_0": 1e-5, "Q5_0": 1e-5}.get(qtype, 1e-2)
+    w = (dense * scale).astype(np.float32)
+    data = cpuq.quantize(w, qtype).reshape(33, -1)
+    dense = cpuq.dequantize(data, qtype, (33, 512)).astype(np.float64)
+    d = data.reshape(33, -1, t.type_size)[:, :, 208 if qtype == "Q6_K" else 0:][:, :, :2].copy().view(np.float16)
+    assert (np.abs(d[d != 0]) < np.float16(6.1e-5)).mean() > 0.5  # mostly subnormal halves
+    x = np.random.default_rng(2).standard_normal(512, dtype=np.float32)
+    ref = x.astype(np.float64) @ dense.T
+    v = np.empty(33, np.float32)
+    matvec(x, data, int(t.ggml_type), v)
+    # the int16 rounding of x, as test_matmul_and_matvec's bound
+    assert np.abs(v - ref).max() <= 1e-4 * np.abs(ref).max()
