@@ -451,7 +451,8 @@ def report(rows: list[dict], args, info: dict, identical: dict[str, bool], floor
            f"time-to-first-token process (a /bin/true child reads {floor_mib:.0f} MiB)",
            "- files: written by llama.cpp (convert_hf_to_gguf.py --outtype f16, then llama-quantize), from "
            "checkpoints with the models' exact shapes and random bf16 weights (benchmarks/peer_inputs.py)"
-           if not args.files else "- files: given with --files, " + ", ".join(args.files)]
+           if not args.files else "- files: given with --files, " + ", ".join(f.replace(str(Path.home()), "~")
+                                                                              for f in args.files)]
     for shape, same in identical.items():
         out.append(f"- {shape}: cpuq convert's Q4_K_M file is {'byte-identical to' if same else 'NOT identical to'}"
                    f" llama.cpp's")
