@@ -19,7 +19,7 @@ SOURCES = ("tests/", "tools/", "benchmarks/", "examples/")
 # A fixture named in source: the folder name golden or data quoted and joined with / to a quoted
 # file name, or the path tests/golden/<name> written out.
 FIXTURE_REFS = [re.compile(r"""["'](golden|data)["']\s*/\s*["']([^"'/]+)["']"""),
-                re.compile(r"""tests/(golden|data)/([\w.\-]+\w)""")]
+                re.compile(r"""tests/(golden|data)/([\w.\-]+\w)(?![\w{])""")]  # not a name built in an f-string
 # The sibling folder the fixtures were once read from, and the ways to reach it from the
 # checkout: by relative path, joined to its fixtures folder, or through a parent.
 SIBLING = "shared"
@@ -57,6 +57,7 @@ def test_fixture_refs_reads_the_forms_the_sources_use():
     text = '''GOLDEN = Path(__file__).parent / "golden" / "quants.npz"
 TEXT = ROOT / 'tests' / 'data' / 'tempest.txt'
 IMATRIX_ARG = "tests/golden/imatrix.gguf"  # written by tools/make_imatrix_golden.py.
+PER_ARCH = f"tests/golden/imatrix_{arch}.gguf"
 see tests/golden/README.md.'''
     assert fixture_refs(text) == {("golden", "quants.npz"), ("data", "tempest.txt"),
                                   ("golden", "imatrix.gguf"), ("golden", "README.md")}
