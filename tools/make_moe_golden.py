@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cpuq  # noqa: E402
-from make_runtime_golden import _HF, _LLAMA, HF_PYTHON, IDS, N_COLUMNS, PEER, PEER_PYTHON, _reference  # noqa: E402
+from make_runtime_golden import HF_PYTHON, IDS, PEER, PEER_PYTHON, reference_logits  # noqa: E402
 from make_tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 from toolcli import ToolError, output_file, run  # noqa: E402
 
@@ -109,21 +109,9 @@ def llama_cpp_files(src: Path, where: Path) -> dict[str, Path]:
 def logits_golden(tmp: Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {"ids": np.array(IDS, np.int64), "cases": np.array(json.dumps(LOGITS_CASES))}
     for name in LOGITS_CASES:
-        src = build_logits_case(name, tmp)
-        f16 = cpuq.convert(src, tmp / f"{name}-f16.gguf", "f16")
-        hf, ll = tmp / f"{name}-hf.npy", tmp / f"{name}-llama.npy"
-        _reference(HF_PYTHON, _HF, src, json.dumps(IDS), hf)
-        _reference(PEER_PYTHON, _LLAMA, f16, json.dumps(IDS), ll)
-        hf_logits, llama_logits = np.load(hf), np.load(ll)
-        rng = np.random.default_rng(0)
-        cols = set(rng.choice(hf_logits.shape[1], N_COLUMNS, replace=False).tolist())
-        cols |= set(hf_logits.argmax(1).tolist()) | set(llama_logits.argmax(1).tolist())
-        cols = np.array(sorted(cols), np.int64)
-        out[f"{name}/columns"] = cols
-        out[f"{name}/hf"] = hf_logits[:, cols]
-        out[f"{name}/llama_f16"] = llama_logits[:, cols]
-        out[f"{name}/hf_top1"] = hf_logits.argmax(1)
-        top1 = np.mean(hf_logits.argmax(1) == llama_logits.argmax(1))
+        entries = reference_logits(name, build_logits_case(name, tmp), tmp)
+        top1 = np.mean(entries[f"{name}/hf_top1"] == entries.pop(f"{name}/llama_top1"))
+        out.update(entries)
         print(f"{name}: logits done (llama.cpp F16 top-1 agrees with HF at {top1:.0%} of positions)")
     return out
 

@@ -75,6 +75,23 @@ def build_case(name: str, where: Path) -> Path:
     return make_tiny_checkpoint(where / name, arch=arch, **kwargs)
 
 
+def reference_logits(name: str, src: Path, tmp: Path) -> dict[str, np.ndarray]:
+    """The golden entries of one case: HF's float32 logits of checkpoint `src` and
+    llama.cpp's of cpuq's F16 file of it, on a fixed random set of N_COLUMNS vocabulary
+    columns plus both references' top-1, and HF's top-1."""
+    f16 = cpuq.convert(src, tmp / f"{name}-f16.gguf", "f16")
+    hf, ll = tmp / f"{name}-hf.npy", tmp / f"{name}-llama.npy"
+    _reference(HF_PYTHON, _HF, src, json.dumps(IDS), hf)
+    _reference(PEER_PYTHON, _LLAMA, f16, json.dumps(IDS), ll)
+    hf_logits, llama_logits = np.load(hf), np.load(ll)
+    rng = np.random.default_rng(0)
+    cols = set(rng.choice(hf_logits.shape[1], N_COLUMNS, replace=False).tolist())
+    cols |= set(hf_logits.argmax(1).tolist()) | set(llama_logits.argmax(1).tolist())
+    cols = np.array(sorted(cols), np.int64)
+    return {f"{name}/columns": cols, f"{name}/hf": hf_logits[:, cols], f"{name}/llama_f16": llama_logits[:, cols],
+            f"{name}/hf_top1": hf_logits.argmax(1), f"{name}/llama_top1": llama_logits.argmax(1)}
+
+
 def _reference(python: Path, script: str, *args) -> None:
     """Run a reference side's script in its venv; ToolError with its last output line."""
     r = subprocess.run([python, "-c", script, *map(str, args)], capture_output=True, text=True)
@@ -93,20 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name in CASES:
-            src = build_case(name, tmp)
-            f16 = cpuq.convert(src, tmp / f"{name}-f16.gguf", "f16")
-            hf, ll = tmp / f"{name}-hf.npy", tmp / f"{name}-llama.npy"
-            _reference(HF_PYTHON, _HF, src, json.dumps(IDS), hf)
-            _reference(PEER_PYTHON, _LLAMA, f16, json.dumps(IDS), ll)
-            hf_logits, llama_logits = np.load(hf), np.load(ll)
-            rng = np.random.default_rng(0)
-            cols = set(rng.choice(hf_logits.shape[1], N_COLUMNS, replace=False).tolist())
-            cols |= set(hf_logits.argmax(1).tolist()) | set(llama_logits.argmax(1).tolist())
-            cols = np.array(sorted(cols), np.int64)
-            out[f"{name}/columns"] = cols
-            out[f"{name}/hf"] = hf_logits[:, cols]
-            out[f"{name}/llama_f16"] = llama_logits[:, cols]
-            out[f"{name}/hf_top1"] = hf_logits.argmax(1)
+            entries = reference_logits(name, build_case(name, tmp), tmp)
+            entries.pop(f"{name}/llama_top1")  # the tests read HF's top-1 only
+            out.update(entries)
             print(name, "done")
     with output_file(OUT) as tmp, open(tmp, "wb") as f:  # a file object: savez would add ".npz" to a name
         np.savez_compressed(f, **out)
