@@ -312,11 +312,13 @@ def _sum_q4_k(b, w, xp, xsum):
     """Q4_K read as <32 x i16> words: word i of the 64 bytes of a half-block holds two bytes,
     so `& 15`, `>> 8 & 15`, `>> 4 & 15` and `>> 12` give the even and odd elements of two
     groups each, in i16 lanes with no shuffles (x comes in the matching order, X_ORDERS).
-    pmaddwd sums lane pairs of one group, so each i32 lane takes one scale (vpmulld)."""
+    pmaddwd sums lane pairs of one group, so each lane takes one scale, in float: a
+    multiply-add where vpmulld's two port-0 uops made the kernel port-0 bound (llvm-mca;
+    streaming Q4_K rows 9 -> 13-16 GB/s on two threads)."""
     scale, minimum = _k_scales_mins(b, w)
     xsum8 = b.load(b.bitcast(xsum, V8F.as_pointer()), align=4)
     mterm = b.fmul(b.fmul(_splat(b, _half(b, w, 2), 8), b.uitofp(minimum, V8F)), xsum8)
-    sc32 = b.zext(scale, ir.VectorType(I32, 8))
+    sc32 = b.uitofp(scale, V8F)  # float scales: a vpmulld is two port-0 uops, a float multiply-add one
     acc = None
     for h in range(2):
         q = _load(b, w, 16 + 64 * h, V32S)
@@ -356,7 +358,8 @@ def _sum_q6_k(b, w, xp, xsum):
 def _scaled_pairs(b, acc, parts, xp, h, scales, picks):
     """acc + sum over the two sets (parts 0+1, parts 2+3) of pmaddwd(parts, x) * scales[pick]:
     parts are half-block h's four <32 x i16> value sets in X_ORDERS' order, picks[set] the
-    scale of each i32 lane. i32 scales (Q4_K) multiply the lanes' sums (vpmulld); i16 scales
+    scale of each i32 lane. float scales (Q4_K) multiply the lanes' sums converted to float
+    (exact: |sum| < 2^21), added in float; i32 scales the lanes' sums (vpmulld); i16 scales
     (Q6_K: |q * scale| <= 32 * 128) multiply the values before pmaddwd (vpmullw), which keeps
     a block one multiply-add chain: faster for Q6_K, where Q4_K, with twice the vpmullw of
     its vpmulld, got slower."""
@@ -370,6 +373,12 @@ def _scaled_pairs(b, acc, parts, xp, h, scales, picks):
                 acc = t if acc is None else b.add(acc, t)
             continue
         t = b.add(_pmaddwd(b, parts[2 * s], xs[0]), _pmaddwd(b, parts[2 * s + 1], xs[1]))
+        if scales.type.element == F32:  # |t| < 2^21: exact as a float
+            term = b.fmul(b.sitofp(t, V16F), _pick(b, scales, picks[s]))
+            term.flags.extend(_FAST)
+            acc = term if acc is None else b.fadd(acc, term)
+            acc.flags.extend(_FAST)
+            continue
         term = b.mul(t, _pick(b, scales, picks[s]))
         acc = term if acc is None else b.add(acc, term)
     return acc
@@ -392,8 +401,8 @@ def _x_order(sets) -> "list[int]":
 # Legacy blocks (one group): (w, dx, xsum) -> (q <32 x i8>, <16 x float> scale, dx included).
 BLOCK_INTS = {Q8_0: _ints_q8_0, Q5_0: _ints_q5_0}
 # K-quant superblocks: (w, x (i16*, the block's 256 values in X_ORDERS[type]), xsum) ->
-# (<16 x i32> sum of x times the block's integers times their small scales, d, minimum
-# terms or None). No overflow in int32: 16 products per lane, each <= 32 * 128 * 32767 in
+# (<16 x i32> (Q6_K) or <16 x float> (Q4_K, its scales applied in float) sum of x times the
+# block's integers times their small scales, d, minimum terms or None). No overflow in int32: 16 products per lane, each <= 32 * 128 * 32767 in
 # magnitude, sum < 2^31; converted once per block, when x's groups share one scale per 256
 # elements (matvec.quantize_x gives that when k is a multiple of 256, as every K-quant row is).
 BLOCK_K_INTS = {Q4_K: _sum_q4_k, Q6_K: _sum_q6_k}
@@ -476,7 +485,7 @@ def _build_dot_i16_fn(module: ir.Module, name: str, ggml_type: int) -> ir.Functi
             xblk = b.gep(xq, [b.mul(g0, ir.Constant(I64, 32))])
             isum, d, minimum = BLOCK_K_INTS[ggml_type](b, blk, xblk, b.gep(xsum, [g0]))
             scale = _splat(b, b.fmul(d, b.load(b.gep(dx, [g0]))), 16)
-            t = b.fmul(b.sitofp(isum, V16F), scale)
+            t = b.fmul(isum if isum.type == V16F else b.sitofp(isum, V16F), scale)
         else:
             q, scale = BLOCK_INTS[ggml_type](b, blk, b.gep(dx, [g0]), b.gep(xsum, [g0]))
             t = b.fmul(b.sitofp(_pmaddwd(b, b.sext(q, V32S), x_group(0)), V16F), scale)
