@@ -78,7 +78,7 @@ def use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-# llama_tensor_get_type_impl for LLAMA_FTYPE_MOSTLY_Q4_K_M on dense Qwen2/Qwen3/Llama
+# llama_tensor_get_type_impl for LLAMA_FTYPE_MOSTLY_Q4_K_M on Qwen2/Qwen3/Llama and the Qwen MoEs
 # (src/llama-quant.cpp; notes section 4.4): GGUF name suffix -> type, where a pair
 # (more, less) picks by use_more_bits over the layers. Everything else takes the default.
 MIXES: dict[str, dict[str, str | tuple[str, str]]] = {
@@ -575,8 +575,9 @@ def _imatrix_metadata(im: Imatrix, file_name: str | None) -> tuple[dict, dict]:
 def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str = "q4_k_m",
             force: bool = False, progress: Progress | None = None,
             imatrix: Imatrix | str | os.PathLike | None = None, awq: bool = False) -> Path:
-    """Convert the HF checkpoint in `src_dir` (Qwen2, Qwen3 or Llama; safetensors + config.json
-    + tokenizer.json) to a GGUF file at `dst_path` with matrices of type `qtype`; return the path.
+    """Convert the HF checkpoint in `src_dir` (Qwen2, Qwen3, Llama, Qwen2-MoE or Qwen3-MoE;
+    safetensors + config.json + tokenizer.json) to a GGUF file at `dst_path` with matrices of
+    type `qtype`; return the path.
 
     imatrix: an importance matrix (convert.imatrix.Imatrix, or the path of llama.cpp's
     imatrix GGUF file) that weights each column's rounding error, as llama-quantize
