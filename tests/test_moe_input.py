@@ -135,3 +135,14 @@ def test_info_names_the_experts(moe_file):
     assert s["experts"]["active_parameters"] == s["parameters"] - stacked + stacked * 2 // 8
     r = CliRunner().invoke(app, ["info", str(moe_file)])
     assert r.exit_code == 0 and "8 per block, 2 used per token" in r.output
+
+
+def test_fused_experts_are_not_counted_as_tensors(tmp_path):
+    """A fused checkpoint holds two tensors per layer whatever its expert count (Qwen3-30B-A3B:
+    128 experts in a ~700-tensor checkpoint), so the guard against a lying expert count
+    counts only the layers stored one matrix per expert."""
+    src = make_tiny_checkpoint(tmp_path / "fused", arch="qwen3moe", dtype="bf16", fused_experts=True,
+                               num_experts=64, num_experts_per_tok=4)
+    out = cpuq.convert(src, tmp_path / "f.gguf", "q8_0")
+    with cpuq.open_gguf(out) as f:
+        assert f.tensors["blk.1.ffn_up_exps.weight"].shape == (64, 32, 64)

@@ -226,10 +226,11 @@ def plan_tensors(ckpt, cfg: ModelConfig, out: OutType, where: Path) -> list[Tens
     if cfg.n_layer > len(ckpt):  # before expected_tensors lists billions of names for a lying count
         raise FormatError(f"{where}: config.json says num_hidden_layers {cfg.n_layer}, more layers than the "
                           f"checkpoint's {len(ckpt)} tensors can hold")
-    if cfg.spec.moe and cfg.n_layer * cfg.n_expert > len(ckpt) + cfg.n_layer * 3:  # likewise, for the experts
-        raise FormatError(f"{where}: config.json says {cfg.n_expert} experts in each of {cfg.n_layer} layers, "
-                          f"more than the checkpoint's {len(ckpt)} tensors can hold")
     fused = _fused_layers(ckpt, cfg)
+    per_expert_layers = cfg.n_layer - len(fused) if cfg.spec.moe else 0
+    if 3 * cfg.n_expert * per_expert_layers > len(ckpt):  # likewise, for three matrices per expert
+        raise FormatError(f"{where}: config.json says {cfg.n_expert} experts in each of {cfg.n_layer} layers, "
+                          f"more expert matrices than the checkpoint's {len(ckpt)} tensors can hold")
     expected = expected_tensors(cfg, has_lm_head, fused)
     for hf_name, shape in expected.items():
         if hf_name not in ckpt:
