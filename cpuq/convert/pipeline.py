@@ -29,7 +29,7 @@ import numpy as np
 from gguf import GGUFValueType
 
 from ..arch import ModelConfig
-from ..models import dim, expected_tensors, family, gguf_tensor_name
+from ..models import dim, expected_tensors, family, ggml_shape, gguf_tensor_name
 from ..models.dense import llama3_rope_freqs, permute_qk, qk_permute_heads
 from ..errors import FormatError, InputError, UnsupportedError
 from ..gguf_io import GGUFStreamWriter, partial_file
@@ -201,9 +201,6 @@ def _quantize_order(name: str) -> tuple[int, bytes]:
     return (int(m.group(1)) if m else -1, name.encode())
 
 
-_PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
-
-
 def _fused_layers(ckpt, cfg: ModelConfig) -> dict[int, dict[str, str]]:
     """Layer -> {fused HF module: its checkpoint name} for the layers whose experts come as
     stacks (models.moe.FUSED_EXPERTS; with or without .weight, as llama.cpp accepts)."""
@@ -214,7 +211,7 @@ def _fused_layers(ckpt, cfg: ModelConfig) -> dict[int, dict[str, str]]:
         names = {}
         for module in family(cfg).FUSED_EXPERTS:
             base = f"model.layers.{i}.{module}"
-            names[module] = next((n for n in (base + ".weight",) if n in ckpt), base)
+            names[module] = base + ".weight" if base + ".weight" in ckpt else base
         if any(n in ckpt for n in names.values()):  # then all of them (a missing one is reported)
             fused[i] = names
     return fused
@@ -249,30 +246,21 @@ def plan_tensors(ckpt, cfg: ModelConfig, out: OutType, where: Path) -> list[Tens
     def plan(hf_name, name, shape, parts=None):
         plans.append(TensorPlan(hf_name, name, shape, tensor_qtype(name, shape, out, cfg, not has_lm_head), parts))
 
+    model = family(cfg)
+    # Qwen2MoeModel.modify_tensors: a layer's stacks are written, in HF name order (down, gate,
+    # up), when its last expert matrix is read
+    stacks = sorted((t for t in model.TENSORS if t.is_experts), key=lambda t: t.hf)
     seen_experts: dict[int, int] = {}
     for shard in sorted(by_shard):
         for hf_name in sorted(by_shard[shard]):
-            m = _PER_EXPERT.match(hf_name)
-            if m and hf_name in expected:
-                # Qwen2MoeModel.modify_tensors: a layer's stacks (down, gate, up) are written when its
-                # last expert matrix is read
-                il = int(m.group(1))
-                seen_experts[il] = seen_experts.get(il, 0) + 1
-                if seen_experts[il] == 3 * cfg.n_expert:
-                    for proj in ("down", "gate", "up"):
-                        names = [f"model.layers.{il}.mlp.experts.{e}.{proj}_proj.weight" for e in range(cfg.n_expert)]
-                        rows = ckpt.shape(names[0])
-                        plan(names[0], f"blk.{il}.ffn_{proj}_exps.weight", (cfg.n_expert, *rows),
-                             tuple((n, 0, rows[0]) for n in names))
-                continue
             layer = re.match(r"^model\.layers\.(\d+)\.", hf_name)
-            stacks = fused.get(int(layer.group(1)), {}) if layer else {}
-            module = next((mod for mod, n in stacks.items() if n == hf_name), None)
+            il = int(layer.group(1)) if layer else -1
+            module = next((mod for mod, n in fused.get(il, {}).items() if n == hf_name), None)
             if module is not None:  # one checkpoint tensor, one or two stacks (gate then up)
-                il, (n_expert, rows, cols) = int(layer.group(1)), ckpt.shape(hf_name)
-                for field, first, count in family(cfg).FUSED_EXPERTS[module]:
+                n_expert, rows, cols = ckpt.shape(hf_name)
+                for field, first, count in model.FUSED_EXPERTS[module]:
                     first, count = dim(cfg, first), dim(cfg, count)
-                    gguf = next(t.gguf for t in family(cfg).TENSORS if t.field == field)
+                    gguf = next(t.gguf for t in model.TENSORS if t.field == field)
                     plan(hf_name, f"blk.{il}.{gguf}", (n_expert, count, cols),
                          tuple((hf_name, e * rows + first, e * rows + first + count) for e in range(n_expert)))
                 continue
@@ -282,11 +270,16 @@ def plan_tensors(ckpt, cfg: ModelConfig, out: OutType, where: Path) -> list[Tens
             if hf_name not in expected:
                 raise UnsupportedError(f"{where}: tensor '{hf_name}' is not part of a {cfg.hf_architecture} "
                                        f"with this config.json")
+            if any(name == f"blk.{il}.{t.gguf}" for t in stacks):  # one expert's matrix of a stack
+                seen_experts[il] = seen_experts.get(il, 0) + 1
+                if seen_experts[il] == len(stacks) * cfg.n_expert:
+                    for t in stacks:
+                        names = [f"model.layers.{il}.{t.hf.format(e=e)}" for e in range(cfg.n_expert)]
+                        rows = ckpt.shape(names[0])
+                        plan(names[0], f"blk.{il}.{t.gguf}", (cfg.n_expert, *rows), tuple((n, 0, rows[0]) for n in names))
+                continue
             shape = tuple(ckpt.shape(hf_name))
-            if out.via_llama_quantize:  # it writes ggml_n_dims dimensions: none of size 1 outermost
-                while len(shape) > 1 and shape[0] == 1:
-                    shape = shape[1:]
-            plan(hf_name, name, shape)
+            plan(hf_name, name, ggml_shape(shape) if out.via_llama_quantize else shape)
     if out.via_llama_quantize:
         plans.sort(key=lambda p: _quantize_order(p.name))
     return plans

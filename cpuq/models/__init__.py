@@ -77,6 +77,14 @@ def dim(cfg: ModelConfig, name: str) -> int:
     return int(getattr(cfg, name))
 
 
+def ggml_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """shape (numpy order) without its outer dimensions of 1, as ggml_n_dims counts them:
+    what llama-quantize writes (qwen2moe's (1, n_embd) shared-expert gate becomes 1-D)."""
+    while len(shape) > 1 and shape[0] == 1:
+        shape = shape[1:]
+    return shape
+
+
 def family(cfg: ModelConfig) -> ModuleType:
     """The model file of cfg's architecture."""
     from . import dense, moe

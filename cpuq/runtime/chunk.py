@@ -138,18 +138,23 @@ def route(h, w, c):
     return ids, weights
 
 
+def expert_groups(ids: np.ndarray, n_expert: int):
+    """(order, [(e, lo, hi)]): the (token, pick) slots of ids (n, k), flattened, sorted by
+    expert (stable), and each picked expert's range of them: order[lo:hi]."""
+    flat = ids.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    bounds = np.searchsorted(flat[order], np.arange(n_expert + 1))
+    return order, [(e, bounds[e], bounds[e + 1]) for e in range(n_expert) if bounds[e] < bounds[e + 1]]
+
+
 def experts(h, ids, weights, gate, up, down, c):
     """Tokens grouped by expert: each selected expert's matrices are read once for all of
     its tokens (products: one row through the per-row kernels, as the decode step does)."""
     n, k = ids.shape
     y = np.empty((n, k, h.shape[1]), np.float32)
-    flat = ids.reshape(-1)
-    order = np.argsort(flat, kind="stable")
-    bounds = np.searchsorted(flat[order], np.arange(c.n_expert + 1))
-    for e in range(c.n_expert):
-        picks = order[bounds[e]:bounds[e + 1]]
-        if picks.size == 0:
-            continue
+    order, groups = expert_groups(ids, c.n_expert)
+    for e, lo, hi in groups:
+        picks = order[lo:hi]
         tokens, slots = picks // k, picks % k
         act = swiglu(linear2(np.ascontiguousarray(h[tokens]), gate.expert(e), up.expert(e), c), c)
         y[tokens, slots] = linear(act, down.expert(e), c)

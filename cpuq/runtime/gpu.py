@@ -297,14 +297,11 @@ class GpuOffload:
         """out (n * k, n_embd): row token * k + pick = that pick's expert applied to the token's h."""
         cp = self.cp
         k = ids.shape[1]
-        flat = ids.get().reshape(-1)  # waits for the router: the groups' sizes decide the launches
-        order = np.argsort(flat, kind="stable")
-        bounds = np.searchsorted(flat[order], np.arange(gate.n_expert + 1))
+        # waits for the router: the groups' sizes decide the launches
+        order, groups = chunk.expert_groups(ids.get(), gate.n_expert)
         slots = cp.asarray(order)
-        for e in range(gate.n_expert):
-            if bounds[e] == bounds[e + 1]:
-                continue
-            picked = slots[bounds[e]:bounds[e + 1]]
+        for e, lo, hi in groups:
+            picked = slots[lo:hi]
             x = h[picked // k]
             g = cp.empty((x.shape[0], gate.rows), cp.float32)
             u = cp.empty_like(g)
@@ -343,21 +340,20 @@ class GpuOffload:
         n_out = n - logits_from
         with self.device, self.stream:
             cache.n_past.set(np.array([start], np.int32))
-            if n == 1 and n_out == 1 and self.cpu_moe:  # the host's experts: not recordable
+            if n == 1 and n_out == 1:
                 b = cache.step
                 b.x.set(np.ascontiguousarray(x, np.float32))
-                self._pass(b, cache, 1, 0)
-            elif n == 1 and n_out == 1:
-                b = cache.step
-                b.x.set(np.ascontiguousarray(x, np.float32))
-                if cache.graph is None:
-                    self.stream.begin_capture()
-                    try:
-                        self._pass(b, cache, 1, 0)
-                    finally:
-                        graph = self.stream.end_capture()
-                    cache.graph = graph
-                cache.graph.launch(self.stream)
+                if self.cpu_moe:  # the host's experts: not recordable
+                    self._pass(b, cache, 1, 0)
+                else:
+                    if cache.graph is None:
+                        self.stream.begin_capture()
+                        try:
+                            self._pass(b, cache, 1, 0)
+                        finally:
+                            graph = self.stream.end_capture()
+                        cache.graph = graph
+                    cache.graph.launch(self.stream)
             else:
                 b = _Buffers(cp, self.cfg, n, n_out if self.with_output else 0,
                              splits(cache.n_ctx) if n <= MATVEC_MAX_TOKENS else 1)

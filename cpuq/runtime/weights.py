@@ -17,7 +17,7 @@ from ..arch import ModelConfig
 from ..errors import FormatError, UnsupportedError
 from ..gguf_io import GGUFFile, TensorInfo
 from ..kernels.matmul import SUPPORTED
-from ..models import family
+from ..models import family, ggml_shape
 from ..quants import dequantize
 
 
@@ -75,16 +75,10 @@ def _vector(f: GGUFFile, name: str, *shape: int, optional: bool = False) -> np.n
     if optional and name not in f.tensors:
         return None
     t = _tensor(f, name)
-    if _outer_ones_dropped(tuple(t.shape)) != _outer_ones_dropped(shape):  # llama-quantize drops them
+    if ggml_shape(tuple(t.shape)) != ggml_shape(shape):  # llama-quantize drops outer 1s
         raise FormatError(f"{f.path}: tensor '{name}' has shape {list(t.shape)}, the metadata implies {list(shape)}")
     x = dequantize(t.data, t.qtype, shape).astype(np.float32)
     return np.ascontiguousarray(x)
-
-
-def _outer_ones_dropped(shape: tuple[int, ...]) -> tuple[int, ...]:
-    while len(shape) > 1 and shape[0] == 1:
-        shape = shape[1:]
-    return shape
 
 
 def load_weights(f: GGUFFile, cfg: ModelConfig) -> Weights:
