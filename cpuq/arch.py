@@ -45,6 +45,23 @@ class ArchSpec:
     moe: bool = False
     shared_expert: bool = False
     norm_topk: bool = False
+    # Hybrids (cpuq.models.hybrid): Gated DeltaNet layers among gated full-attention ones.
+    # v_tiled: the converter reorders the DeltaNet's value heads so that value head h reads
+    # key head h % n_group (qwen35, qwen35moe: _LinearAttentionVReorderBase); else HF's
+    # grouped order, h // (n_v / n_group) (qwen3next). fused_inputs: the checkpoint fuses
+    # the DeltaNet's input projections (qwen3next's in_proj_qkvz, cut into attn_qkv and
+    # attn_gate by the converter, and in_proj_ba, kept whole as ssm_ba).
+    hybrid: bool = False
+    v_tiled: bool = False
+    fused_inputs: bool = False
+
+    @property
+    def dense_ffn(self) -> bool:
+        return not self.moe
+
+    @property
+    def split_inputs(self) -> bool:
+        return self.hybrid and not self.fused_inputs
 
 
 # HF `architectures[0]` -> spec (the names llama.cpp registers for Qwen2Model, Qwen3Model, LlamaModel).
@@ -73,6 +90,22 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                                     default_rms_eps=1e-6, default_context_length=32768, default_head_dim=128,
                                     moe=True, shared_expert=False, norm_topk=True),
 }
+# The hybrids (Qwen3NextModel, Qwen3_5TextModel, Qwen3_5MoeTextModel in conversion/qwen.py):
+# the text part of the vision-language classes too. Experts always renormalized and the
+# shared expert gated (build_moe_ffn's norm_w is true in qwen3next.cpp and qwen35moe.cpp).
+_HYBRID = dict(qkv_bias=False, qk_norm=True, permute_qk=False, head_dim_key="always", writes_vocab_size=False,
+               writes_rope_dimension_count=False, default_rope_theta=10000.0, default_rms_eps=1e-6,
+               default_context_length=32768, default_head_dim=256, hybrid=True)
+_QWEN35 = ArchSpec("qwen35", **_HYBRID, v_tiled=True)
+_QWEN35MOE = ArchSpec("qwen35moe", **_HYBRID, v_tiled=True, moe=True, shared_expert=True, norm_topk=True)
+ARCHITECTURES.update({
+    "Qwen3_5ForCausalLM": _QWEN35,
+    "Qwen3_5ForConditionalGeneration": _QWEN35,
+    "Qwen3_5MoeForCausalLM": _QWEN35MOE,
+    "Qwen3_5MoeForConditionalGeneration": _QWEN35MOE,
+    "Qwen3NextForCausalLM": ArchSpec("qwen3next", **_HYBRID, fused_inputs=True, moe=True, shared_expert=True,
+                                     norm_topk=True),
+})
 
 MAX_U32 = 2**32 - 1
 # rope_scaling keys that hold numbers (TextModel.set_gguf_parameters, LlamaModel.generate_extra_tensors).
@@ -119,10 +152,50 @@ class ModelConfig:
     n_expert_used: int = 0
     n_ff_exp: int = 0
     n_ff_shexp: int = 0
+    # Hybrids (0 / empty otherwise): rotary dimensions of a head (0: all of it), the
+    # DeltaNet's conv kernel, key head size, key (group) heads, value heads and value width
+    # (value heads x value head size), llama.cpp's ssm_* names; per block whether it is a
+    # DeltaNet (recurrent) one; the rope sections (mrope; text positions make them plain
+    # rope); the multi-token-prediction blocks after the trunk (unused by the runtime).
+    n_rot: int = 0
+    ssm_d_conv: int = 0
+    ssm_d_state: int = 0
+    ssm_n_group: int = 0
+    ssm_dt_rank: int = 0
+    ssm_d_inner: int = 0
+    recurrent: tuple[bool, ...] = ()
+    rope_sections: tuple[int, ...] = ()
+    n_nextn: int = 0
 
     @property
     def spec(self) -> ArchSpec:
         return ARCHITECTURES[self.hf_architecture]
+
+    @property
+    def rot_dim(self) -> int:
+        """Rotary dimensions of a head (the first rot_dim of each)."""
+        return self.n_rot or self.head_dim
+
+    @property
+    def q_gate_dim(self) -> int:
+        """A gated attention's q projection: each head's query then its output gate."""
+        return 2 * self.n_head * self.head_dim
+
+    @property
+    def ssm_head_v_dim(self) -> int:
+        return self.ssm_d_inner // max(self.ssm_dt_rank, 1)
+
+    @property
+    def ssm_ba_dim(self) -> int:
+        return 2 * self.ssm_dt_rank
+
+    @property
+    def ssm_conv_dim(self) -> int:
+        """Channels of the DeltaNet's conv: q and k (n_group heads each), then v."""
+        return 2 * self.ssm_n_group * self.ssm_d_state + self.ssm_d_inner
+
+    def is_recurrent(self, il: int) -> bool:
+        return bool(self.recurrent) and self.recurrent[il]
 
     @property
     def rope_type(self) -> str | None:
@@ -202,6 +275,10 @@ class ModelConfig:
         rope_theta = get_float("rope_theta", spec.default_rope_theta, theta)
         rope.pop("rope_theta", None)
         rope.pop("type", None)
+        if spec.hybrid:  # partial rotary and mrope keys, which text positions leave plain rope
+            partial = rope.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.25))
+            sections = rope.pop("mrope_section", None)
+            rope.pop("mrope_interleaved", None)
         rope_type = rope.get("rope_type")
         if rope_type in (None, "default"):
             rope_scaling = None
@@ -233,6 +310,11 @@ class ModelConfig:
                                       f"not {low!r} and {high!r}")
             rope_scaling = tuple(sorted((k, v) for k, v in rope.items() if not isinstance(v, (dict, list))))
 
+        n_layer = get_int("num_hidden_layers")
+        hybrid = {}
+        if spec.hybrid:
+            hybrid = _hybrid_from_hf(cfg, where, get_int, head_dim, n_layer, partial, sections)
+
         experts = {}
         if spec.moe:
             # the names llama.cpp's find_hparam tries, in its order
@@ -252,12 +334,13 @@ class ModelConfig:
 
         return cls(
             arch=spec.gguf_arch, hf_architecture=hf_arch,
-            n_vocab=get_int("vocab_size"), n_embd=n_embd, n_layer=get_int("num_hidden_layers"),
-            n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_ff=get_int("intermediate_size"),
+            n_vocab=get_int("vocab_size"), n_embd=n_embd, n_layer=n_layer,
+            n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
+            n_ff=get_int("intermediate_size", 0 if spec.moe else None),  # MoE hybrids have none
             rms_eps=get_float("rms_norm_eps", spec.default_rms_eps), rope_theta=rope_theta,
             context_length=get_int("max_position_embeddings", spec.default_context_length),
             tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            rope_scaling=rope_scaling, head_dim_in_config=head_dim_in_config, **experts,
+            rope_scaling=rope_scaling, head_dim_in_config=head_dim_in_config, **experts, **hybrid,
         )
 
     @classmethod
@@ -300,7 +383,12 @@ class ModelConfig:
         head_dim = get_int("attention.key_length", n_embd // n_head)
         if get_int("attention.value_length", head_dim) != head_dim:
             raise UnsupportedError(f"{where}: key_length and value_length differ")
-        if get_int("rope.dimension_count", head_dim) != head_dim or head_dim % 2:
+        n_rot = get_int("rope.dimension_count", head_dim)
+        if spec.hybrid:  # partial rotary: the first n_rot dimensions of each head
+            if n_rot > head_dim or n_rot % 2:
+                raise FormatError(f"{where}: metadata key '{arch}.rope.dimension_count' is {n_rot}, expected an "
+                                  f"even number up to the head size {head_dim}")
+        elif n_rot != head_dim or head_dim % 2:
             raise UnsupportedError(f"{where}: rope over part of a head (rope.dimension_count "
                                    f"{get_int('rope.dimension_count', head_dim)}, head size {head_dim}) is not supported")
         tokens = f.array_length("tokenizer.ggml.tokens") if "tokenizer.ggml.tokens" in f.keys() else None
@@ -328,17 +416,24 @@ class ModelConfig:
             if n_used > n_expert:
                 raise FormatError(f"{where}: metadata key '{arch}.expert_used_count' is {n_used}, more than "
                                   f"the {n_expert} experts of '{arch}.expert_count'")
-            experts = dict(n_expert=n_expert, n_expert_used=n_used,
-                           n_ff_exp=get_int("expert_feed_forward_length", max(1, get_int("feed_forward_length") // n_used)))
+            n_ff_exp = (get_int("expert_feed_forward_length") if f.get(f"{arch}.expert_feed_forward_length") is not None
+                        else max(1, get_int("feed_forward_length") // n_used))
+            experts = dict(n_expert=n_expert, n_expert_used=n_used, n_ff_exp=n_ff_exp)
             if spec.shared_expert:
                 experts["n_ff_shexp"] = get_int("expert_shared_feed_forward_length", get_int("feed_forward_length"))
+        n_layer = get_int("block_count")
+        hybrid = {}
+        if spec.hybrid:
+            hybrid = _hybrid_from_gguf(f, arch, where, get_int, head_dim, n_rot, n_layer)
+            n_layer -= hybrid["n_nextn"]  # block_count counts the prediction blocks after the trunk
         return cls(
-            arch=arch, hf_architecture=hf_arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=get_int("block_count"),
-            n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_ff=get_int("feed_forward_length"),
+            arch=arch, hf_architecture=hf_arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=n_layer,
+            n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
+            n_ff=get_int("feed_forward_length", 0 if spec.moe else None),
             rms_eps=get_float("attention.layer_norm_rms_epsilon", spec.default_rms_eps),
             rope_theta=get_float("rope.freq_base", 10000.0),
             context_length=get_int("context_length", spec.default_context_length),
-            tied_embeddings="output.weight" not in f.tensors, rope_scaling=rope_scaling, **experts,
+            tied_embeddings="output.weight" not in f.tensors, rope_scaling=rope_scaling, **experts, **hybrid,
         )
 
     def writes_head_dim(self) -> bool:
@@ -348,3 +443,84 @@ class ModelConfig:
 # rope scaling types the converter handles (TextModel.set_gguf_parameters); "llama3" yields the
 # rope_freqs.weight tensor instead of keys (LlamaModel.generate_extra_tensors).
 ROPE_SCALING_TYPES = ("linear", "yarn", "longrope", "su", "dynamic", "llama3")
+
+
+LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+def _check_linear_heads(where: str, n_group: int, dt_rank: int, d_inner: int, names: tuple[str, str, str]) -> None:
+    if dt_rank % n_group:
+        raise FormatError(f"{where}: {names[1]} {dt_rank} is not a multiple of {names[0]} {n_group}")
+    if d_inner % dt_rank:
+        raise FormatError(f"{where}: {names[2]} {d_inner} is not a multiple of {names[1]} {dt_rank}")
+
+
+def _check_sections(where: str, key: str, sections: Any) -> tuple[int, ...]:
+    if (not isinstance(sections, (list, tuple)) or not 1 <= len(sections) <= 4
+            or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v <= MAX_U32
+                   for v in sections) or not sum(sections)):
+        raise FormatError(f"{where}: {key} is {_show(sections)}, expected 1 to 4 counts of rotary pairs")
+    return tuple(int(v) for v in sections)
+
+
+def _interval_pattern(n_layer: int, interval: int) -> tuple[bool, ...]:
+    """Every interval-th block full attention, the others DeltaNet (HF's default layer_types)."""
+    return tuple((i + 1) % interval != 0 for i in range(n_layer))
+
+
+def _hybrid_from_hf(cfg: dict, where: str, get_int, head_dim: int, n_layer: int, partial: Any,
+                    sections: Any) -> dict:
+    """The hybrid fields of a ModelConfig from config.json (Qwen3_5TextConfig, Qwen3NextConfig)."""
+    n_group, dt_rank = get_int("linear_num_key_heads"), get_int("linear_num_value_heads")
+    d_inner = get_int("linear_value_head_dim") * dt_rank
+    _check_linear_heads(where, n_group, dt_rank, d_inner,
+                        ("linear_num_key_heads", "linear_num_value_heads", "linear value width"))
+    if not _finite_number(partial) or not 0 < partial <= 1:
+        raise FormatError(f"{where}: key 'partial_rotary_factor' is {_show(partial)}, expected a number in (0, 1]")
+    n_rot = int(head_dim * partial)  # as the converter writes rope.dimension_count
+    if n_rot < 2 or n_rot % 2:
+        raise FormatError(f"{where}: head_dim {head_dim} x partial_rotary_factor {partial} gives {n_rot} rotary "
+                          f"dimensions, expected an even number")
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:
+        recurrent = _interval_pattern(n_layer, get_int("full_attention_interval", 4))
+    elif (not isinstance(layer_types, list) or len(layer_types) != n_layer
+          or any(t not in LAYER_TYPES for t in layer_types)):
+        raise FormatError(f"{where}: key 'layer_types' is {_show(layer_types)}, expected {n_layer} entries of "
+                          f"{' or '.join(LAYER_TYPES)}")
+    else:
+        recurrent = tuple(t == "linear_attention" for t in layer_types)
+    n_nextn = cfg.get("mtp_num_hidden_layers", 0)
+    if isinstance(n_nextn, bool) or not isinstance(n_nextn, int) or not 0 <= n_nextn <= MAX_U32:
+        raise FormatError(f"{where}: key 'mtp_num_hidden_layers' is {_show(n_nextn)}, expected a count")
+    return dict(n_rot=n_rot, ssm_d_conv=get_int("linear_conv_kernel_dim"), ssm_d_state=get_int("linear_key_head_dim"),
+                ssm_n_group=n_group, ssm_dt_rank=dt_rank, ssm_d_inner=d_inner, recurrent=recurrent,
+                rope_sections=() if sections is None else _check_sections(where, "rope 'mrope_section'", sections),
+                n_nextn=n_nextn)
+
+
+def _hybrid_from_gguf(f: Any, arch: str, where: str, get_int, head_dim: int, n_rot: int, n_blocks: int) -> dict:
+    """The hybrid fields from GGUF metadata (llama.cpp's llama_model_qwen35::load_arch_hparams)."""
+    n_nextn = f.get(f"{arch}.nextn_predict_layers") or 0
+    if isinstance(n_nextn, bool) or not isinstance(n_nextn, (int, np.integer)) or not 0 <= n_nextn < n_blocks:
+        raise FormatError(f"{where}: metadata key '{arch}.nextn_predict_layers' is {_show(n_nextn)}, expected "
+                          f"a count below block_count {n_blocks}")
+    n_layer = n_blocks - int(n_nextn)
+    n_group, dt_rank, d_inner = get_int("ssm.group_count"), get_int("ssm.time_step_rank"), get_int("ssm.inner_size")
+    _check_linear_heads(where, n_group, dt_rank, d_inner,
+                        (f"'{arch}.ssm.group_count'", f"'{arch}.ssm.time_step_rank'", f"'{arch}.ssm.inner_size'"))
+    key = f"{arch}.attention.recurrent_layers"
+    flags = f.get(key)
+    if flags is None:
+        recurrent = _interval_pattern(n_layer, get_int("full_attention_interval", 4))
+    else:
+        flags = list(flags) if isinstance(flags, (list, tuple, np.ndarray)) else flags
+        if not isinstance(flags, list) or len(flags) != n_blocks or any(v not in (0, 1) for v in flags):
+            raise FormatError(f"{where}: metadata key '{key}' is {_show(flags)}, expected {n_blocks} booleans")
+        recurrent = tuple(bool(v) for v in flags[:n_layer])
+    sections = f.get(f"{arch}.rope.dimension_sections")
+    return dict(n_rot=n_rot, ssm_d_conv=get_int("ssm.conv_kernel"), ssm_d_state=get_int("ssm.state_size"),
+                ssm_n_group=n_group, ssm_dt_rank=dt_rank, ssm_d_inner=d_inner, recurrent=recurrent,
+                rope_sections=() if sections is None else _check_sections(
+                    where, f"metadata key '{arch}.rope.dimension_sections'", list(sections)),
+                n_nextn=int(n_nextn))

@@ -29,7 +29,11 @@ class Tensor:
     llama.cpp loads them). A 3-D shape is a stack of experts' matrices, whose HF name
     holds {e} for the expert's index. float32: decoded to float32 once at load, as vectors
     are (a router, which every token reads whole). hf_shape: the checkpoint's shape where
-    it differs (the converter writes the checkpoint's; llama-quantize drops outer 1s)."""
+    it differs (the converter writes the checkpoint's; llama-quantize drops outer 1s).
+    layer: "linear" or "attention" for a tensor only the hybrids' DeltaNet or full-attention
+    blocks have (ModelConfig.recurrent says which a block is). hf_unless: the ArchSpec flag
+    under which the checkpoint holds it inside a fused module instead (the model file's
+    SPLITS say how the converter cuts it out)."""
     field: str
     gguf: str
     hf: str
@@ -38,6 +42,8 @@ class Tensor:
     optional: bool = False
     float32: bool = False
     hf_shape: tuple[str, ...] | None = None  # the checkpoint's, where it differs from `shape`
+    layer: str | None = None
+    hf_unless: str | None = None
 
     @property
     def is_matrix(self) -> bool:
@@ -55,8 +61,15 @@ class Tensor:
         return tuple(dim(cfg, d) for d in self.hf_shape) if self.hf_shape else self.dims(cfg)
 
     def in_checkpoint(self, cfg: ModelConfig) -> bool:
-        """Whether a checkpoint of cfg's architecture must hold it (the converter's check)."""
+        """Whether a checkpoint of cfg's architecture must hold it under its own name (the
+        converter's check; see in_layer for which blocks)."""
+        if self.hf_unless is not None and getattr(cfg.spec, self.hf_unless):
+            return False
         return self.when is None or bool(getattr(cfg.spec, self.when))
+
+    def in_layer(self, cfg: ModelConfig, il: int) -> bool:
+        """Whether block il can have it (a hybrid's DeltaNet and attention blocks differ)."""
+        return self.layer is None or (self.layer == "linear") == cfg.is_recurrent(il)
 
     def required(self, cfg: ModelConfig) -> bool | None:
         """True: required; None: used if the file has it."""
@@ -87,8 +100,8 @@ def ggml_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def family(cfg: ModelConfig) -> ModuleType:
     """The model file of cfg's architecture."""
-    from . import dense, moe
-    for module in (dense, moe):
+    from . import dense, hybrid, moe
+    for module in (dense, moe, hybrid):
         if cfg.arch in module.ARCHITECTURES:
             return module
     raise UnsupportedError(f"architecture '{cfg.arch}' has no model file")
@@ -132,6 +145,8 @@ def expected_tensors(cfg: ModelConfig, has_lm_head: bool,
     layer = [t for t in model.TENSORS if t.in_checkpoint(cfg)]
     for i in range(cfg.n_layer):
         for t in layer:
+            if not t.in_layer(cfg, i):
+                continue
             if t.is_experts and i not in fused:
                 for e in range(cfg.n_expert):
                     shapes[f"model.layers.{i}.{t.hf.format(e=e)}"] = t.dims(cfg)[1:]

@@ -89,7 +89,9 @@ def load_weights(f: GGUFFile, cfg: ModelConfig) -> Weights:
         tensors = []
         for t in model.TENSORS:
             name, shape, required = f"blk.{i}.{t.gguf}", t.dims(cfg), t.required(cfg)
-            if t.is_matrix:
+            if not t.in_layer(cfg, i):  # a hybrid's other kind of block
+                tensors.append(None)
+            elif t.is_matrix:
                 tensors.append(_matrix(f, name, *shape) if required or name in f.tensors else None)
             else:
                 tensors.append(_vector(f, name, *shape, optional=not required))
