@@ -420,7 +420,9 @@ class ModelConfig:
                         else max(1, get_int("feed_forward_length") // n_used))
             experts = dict(n_expert=n_expert, n_expert_used=n_used, n_ff_exp=n_ff_exp)
             if spec.shared_expert:
-                experts["n_ff_shexp"] = get_int("expert_shared_feed_forward_length", get_int("feed_forward_length"))
+                experts["n_ff_shexp"] = get_int("expert_shared_feed_forward_length"
+                                                if f.get(f"{arch}.expert_shared_feed_forward_length") is not None
+                                                else "feed_forward_length")
         n_layer = get_int("block_count")
         hybrid = {}
         if spec.hybrid:

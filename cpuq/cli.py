@@ -192,6 +192,15 @@ def _repeat(default: int):
     return typer.Option(default, "--repeat", "-r", help="Timed repetitions, after one untimed warm-up.")
 
 
+def _context_memory(m: dict) -> str:
+    """The KV cache per token, and a hybrid's fixed recurrent state (why long contexts are cheap)."""
+    kv = f"KV cache {_human_bytes(m['kv_bytes_per_token'])} per token (f16)"
+    if not m["recurrent_blocks"]:
+        return kv
+    return (f"{kv} in {m['attention_blocks']} attention blocks; {m['recurrent_blocks']} Gated DeltaNet blocks "
+            f"hold a fixed {_human_bytes(m['recurrent_state_bytes'])} whatever the context")
+
+
 @app.command()
 @_clean_errors
 def info(
@@ -221,6 +230,7 @@ def info(
         ("context length", str(s["context_length"])),
         *([("experts", f"{s['experts']['count']} per block, {s['experts']['used']} used per token "
                        f"({_human_count(s['experts']['active_parameters'])} parameters active)")] if s["experts"] else []),
+        *([("context memory", _context_memory(s["memory"]))] if s["memory"] else []),
         ("bits per weight", f"{s['bits_per_weight']}" if s["bits_per_weight"] is not None else "-"),
         ("tensor types", ", ".join(f"{k}: {v}" for k, v in s["tensor_types"].items()) or "-"),
         ("tokenizer", f"{tok['model']} (pre: {tok['pre']}, {tok['n_vocab']} tokens, "

@@ -1,7 +1,7 @@
 """What a GGUF file holds, as one plain dict: the data behind `cpuq info`, and sizes in words.
 
-Imports from cpuq: errors, gguf_io. Nothing that runs or converts models, so that `cpuq info`
-starts without the runtime.
+Imports from cpuq: arch, errors, gguf_io. Nothing that runs or converts models, so that
+`cpuq info` starts without the runtime.
 """
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import os
 from collections import Counter
 from typing import Any
 
+from .arch import ModelConfig
+from .errors import FormatError, UnsupportedError
 from .gguf_io import open_gguf
 
 # Metadata that is too long to show in a summary; shown as its length instead.
@@ -29,7 +31,11 @@ def summarize(path: str | os.PathLike, tensors: bool = False) -> dict[str, Any]:
     """A JSON-ready summary of the GGUF file at `path`.
 
     Keys: path, file_size, gguf_version, architecture, name, parameters, context_length,
-    experts (an MoE's {count, used, active_parameters}: per block, per token; else None), tensor_count, tensor_types ({type: count}), tensor_bytes, bits_per_weight,
+    experts (an MoE's {count, used, active_parameters}: per block, per token; else None),
+    memory (what a context costs besides the weights: {kv_bytes_per_token (fp16 cache),
+    attention_blocks, recurrent_blocks, recurrent_state_bytes (a hybrid's Gated DeltaNet
+    states, fixed whatever the context)}; None if the runtime cannot read the metadata),
+    tensor_count, tensor_types ({type: count}), tensor_bytes, bits_per_weight,
     tokenizer ({model, pre, n_vocab, bos/eos ids}), chat_template (bool), metadata
     (every scalar key; bulky arrays as their length), and with `tensors=True` a list of
     {name, type, shape, bytes}.
@@ -51,6 +57,10 @@ def summarize(path: str | os.PathLike, tensors: bool = False) -> dict[str, Any]:
             stacked = sum(t.n_elements for t in f if "_exps." in t.name)  # the routed experts' weights
             experts = {"count": n_expert, "used": n_used,
                        "active_parameters": n_params - stacked + stacked * n_used // n_expert}
+        try:
+            memory = _memory(ModelConfig.from_gguf(f))
+        except (FormatError, UnsupportedError):  # info still shows what the file holds
+            memory = None
         summary: dict[str, Any] = {
             "path": str(path),
             "file_size": f.file_size,
@@ -60,6 +70,7 @@ def summarize(path: str | os.PathLike, tensors: bool = False) -> dict[str, Any]:
             "parameters": n_params,
             "context_length": f.get(f"{arch}.context_length") if arch else None,
             "experts": experts,
+            "memory": memory,
             "tensor_count": len(f.tensors),
             "tensor_types": dict(histogram.most_common()),
             "tensor_bytes": tensor_bytes,
@@ -78,3 +89,11 @@ def summarize(path: str | os.PathLike, tensors: bool = False) -> dict[str, Any]:
             summary["tensors"] = [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape), "bytes": t.n_bytes}
                                   for t in f]
     return summary
+
+
+def _memory(cfg: ModelConfig) -> dict[str, int]:
+    recurrent = sum(cfg.is_recurrent(i) for i in range(cfg.n_layer))
+    attention = cfg.n_layer - recurrent
+    state = (cfg.ssm_d_conv - 1) * cfg.ssm_conv_dim + cfg.ssm_dt_rank * cfg.ssm_d_state * cfg.ssm_head_v_dim
+    return {"kv_bytes_per_token": 2 * attention * cfg.n_head_kv * cfg.head_dim * 2, "attention_blocks": attention,
+            "recurrent_blocks": recurrent, "recurrent_state_bytes": 4 * recurrent * state if recurrent else 0}

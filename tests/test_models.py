@@ -7,18 +7,24 @@ from cpuq.errors import UnsupportedError
 from cpuq.kernels import step
 import dis
 
-from cpuq.models import dense, moe
+from cpuq.models import dense, hybrid, moe
 from cpuq.runtime import chunk, gpu, stages
 
+
 def test_every_path_has_the_ops_the_stages_name():
-    """The decode step, the prompt chunk and the GPU bind every model file's stages (bind
-    checks every global a stage loads against the ops), and offer the same op names."""
-    assert set(step.OPS) == set(chunk.OPS) == set(gpu.OPS)
+    """The decode step and the prompt chunk bind every model file's stages (bind checks
+    every global a stage loads against the ops) and offer the same op names; the GPU binds
+    the dense and MoE files and refuses the hybrids' DeltaNet, naming the op it lacks."""
+    assert set(step.OPS) == set(chunk.OPS) and set(gpu.OPS) < set(chunk.OPS)
     for ops, path in ((step.OPS, "step"), (chunk.OPS, "chunk"), (gpu.OPS, "gpu")):
         bound = stages.bind(dense, ops, path)
         assert bound.block.__qualname__ == f"block_{path}"
         assert bound.scope["linear3"] is ops["linear3"]
         assert stages.bind(moe, ops, path).scope["experts"] is ops["experts"]
+    for ops, path in ((step.OPS, "step"), (chunk.OPS, "chunk")):
+        assert stages.bind(hybrid, ops, path).scope["delta_rule"] is ops["delta_rule"]
+    with pytest.raises(UnsupportedError, match="hybrid.deltanet needs .*which the gpu path lacks"):
+        stages.bind(hybrid, gpu.OPS, "gpu")
 
 
 def _named(module, op: str) -> bool:
@@ -28,7 +34,7 @@ def _named(module, op: str) -> bool:
 @pytest.mark.parametrize("missing", sorted(chunk.OPS))
 def test_a_path_without_an_op_refuses_the_model(missing):
     ops = {k: v for k, v in chunk.OPS.items() if k != missing}
-    module = dense if _named(dense, missing) else moe
+    module = next(m for m in (dense, moe, hybrid) if _named(m, missing))
     assert _named(module, missing)
     with pytest.raises(UnsupportedError, match=f"needs {missing}, which the partial path lacks"):
         stages.bind(module, ops, "partial")

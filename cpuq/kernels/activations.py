@@ -25,3 +25,30 @@ def swiglu(gate, up, out):
         o = out[i]
         for j in range(f):  # not out[i, :f] = row: its shape-mismatch error compiles ~2 s of string code
             o[j] = row[j]
+
+
+@njit(cache=True, nogil=True)
+def sigmoid_mul(x, gate):
+    """x *= sigmoid(gate), both (n, f) f32 (a gated attention's output gate)."""
+    n = min(x.shape[0], gate.shape[0])
+    f = min(x.shape[1], gate.shape[1])
+    row = np.empty(f, np.float32)
+    for i in range(n):
+        g, o = gate[i], x[i]
+        for j in range(f):
+            row[j] = _expf(-g[j])
+        for j in range(f):
+            o[j] = o[j] / (np.float32(1.0) + row[j])
+
+
+@njit(cache=True, nogil=True)
+def split_halves(x, width, first, second):
+    """x (n, heads * 2 * width) holding each head's [first | second] halves -> first,
+    second (n, heads * width) (a gated attention's queries and gates)."""
+    n = min(x.shape[0], first.shape[0], second.shape[0])
+    heads = min(x.shape[1] // (2 * width), first.shape[1] // width, second.shape[1] // width)
+    for t in range(n):
+        for h in range(heads):
+            for j in range(width):
+                first[t, h * width + j] = x[t, 2 * h * width + j]
+                second[t, h * width + j] = x[t, 2 * h * width + width + j]

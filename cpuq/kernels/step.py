@@ -23,7 +23,8 @@ from collections import namedtuple
 import numpy as np
 from numba import njit
 
-from .activations import swiglu as _swiglu
+from .activations import sigmoid_mul as _sigmoid_mul, split_halves as _split_halves, swiglu as _swiglu
+from . import deltanet as _dn
 from .attention import attention as _attention, store_kv
 from .matvec import NONE_TYPE, NONE_W, matvec3
 from . import moe as _moe
@@ -35,11 +36,15 @@ from .rope import apply_rope
 _NONE = np.array([NONE_TYPE], np.int64)
 
 StepContext = namedtuple("StepContext", "eps cos sin neox k_cache v_cache start scale head_dim n_expert n_used "
-                                        "norm_topk")
+                                        "norm_topk conv_state ssm_state n_group d_state v_heads v_dim v_tiled")
 """eps: RMSNorm's; cos, sin (1, n_rot/2) f32: the token's RoPE tables; k_cache, v_cache:
 every layer's caches in kernels.attention's layouts; start: the token's position; scale:
 attention's 1/sqrt(head_dim) as f32; n_expert, n_used, norm_topk: the experts per block,
-the experts a token uses, whether their weights are renormalized (0, 0, False: dense)."""
+the experts a token uses, whether their weights are renormalized (0, 0, False: dense).
+The hybrids' Gated DeltaNet (runtime.forward.KVCache; empty arrays and zeros otherwise):
+conv_state (n_layer, d_conv - 1, conv channels) and ssm_state (n_layer, v_heads, d_state,
+v_dim) f32 every block's states; n_group key heads of d_state; v_heads value heads of
+v_dim; v_tiled: value head h reads key head h % n_group (else h // (v_heads / n_group))."""
 
 StepPack = namedtuple("StepPack", "buf at types vectors")
 """Every block's tensors addressed in the file's mapping (runtime.forward builds it):
@@ -158,9 +163,60 @@ def add_gated(out, y, h, g, c):
     _moe.add_gated(out, y, h, g)
 
 
+@njit(inline="always")
+def split_heads(qg, c):
+    half = qg.shape[1] // 2
+    q = np.empty((1, half), np.float32)
+    gate = np.empty((1, half), np.float32)
+    _split_halves(qg, c.head_dim, q, gate)
+    return q, gate
+
+
+@njit(inline="always")
+def mul_sigmoid(out, gate, c):
+    _sigmoid_mul(out, gate)
+
+
+@njit(inline="always")
+def split_ba(ba, c):
+    beta = np.empty((1, c.v_heads), np.float32)
+    alpha = np.empty((1, c.v_heads), np.float32)
+    _split_halves(ba, c.v_heads // c.n_group, beta, alpha)
+    return beta, alpha
+
+
+@njit(inline="always")
+def conv(qkv, w, il, c):
+    out = np.empty_like(qkv)
+    _dn.conv_step(qkv[0], c.conv_state[il], w, out[0])
+    return out
+
+
+@njit(inline="always")
+def delta_rule(qkv, alpha, beta, dt, a, il, c):
+    kd, vd = c.n_group * c.d_state, c.v_heads * c.v_dim
+    g = np.empty((1, c.v_heads), np.float32)
+    b = np.empty((1, c.v_heads), np.float32)
+    _dn.gates(alpha, beta, dt, a, g, b)
+    row = qkv[0]
+    q = np.ascontiguousarray(row[:kd]).reshape(c.n_group, c.d_state)
+    k = np.ascontiguousarray(row[kd:2 * kd]).reshape(c.n_group, c.d_state)
+    v = np.ascontiguousarray(row[2 * kd:2 * kd + vd]).reshape(c.v_heads, c.v_dim)
+    out = np.empty((c.v_heads, c.v_dim), np.float32)
+    _dn.gdn_step(q, k, v, g[0], b[0], c.ssm_state[il], out, c.v_tiled, c.eps)
+    return out.reshape(1, vd)
+
+
+@njit(inline="always")
+def gated_norm(out, w, z, c):
+    o = out.reshape(c.v_heads, c.v_dim)
+    _dn.gated_norm(o, w, z.reshape(c.v_heads, c.v_dim), c.eps, o)
+
+
 OPS = dict(rms_norm=rms_norm, linear3=linear3, linear2=linear2, linear=linear, add_bias=add_bias,
            head_norm=head_norm, rope=rope, attend=attend, swiglu=swiglu, route=route, experts=experts,
-           present=present, add_gated=add_gated)
+           present=present, add_gated=add_gated, split_heads=split_heads, mul_sigmoid=mul_sigmoid,
+           split_ba=split_ba, conv=conv, delta_rule=delta_rule, gated_norm=gated_norm)
 
 
 @njit(cache=True, inline="always")

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..kernels import activations, attention as attn, moe, norms
+from ..kernels import activations, attention as attn, deltanet, moe, norms
 from ..kernels.matmul import matmul
 from ..kernels.matvec import matvec_many
 from ..kernels.rope import apply_rope
@@ -30,7 +30,8 @@ class ChunkContext:
     """What the ops need besides their operands: cos, sin (n, n_rot/2) the chunk's RoPE
     tables; k_cache, v_cache every layer's caches (runtime.forward.KVCache); start the
     first token's position; gemm the workers (None: this thread); observe(x, names);
-    n_expert, n_used, norm_topk: kernels.step.StepContext's."""
+    n_expert, n_used, norm_topk and the Gated DeltaNet's states and sizes (conv_state ..
+    v_tiled): kernels.step.StepContext's."""
     eps: float
     cos: np.ndarray
     sin: np.ndarray
@@ -45,6 +46,13 @@ class ChunkContext:
     n_expert: int = 0
     n_used: int = 0
     norm_topk: bool = False
+    conv_state: np.ndarray | None = None
+    ssm_state: np.ndarray | None = None
+    n_group: int = 0
+    d_state: int = 0
+    v_heads: int = 0
+    v_dim: int = 0
+    v_tiled: bool = False
 
 
 def batched(gemm: Gemm | None, n: int) -> bool:
@@ -171,6 +179,57 @@ def add_gated(out, y, h, g, c):
     rows(c, out.shape[0], lambda lo, hi: moe.add_gated(out[lo:hi], y[lo:hi], h[lo:hi], g))
 
 
+def split_heads(qg, c):
+    n, half = qg.shape[0], qg.shape[1] // 2
+    q, gate = np.empty((n, half), np.float32), np.empty((n, half), np.float32)
+    rows(c, n, lambda lo, hi: activations.split_halves(qg[lo:hi], c.head_dim, q[lo:hi], gate[lo:hi]))
+    return q, gate
+
+
+def mul_sigmoid(out, gate, c):
+    rows(c, out.shape[0], lambda lo, hi: activations.sigmoid_mul(out[lo:hi], gate[lo:hi]))
+
+
+def split_ba(ba, c):
+    n = ba.shape[0]
+    beta, alpha = np.empty((n, c.v_heads), np.float32), np.empty((n, c.v_heads), np.float32)
+    activations.split_halves(ba, c.v_heads // c.n_group, beta, alpha)
+    return beta, alpha
+
+
+def conv(qkv, w, il, c):
+    """The causal conv runs along the tokens: one call (parallel over channels inside)."""
+    out = np.empty_like(qkv)
+    deltanet.conv_chunk(qkv, c.conv_state[il], w, out)
+    return out
+
+
+def delta_rule(qkv, alpha, beta, dt, a, il, c):
+    """The recurrence runs along the tokens, in parallel over value heads (inside)."""
+    n, kd, vd = qkv.shape[0], c.n_group * c.d_state, c.v_heads * c.v_dim
+    g, b = np.empty((n, c.v_heads), np.float32), np.empty((n, c.v_heads), np.float32)
+    deltanet.gates(alpha, beta, dt, a, g, b)
+    q = np.ascontiguousarray(qkv[:, :kd]).reshape(n, c.n_group, c.d_state)
+    k = np.ascontiguousarray(qkv[:, kd:2 * kd]).reshape(n, c.n_group, c.d_state)
+    v = np.ascontiguousarray(qkv[:, 2 * kd:2 * kd + vd]).reshape(n, c.v_heads, c.v_dim)
+    out = np.empty((n, c.v_heads, c.v_dim), np.float32)
+    PROMPT_RULE(q, k, v, g, b, c.ssm_state[il], out, c.v_tiled, c.eps)
+    return out.reshape(n, vd)
+
+
+def gated_norm(out, w, z, c):
+    n = out.shape[0]
+    o, zz = out.reshape(n, c.v_heads, c.v_dim), z.reshape(n, c.v_heads, c.v_dim)
+    rows(c, n, lambda lo, hi: deltanet.gated_norm(o[lo:hi], w, zz[lo:hi], c.eps, o[lo:hi]))
+
+
+# The prompt's delta rule: the token loop, which equals the decode step bit for bit and ran
+# faster than the chunked form (deltanet.gdn_chunk, HF's) at Qwen3.5-0.8B's head sizes
+# (docs/performance.md): the state stays in cache, and the chunked form does more arithmetic.
+PROMPT_RULE = deltanet.gdn_tokens
+
+
 OPS = dict(rms_norm=rms_norm, linear3=linear3, linear2=linear2, linear=linear, add_bias=add_bias,
            head_norm=head_norm, rope=rope, attend=attend, swiglu=swiglu, route=route, experts=experts,
-           present=present, add_gated=add_gated)
+           present=present, add_gated=add_gated, split_heads=split_heads, mul_sigmoid=mul_sigmoid,
+           split_ba=split_ba, conv=conv, delta_rule=delta_rule, gated_norm=gated_norm)

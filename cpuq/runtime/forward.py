@@ -55,9 +55,55 @@ class KVCache:
         self.n_ctx = n_ctx
         self.n_past = 0
         self.gpu = None  # the offloaded blocks' part (runtime.gpu.GpuCache), when there are any
+        # A hybrid's Gated DeltaNet states (kernels.step.StepContext's layouts), fixed in size
+        # whatever the context; only the DeltaNet blocks' pages are ever touched.
+        self.recurrent = tuple(i for i in range(cfg.n_layer) if cfg.is_recurrent(i))
+        if self.recurrent:
+            self.conv = _untouched_zeros((cfg.n_layer, cfg.ssm_d_conv - 1, cfg.ssm_conv_dim), np.float32)
+            self.ssm = _untouched_zeros((cfg.n_layer, cfg.ssm_dt_rank, cfg.ssm_d_state, cfg.ssm_head_v_dim),
+                                        np.float32)
+        else:
+            self.conv, self.ssm = np.zeros((0, 0, 0), np.float32), np.zeros((0, 0, 0, 0), np.float32)
+        # position -> the DeltaNet states after it (a recurrent state cannot be rolled back as
+        # keys and values can: see rewind), the most recent SNAPSHOTS of them
+        self.snapshots: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    SNAPSHOTS = 4
 
     def clear(self) -> None:
         self.n_past = 0
+        self.snapshots.clear()
+        for il in self.recurrent:
+            self.conv[il] = 0.0
+            self.ssm[il] = 0.0
+
+    def snapshot(self) -> None:
+        """Keep the DeltaNet states at n_past, so that rewind can come back here."""
+        if self.recurrent and self.n_past not in self.snapshots:
+            if len(self.snapshots) >= self.SNAPSHOTS:
+                del self.snapshots[min(self.snapshots)]
+            idx = list(self.recurrent)
+            self.snapshots[self.n_past] = (self.conv[idx], self.ssm[idx])
+
+    def rewind(self, n: int) -> int:
+        """Go back to holding positions 0 .. n-1 (n <= n_past) and return how many it holds:
+        n with a KV cache alone; for a hybrid, the latest snapshot at or before n (0, cleared,
+        if none), since its recurrent state cannot drop tokens."""
+        if not self.recurrent or n == self.n_past:
+            self.n_past = min(n, self.n_past)
+            return self.n_past
+        at = max((p for p in self.snapshots if p <= n), default=0)
+        if at == 0:
+            self.clear()
+            return 0
+        conv, ssm = self.snapshots[at]
+        for j, il in enumerate(self.recurrent):
+            self.conv[il] = conv[j]
+            self.ssm[il] = ssm[j]
+        for p in [p for p in self.snapshots if p > at]:
+            del self.snapshots[p]
+        self.n_past = at
+        return at
 
 
 def _untouched_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -93,7 +139,7 @@ class Rope:
             yarn = (1.0 if ext < 0 else ext, float(rope.get("beta_fast", 32.0)), float(rope.get("beta_slow", 1.0)),
                     int(rope["original_max_position_embeddings"]))
             attn_factor = float(rope.get("attention_factor", 1.0))
-        return cls(cfg.head_dim, cfg.rope_theta, cfg.arch != "llama", 1.0 / factor, yarn, attn_factor)
+        return cls(cfg.rot_dim, cfg.rope_theta, cfg.arch != "llama", 1.0 / factor, yarn, attn_factor)
 
     def tables(self, positions: np.ndarray, freq_factors: np.ndarray | None):
         return rope_tables(positions, self.n_rot, self.base, self.freq_scale, freq_factors, self.yarn,
@@ -104,7 +150,8 @@ class Rope:
 def step_pack(w: Weights, cfg: ModelConfig, buf: np.ndarray | None) -> StepPack | None:
     """The blocks' tensors as a kernels.step.StepPack, or None (the token then takes the
     chunk path) unless every matrix is of a block type (matvec.BLOCK_TYPES) lying whole in
-    buf (the file's uint8 mapping), and each tensor is in all blocks or in none."""
+    buf (the file's uint8 mapping), and each tensor is in all blocks that can have it or in
+    none (a hybrid's DeltaNet and attention blocks differ; see models.Tensor.in_layer)."""
     if buf is None or not w.layers:
         return None
     tensors = family(cfg).TENSORS
@@ -112,13 +159,15 @@ def step_pack(w: Weights, cfg: ModelConfig, buf: np.ndarray | None) -> StepPack 
     base, size = buf.__array_interface__["data"][0], buf.nbytes
     at = np.zeros((len(w.layers), len(matrices), 3), np.int64)
     types = np.full((len(w.layers), len(matrices)), NONE_TYPE, np.int64)
-    for j, name in enumerate(matrices):
-        ms = [getattr(layer, name) for layer in w.layers]
+    for j, t in enumerate(t for t in tensors if t.is_matrix):
+        ms = [getattr(layer, t.field) for layer in w.layers]
         if all(m is None for m in ms):
             continue  # at (0, 0, 0): an empty matrix
         for il, m in enumerate(ms):
             if m is None:
-                return None
+                if t.in_layer(cfg, il):
+                    return None
+                continue  # the other kind of block's: empty there
             off = m.data.__array_interface__["data"][0] - base
             if (m.ggml_type not in BLOCK_TYPES or not m.data.flags.c_contiguous or off < 0
                     or off + m.data.nbytes > size):
@@ -130,12 +179,13 @@ def step_pack(w: Weights, cfg: ModelConfig, buf: np.ndarray | None) -> StepPack 
         if t.is_matrix:
             continue
         vs = [getattr(layer, t.field) for layer in w.layers]
+        held = [v for il, v in enumerate(vs) if t.in_layer(cfg, il)]
         if all(v is None for v in vs):
             vectors.append(np.zeros((len(vs),) + (0,) * len(t.shape), np.float32))
-        elif any(v is None for v in vs) or len({v.shape for v in vs}) != 1:
+        elif any(v is None for v in held) or len({v.shape for v in held}) != 1:
             return None
-        else:
-            vectors.append(np.stack(vs).astype(np.float32))
+        else:  # zeros in the blocks of the other kind, which never read them
+            vectors.append(np.stack([np.zeros_like(held[0]) if v is None else v for v in vs]).astype(np.float32))
     return StepPack(buf, at, types, tuple(vectors))
 
 
@@ -162,13 +212,16 @@ def forward(w: Weights, cfg: ModelConfig, rope: Rope, tokens: np.ndarray, cache:
     scale = np.float32(1.0 / math.sqrt(cfg.head_dim))
     model = family(cfg)
     experts = (cfg.n_expert, cfg.n_expert_used, cfg.spec.norm_topk)
+    deltanet = (cache.conv, cache.ssm, cfg.ssm_n_group, cfg.ssm_d_state, cfg.ssm_dt_rank, cfg.ssm_head_v_dim,
+                cfg.spec.v_tiled)
     c = ChunkContext(cfg.rms_eps, cos, sin, rope.neox, cache.k, cache.v, start, scale, cfg.head_dim, gemm, observe,
-                     *experts)
+                     *experts, *deltanet)
     if n_cpu == 0:
         pass  # every block on the GPU
     elif n == 1 and observe is None and steps is not None:
         stages.decode_step(model).blocks(x, n_cpu, steps, StepContext(cfg.rms_eps, cos, sin, rope.neox, cache.k,
-                                                                      cache.v, start, scale, cfg.head_dim, *experts))
+                                                                      cache.v, start, scale, cfg.head_dim, *experts,
+                                                                      *deltanet))
     else:
         block = stages.prompt_chunk(model).block
         for il, layer in enumerate(w.layers[:n_cpu]):

@@ -177,6 +177,8 @@ class GpuOffload:
         self.n_layers = cfg.n_layer - self.first_layer
         if cfg.head_dim > 256:
             raise UnsupportedError(f"GPU offload needs a head_dim of at most 256, not {cfg.head_dim}")
+        if cfg.spec.hybrid:
+            raise UnsupportedError(f"GPU offload of {cfg.arch}'s Gated DeltaNet blocks is not implemented yet")
         if cfg.n_expert > MOE_MAX_EXPERTS:
             raise UnsupportedError(f"GPU offload needs at most {MOE_MAX_EXPERTS} experts, not {cfg.n_expert}")
         self.cpu_moe = cpu_moe and cfg.spec.moe

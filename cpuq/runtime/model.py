@@ -202,7 +202,8 @@ class Model(CallGuard):
         fills; InputError if even its whole could never fit (RAM + swap) or the system
         refuses the mapping, since the failure would otherwise come mid-generation."""
         cfg = self.config
-        per_token = 2 * cfg.n_layer * cfg.n_head_kv * cfg.head_dim * np.dtype(KVCache.TYPES[self.kv_type]).itemsize
+        attending = sum(not cfg.is_recurrent(i) for i in range(cfg.n_layer))  # a DeltaNet block's pages stay untouched
+        per_token = 2 * attending * cfg.n_head_kv * cfg.head_dim * np.dtype(KVCache.TYPES[self.kv_type]).itemsize
         memory = memory_bytes()
         advice = f"load with a smaller n_ctx (at most {memory // per_token} here)" if memory else "use a smaller n_ctx"
         if memory is not None and n_ctx * per_token > memory:
@@ -292,11 +293,17 @@ class Model(CallGuard):
                 break
             keep += 1
         keep = min(keep, len(ids) - 1)  # the last token is always evaluated, for its logits
-        self._cache.n_past = keep
+        keep = self._cache.rewind(keep)  # a hybrid's recurrent state: back to a snapshot
         del self._tokens[keep:]
         self._pending = []
         start = time.perf_counter()
         self.timings = Timings(prompt_tokens=len(ids) - keep)
+        if self._cache.recurrent and len(ids) - 1 > keep:
+            # the state before the prompt's last token, where the next turn (or the same
+            # prompt again) comes back to: templates drop a reply's thinking from the history
+            self._append(arr[keep:-1])
+            self._cache.snapshot()
+            keep = len(ids) - 1
         logits = self._append(arr[keep:])
         self.timings.prompt_seconds = time.perf_counter() - start
         return logits
@@ -315,7 +322,7 @@ class Model(CallGuard):
                 raise InputError(f"{arr.size} more tokens do not fit: the context holds {held} of "
                                  f"{self.n_ctx} (reset(), or load with a larger n_ctx)")
             arr = np.concatenate([np.array(self._pending, np.int64), arr])
-            self._cache.n_past = len(self._tokens)  # as _ingest: the token list is the truth
+            self._cache.rewind(len(self._tokens))  # as _ingest: the token list is the truth
             self._pending = []
             return self._append(arr)
 
