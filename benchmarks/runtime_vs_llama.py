@@ -122,6 +122,9 @@ class LlamaRuntime:
                 break
             keep += 1
         keep = min(keep, len(ids) - 1)  # the last id is always evaluated, for its logits
+        if keep < self.llm.n_tokens:  # a recurrent state cannot drop cells (llama_decode fails): start over
+            self.llm.reset()
+            keep = 0
         self.llm.n_tokens = keep  # Llama.eval first removes cache cells from n_tokens on
         self.llm.eval(ids[keep:])
         return self._logits()

@@ -5,8 +5,11 @@ is made, so the model computes the same function in float:
 
     group   matrices scaled (columns * s)   where 1/s goes (exact in float)
     attn    attn_q, attn_k, attn_v          attn_norm weight
+    lin     attn_qkv, attn_gate, ssm_beta,  attn_norm weight (a hybrid's DeltaNet block;
+            ssm_alpha (or ssm_ba)           qwen3next's ssm_ba: group lin_ba)
     o       attn_output                     attn_v rows (and bias): attention is linear in v
-    mlp     ffn_gate, ffn_up                ffn_norm weight
+                                            (a gated attention's sigmoid gate multiplies after)
+    mlp     ffn_gate, ffn_up                ffn_norm weight (post_attention_norm: hybrids)
     down    ffn_down                        ffn_up rows: silu(gate) * up is linear in up
 
 An input channel that carries large activations then takes a larger share of its block's
@@ -47,15 +50,24 @@ TIE_MARGIN = 1e-9  # relative error gain below which a group stays unscaled
 # group -> (the matrices it scales, the matrix whose input importance drives it)
 GROUPS = {
     "attn": (("attn_q", "attn_k", "attn_v"), "attn_q"),
+    "lin": (("attn_qkv", "attn_gate", "ssm_beta", "ssm_alpha"), "attn_qkv"),
+    "lin_ba": (("attn_qkv", "attn_gate", "ssm_ba"), "attn_qkv"),
     "o": (("attn_output",), "attn_output"),
     "mlp": (("ffn_gate", "ffn_up"), "ffn_gate"),
     "down": (("ffn_down",), "ffn_down"),
 }
-INPUT_GROUP = {m: g for g, (mats, _) in GROUPS.items() for m in mats}  # matrix -> its input's group
+# matrix -> the groups that can scale its columns (a block has at most one of them)
+INPUT_GROUPS = {m: tuple(g for g, (mats, _) in GROUPS.items() if m in mats) for _, (ms, _) in GROUPS.items()
+                for m in ms}
 
-# (rows of this tensor) / s: tensor suffix -> group
-ROW_DIVIDED = {"attn_v.weight": "o", "attn_v.bias": "o", "ffn_up.weight": "down",
-               "attn_norm.weight": "attn", "ffn_norm.weight": "mlp"}
+# (rows of this tensor) / s: tensor suffix -> the groups whose scales it divides out
+ROW_DIVIDED = {"attn_v.weight": ("o",), "attn_v.bias": ("o",), "ffn_up.weight": ("down",),
+               "attn_norm.weight": ("attn", "lin", "lin_ba"), "ffn_norm.weight": ("mlp",),
+               "post_attention_norm.weight": ("mlp",)}
+
+
+def _group_of(groups: tuple[str, ...], block: "BlockScales") -> str | None:
+    return next((g for g in groups if g in block.scales), None)
 
 
 @dataclass(frozen=True)
@@ -106,8 +118,10 @@ def search_block(il: int, cfg: ModelConfig, importance: Callable[[str], Optional
     out_scales, out_alphas = {}, {}
     for group, (mats, driver) in GROUPS.items():
         names = [f"blk.{il}.{m}.weight" for m in mats]
+        if any(n not in qtypes for n in names):  # not this kind of block's group
+            continue
         imp = importance(f"blk.{il}.{driver}.weight")
-        if imp is None or any(importance(n) is None or n not in qtypes for n in names):
+        if imp is None or any(importance(n) is None for n in names):
             continue
         imp = imp.astype(np.float64)
         per_alpha = {}
@@ -156,11 +170,11 @@ def apply(name: str, x: np.ndarray, start_row: int, block: BlockScales, cfg: Mod
         return x
     part = m.group(2)
     matrix = part[:-len(".weight")] if part.endswith(".weight") else None
-    group = INPUT_GROUP.get(matrix) if matrix else None
-    if group in block.scales:
+    group = _group_of(INPUT_GROUPS.get(matrix, ()), block) if matrix else None
+    if group is not None:
         x = x * block.scales[group].astype(np.float32)
-    divided = ROW_DIVIDED.get(part)
-    if divided in block.scales:
+    divided = _group_of(ROW_DIVIDED.get(part, ()), block)
+    if divided is not None:
         s = block.scales[divided]
         if divided == "o":
             s = value_row_scales(s, cfg)
@@ -175,7 +189,7 @@ def scaled_importance(name: str, importance: np.ndarray, block: BlockScales) -> 
     """A scaled matrix's input importance m / s^2 (the input it now sees is x / s)."""
     m = _BLOCK_NAME.match(name)
     part = m.group(2) if m else ""
-    group = INPUT_GROUP.get(part[:-len(".weight")]) if part.endswith(".weight") else None
-    if group not in block.scales:
+    group = _group_of(INPUT_GROUPS.get(part[:-len(".weight")], ()), block) if part.endswith(".weight") else None
+    if group is None:
         return importance
     return (importance / block.scales[group] ** 2).astype(np.float32)
