@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -46,6 +47,10 @@ from .safetensors_io import open_checkpoint
 Progress = Callable[[int, int, str], None]
 
 GGML_QUANT_VERSION = 2  # gguf-py's constants.GGML_QUANT_VERSION
+
+# One line for what a conversion leaves out on purpose; with no logging set up, Python's
+# last-resort handler prints it (message only) on stderr.
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,9 @@ MIXES: dict[str, dict[str, str | tuple[str, str]]] = {
     "q4_k_m": {
         "output.weight": "Q6_K",                # its output branch (also a tied token_embd, see below)
         "attn_v.weight": ("Q6_K", "Q4_K"),      # its attn_v branch
+        # a hybrid's DeltaNet input: category_is_attn_v, counted with attn_v (one of the two
+        # per block, so the counter is the block index over block_count)
+        "attn_qkv.weight": ("Q6_K", "Q4_K"),
         "ffn_down.weight": ("Q6_K", "Q4_K"),    # its ffn_down branch (every tensor named ffn_down*)
         "ffn_down_exps.weight": ("Q6_K", "Q4_K"),
         "ffn_down_shexp.weight": ("Q6_K", "Q4_K"),
@@ -92,8 +100,13 @@ MIXES: dict[str, dict[str, str | tuple[str, str]]] = {
 }
 # ... and for a model of exactly 8 experts, whatever the layer (the n_expert == 8 branches).
 EIGHT_EXPERTS: dict[str, dict[str, str]] = {
-    "q4_k_m": {"attn_v.weight": "Q8_0", "attn_k.weight": "Q8_0", "attn_output.weight": "Q5_K"},
+    "q4_k_m": {"attn_v.weight": "Q8_0", "attn_qkv.weight": "Q8_0", "attn_k.weight": "Q8_0",
+               "attn_output.weight": "Q5_K"},
 }
+
+# Kept F32 whatever the type: the converter's SSM_CONV1D (ModelBase.prepare_tensors), which
+# llama-quantize leaves as it is (tensor_allows_quantization).
+FLOAT32_TENSORS = ("ssm_conv1d.weight",)
 
 # Routers: the converter keeps them F32 (ModelBase.prepare_tensors' FFN_GATE_INP, _SHEXP);
 # llama-quantize leaves only names containing "ffn_gate_inp.weight" (tensor_allows_quantization).
@@ -129,6 +142,8 @@ class TensorPlan:
     # An expert stack's rows, in order: (checkpoint tensor, first row, end row) of the
     # tensor seen as a matrix of its last dimension; None: hf_name whole.
     parts: tuple[tuple[str, int, int], ...] | None = None
+    # A model file's conversion quirk on each piece of values read (models.hybrid.quirks).
+    values: Callable[[np.ndarray], np.ndarray] | None = None
 
     def sources(self, ckpt) -> tuple[tuple[str, int, int], ...]:
         return self.parts if self.parts is not None else ((self.hf_name, 0, ckpt.rows(self.hf_name)),)
@@ -153,7 +168,8 @@ def _mix_type(name: str, out: OutType, cfg: ModelConfig, tied: bool) -> str:
         return out.qtype
     if isinstance(choice, str):
         return choice
-    want = choice[0] if use_more_bits(int(m.group(1)), cfg.n_layer) else choice[1]
+    # over every block, a hybrid's prediction blocks too (llama-quantize's n_layer_all)
+    want = choice[0] if use_more_bits(int(m.group(1)), cfg.n_layer + cfg.n_nextn) else choice[1]
     # 70B-class models (80 layers; llama only with GQA) get Q5_K for attn_v (LLM_TYPE_70B in
     # llama_tensor_get_type_impl; load_arch_hparams of src/models/qwen2.cpp and llama.cpp).
     if (m.group(2) == "attn_v.weight" and want == "Q4_K" and cfg.n_layer == 80
@@ -166,7 +182,7 @@ def tensor_qtype(name: str, shape: tuple[int, ...], out: OutType, cfg: ModelConf
                  tied: bool = False) -> QType:
     """The converter's per-tensor choice (ModelBase.prepare_tensors), then (for the llama-quantize
     types) the type mix and llama-quantize's shape fallback."""
-    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+    if len(shape) <= 1 or name.endswith(("_norm.weight", *FLOAT32_TENSORS)) or not name.endswith(".weight"):
         return get_qtype("F32")
     if name.endswith(ROUTERS[0]) or (name.endswith(ROUTERS) and not out.via_llama_quantize):
         return get_qtype("F32")
@@ -201,85 +217,139 @@ def _quantize_order(name: str) -> tuple[int, bytes]:
     return (int(m.group(1)) if m else -1, name.encode())
 
 
-def _fused_layers(ckpt, cfg: ModelConfig) -> dict[int, dict[str, str]]:
-    """Layer -> {fused HF module: its checkpoint name} for the layers whose experts come as
-    stacks (models.moe.FUSED_EXPERTS; with or without .weight, as llama.cpp accepts)."""
+def _fused_layers(names, cfg: ModelConfig) -> dict[int, dict[str, str]]:
+    """Layer -> {fused HF module: its name} for the layers whose experts come as stacks
+    (models.moe.FUSED_EXPERTS; with or without .weight, as llama.cpp accepts); `names`: the
+    checkpoint's tensor names as the converter reads them (canonical_names)."""
     fused: dict[int, dict[str, str]] = {}
     if not cfg.spec.moe:
         return fused
-    for i in range(cfg.n_layer):
-        names = {}
+    for i in range(cfg.n_layer + cfg.n_nextn):
+        found = {}
         for module in family(cfg).FUSED_EXPERTS:
             base = f"model.layers.{i}.{module}"
-            names[module] = base + ".weight" if base + ".weight" in ckpt else base
-        if any(n in ckpt for n in names.values()):  # then all of them (a missing one is reported)
-            fused[i] = names
+            found[module] = base + ".weight" if base + ".weight" in names else base
+        if any(n in names for n in found.values()):  # then all of them (a missing one is reported)
+            fused[i] = found
     return fused
+
+
+def canonical_names(ckpt, cfg: ModelConfig) -> dict[str, str | None]:
+    """Checkpoint name -> the name the converter reads it under (a hybrid's text model out of
+    language_model., its mtp.* blocks after the trunk; models.hybrid.canonical_name), None
+    for what it skips (a vision tower)."""
+    model = family(cfg)
+    if not hasattr(model, "canonical_name"):
+        return {n: n for n in ckpt.names}
+    return {n: model.canonical_name(n, cfg.n_layer) for n in ckpt.names}
+
+
+def checkpoint_config(ckpt, cfg: ModelConfig, where: Path) -> ModelConfig:
+    """cfg with the prediction blocks the checkpoint holds (llama.cpp counts mtp.layers.* where
+    config.json has no mtp_num_hidden_layers, Qwen3-Next's); a checkpoint without them
+    converts without them (llama.cpp's --no-mtp)."""
+    model = family(cfg)
+    if not hasattr(model, "nextn_count"):
+        return cfg
+    found = model.nextn_count(ckpt.names)
+    if found > len(ckpt.names):  # before expected_tensors lists a lying index's blocks
+        raise FormatError(f"{where}: the checkpoint names prediction block mtp.layers.{found - 1}, more blocks "
+                          f"than its {len(ckpt.names)} tensors can hold")
+    if found and cfg.n_nextn and found != cfg.n_nextn:
+        raise FormatError(f"{where}: config.json says mtp_num_hidden_layers {cfg.n_nextn}, the checkpoint "
+                          f"holds {found} (mtp.layers.*)")
+    return replace(cfg, n_nextn=found)
 
 
 def plan_tensors(ckpt, cfg: ModelConfig, out: OutType, where: Path) -> list[TensorPlan]:
     """Check the checkpoint holds exactly the tensors `cfg` implies, and lay out the output."""
-    has_lm_head = "lm_head.weight" in ckpt
+    model = family(cfg)
+    canonical = canonical_names(ckpt, cfg)
+    raw_of = {c: n for n, c in canonical.items() if c is not None}
+    prefix = "model.language_model." if any(n.startswith("model.language_model.") for n in ckpt.names) else "model."
+
+    def shown(name: str) -> str:  # the checkpoint's own name, for messages
+        if name in raw_of:
+            return raw_of[name]
+        return model.stored_name(name, cfg.n_layer, prefix) if hasattr(model, "stored_name") else name
+
+    has_lm_head = "lm_head.weight" in raw_of
     if cfg.n_layer > len(ckpt):  # before expected_tensors lists billions of names for a lying count
         raise FormatError(f"{where}: config.json says num_hidden_layers {cfg.n_layer}, more layers than the "
                           f"checkpoint's {len(ckpt)} tensors can hold")
-    fused = _fused_layers(ckpt, cfg)
-    per_expert_layers = cfg.n_layer - len(fused) if cfg.spec.moe else 0
+    fused = _fused_layers(raw_of, cfg)
+    per_expert_layers = cfg.n_layer + cfg.n_nextn - len(fused) if cfg.spec.moe else 0
     if 3 * cfg.n_expert * per_expert_layers > len(ckpt):  # likewise, for three matrices per expert
         raise FormatError(f"{where}: config.json says {cfg.n_expert} experts in each of {cfg.n_layer} layers, "
                           f"more expert matrices than the checkpoint's {len(ckpt)} tensors can hold")
     expected = expected_tensors(cfg, has_lm_head, fused)
     for hf_name, shape in expected.items():
-        if hf_name not in ckpt:
-            raise FormatError(f"{where}: tensor '{hf_name}' is missing from the checkpoint")
-        if tuple(ckpt.shape(hf_name)) != shape:
-            raise FormatError(f"{where}: tensor '{hf_name}' has shape {list(ckpt.shape(hf_name))}, "
+        if hf_name not in raw_of:
+            raise FormatError(f"{where}: tensor '{shown(hf_name)}' is missing from the checkpoint")
+        if tuple(ckpt.shape(raw_of[hf_name])) != shape:
+            raise FormatError(f"{where}: tensor '{shown(hf_name)}' has shape {list(ckpt.shape(raw_of[hf_name]))}, "
                               f"config.json implies {list(shape)}")
     # Converter order (ModelBase.index_tensors): shards sorted by file name, names sorted within each.
     by_shard: dict[str, list[str]] = {}
-    for hf_name in ckpt.names:
-        by_shard.setdefault(ckpt.file_of(hf_name).name, []).append(hf_name)
+    for raw in ckpt.names:
+        by_shard.setdefault(ckpt.file_of(raw).name, []).append(raw)
     plans = []
     if cfg.rope_type == "llama3" and cfg.spec.gguf_arch == "llama":  # generate_extra_tensors() comes first
         plans.append(TensorPlan(None, "rope_freqs.weight", (cfg.head_dim // 2,), get_qtype("F32")))
 
-    def plan(hf_name, name, shape, parts=None):
-        plans.append(TensorPlan(hf_name, name, shape, tensor_qtype(name, shape, out, cfg, not has_lm_head), parts))
+    def plan(raw, name, shape, parts=None, values=None):
+        plans.append(TensorPlan(raw, name, shape, tensor_qtype(name, shape, out, cfg, not has_lm_head), parts,
+                                values))
 
-    model = family(cfg)
+    splits = getattr(model, "SPLITS", {})
     # Qwen2MoeModel.modify_tensors: a layer's stacks are written, in HF name order (down, gate,
     # up), when its last expert matrix is read
     stacks = sorted((t for t in model.TENSORS if t.is_experts), key=lambda t: t.hf)
     seen_experts: dict[int, int] = {}
     for shard in sorted(by_shard):
-        for hf_name in sorted(by_shard[shard]):
-            layer = re.match(r"^model\.layers\.(\d+)\.", hf_name)
-            il = int(layer.group(1)) if layer else -1
+        for raw in sorted(by_shard[shard]):
+            hf_name = canonical[raw]
+            if hf_name is None:
+                continue
+            layer = re.match(r"^model\.layers\.(\d+)\.(.+)$", hf_name)
+            il, rest = (int(layer.group(1)), layer.group(2)) if layer else (-1, None)
             module = next((mod for mod, n in fused.get(il, {}).items() if n == hf_name), None)
             if module is not None:  # one checkpoint tensor, one or two stacks (gate then up)
-                n_expert, rows, cols = ckpt.shape(hf_name)
+                n_expert, rows, cols = ckpt.shape(raw)
                 for field, first, count in model.FUSED_EXPERTS[module]:
                     first, count = dim(cfg, first), dim(cfg, count)
                     gguf = next(t.gguf for t in model.TENSORS if t.field == field)
-                    plan(hf_name, f"blk.{il}.{gguf}", (n_expert, count, cols),
-                         tuple((hf_name, e * rows + first, e * rows + first + count) for e in range(n_expert)))
+                    plan(raw, f"blk.{il}.{gguf}", (n_expert, count, cols),
+                         tuple((raw, e * rows + first, e * rows + first + count) for e in range(n_expert)))
+                continue
+            if rest in splits and hf_name in expected:  # one checkpoint tensor cut in several
+                for field, runs in model.split_rows(cfg, rest).items():
+                    t = next(t for t in model.TENSORS if t.field == field)
+                    plan(raw, f"blk.{il}.{t.gguf}", t.dims(cfg), tuple((raw, a, b) for a, b in runs))
                 continue
             name = gguf_tensor_name(cfg, hf_name)
             if name is None:
                 continue
             if hf_name not in expected:
-                raise UnsupportedError(f"{where}: tensor '{hf_name}' is not part of a {cfg.hf_architecture} "
+                raise UnsupportedError(f"{where}: tensor '{raw}' is not part of a {cfg.hf_architecture} "
                                        f"with this config.json")
             if any(name == f"blk.{il}.{t.gguf}" for t in stacks):  # one expert's matrix of a stack
                 seen_experts[il] = seen_experts.get(il, 0) + 1
                 if seen_experts[il] == len(stacks) * cfg.n_expert:
                     for t in stacks:
-                        names = [f"model.layers.{il}.{t.hf.format(e=e)}" for e in range(cfg.n_expert)]
+                        names = [raw_of[f"model.layers.{il}.{t.hf.format(e=e)}"] for e in range(cfg.n_expert)]
                         rows = ckpt.shape(names[0])
                         plan(names[0], f"blk.{il}.{t.gguf}", (cfg.n_expert, *rows), tuple((n, 0, rows[0]) for n in names))
                 continue
-            shape = tuple(ckpt.shape(hf_name))
-            plan(hf_name, name, ggml_shape(shape) if out.via_llama_quantize else shape)
+            shape = tuple(ckpt.shape(raw))
+            quirk = model.quirks(cfg, rest if rest is not None else hf_name) if hasattr(model, "quirks") else None
+            parts = values = None
+            if quirk is not None:
+                if quirk.squeeze:  # torch's squeeze(): every dimension of 1
+                    shape = tuple(d for d in shape if d != 1)
+                parts = tuple((raw, a, b) for a, b in quirk.rows) if quirk.rows is not None else None
+                values = quirk.values
+            plan(raw, name, ggml_shape(shape) if out.via_llama_quantize else shape, parts, values)
     if out.via_llama_quantize:
         plans.sort(key=lambda p: _quantize_order(p.name))
     return plans
@@ -321,6 +391,35 @@ def _ids_in_vocab(config: dict, n_vocab: int) -> dict:
             if not (k.endswith("_token_id") and isinstance(v, int) and not isinstance(v, bool) and v >= n_vocab)}
 
 
+def _hybrid_metadata(cfg: ModelConfig, raw_config: dict) -> tuple[dict, dict]:
+    """The keys a hybrid adds after the MoE ones (_QwenMtpMixin, Qwen3NextModel and
+    _Qwen35MRopeMixin.set_gguf_parameters, in that order)."""
+    a, u32 = cfg.arch, GGUFValueType.UINT32
+    text = {**raw_config, **raw_config.get("text_config", {})}
+    values: dict[str, Any] = {}
+    if cfg.n_nextn:
+        values[f"{a}.nextn_predict_layers"] = cfg.n_nextn
+    values.update({f"{a}.ssm.conv_kernel": cfg.ssm_d_conv, f"{a}.ssm.state_size": cfg.ssm_d_state,
+                   f"{a}.ssm.group_count": cfg.ssm_n_group, f"{a}.ssm.time_step_rank": cfg.ssm_dt_rank,
+                   f"{a}.ssm.inner_size": cfg.ssm_d_inner})
+    types = dict.fromkeys(values, u32)
+    # transformers' config classes always fill layer_types, so the converter always writes them
+    values[f"{a}.attention.recurrent_layers"] = [*cfg.recurrent, *[False] * cfg.n_nextn]
+    types[f"{a}.attention.recurrent_layers"] = GGUFValueType.ARRAY
+    types[f"{a}.attention.recurrent_layers[]"] = GGUFValueType.BOOL
+    # ... and take full_attention_interval out of the config they return unless layer_types was given
+    interval = text.get("full_attention_interval", 4) if text.get("layer_types") is not None else 4
+    values[f"{a}.full_attention_interval"] = interval
+    values[f"{a}.rope.dimension_count"] = cfg.rot_dim
+    types[f"{a}.full_attention_interval"] = types[f"{a}.rope.dimension_count"] = u32
+    default = family(cfg).DEFAULT_ROPE_SECTIONS.get(cfg.arch)
+    if default is not None and not cfg.rope_sections:
+        values[f"{a}.rope.dimension_sections"] = list(default)
+        types[f"{a}.rope.dimension_sections"] = GGUFValueType.ARRAY
+        types[f"{a}.rope.dimension_sections[]"] = GGUFValueType.INT32
+    return values, types
+
+
 def _arch_metadata(cfg: ModelConfig) -> tuple[dict, dict]:
     """{arch}.* keys in the order TextModel.set_gguf_parameters, then LlamaModel's, write them
     (file_type excluded)."""
@@ -334,10 +433,11 @@ def _arch_metadata(cfg: ModelConfig) -> tuple[dict, dict]:
         values[key] = _f32(value) if vtype == f32 else value
         types[key] = vtype
 
-    put(f"{a}.block_count", cfg.n_layer, u32)
+    put(f"{a}.block_count", cfg.n_layer + cfg.n_nextn, u32)  # a hybrid's prediction blocks too
     put(f"{a}.context_length", cfg.context_length, u32)
     put(f"{a}.embedding_length", cfg.n_embd, u32)
-    put(f"{a}.feed_forward_length", cfg.n_ff, u32)
+    if cfg.n_ff or not cfg.spec.hybrid:  # an MoE hybrid's config names no intermediate_size
+        put(f"{a}.feed_forward_length", cfg.n_ff, u32)
     put(f"{a}.attention.head_count", cfg.n_head, u32)
     put(f"{a}.attention.head_count_kv", cfg.n_head_kv, u32)
     rope = dict(cfg.rope_scaling or ())
@@ -358,6 +458,9 @@ def _arch_metadata(cfg: ModelConfig) -> tuple[dict, dict]:
                 put(f"{a}.rope.scaling.{suffix}", value, f32)
     elif rope_type in ("su", "longrope"):
         put(f"{a}.rope.scaling.type", "longrope", GGUFValueType.STRING)
+    if cfg.rope_sections:  # mrope's, padded to four
+        put(f"{a}.rope.dimension_sections", [*cfg.rope_sections, 0, 0, 0][:4], GGUFValueType.ARRAY)
+        types[f"{a}.rope.dimension_sections[]"] = GGUFValueType.INT32
     put(f"{a}.rope.freq_base", cfg.rope_theta, f32)
     put(f"{a}.attention.layer_norm_rms_epsilon", cfg.rms_eps, f32)
     if cfg.spec.moe:
@@ -418,7 +521,10 @@ def _tensor_pieces(ckpt, cfg: ModelConfig, plan: TensorPlan, out: OutType,
             stop = min(end, start + step)
             values = ckpt.read_rows_f32(source, start, stop)
             _check_storable(ckpt, plan, out, values, start, source)
-            values = transform(values.reshape(-1, *plan.shape[1:]) if plan.parts is None else values, done)
+            values = values.reshape(-1, *plan.shape[1:]) if plan.parts is None else values
+            if plan.values is not None:
+                values = plan.values(values)
+            values = transform(values, done)
             done += stop - start
             yield _encode(values, plan, out, imp), (stop - start) * row_bytes
 
@@ -445,6 +551,24 @@ def _unchanged(x: np.ndarray, start: int) -> np.ndarray:
     return x
 
 
+def _plan_rows(ckpt, plan: TensorPlan, a: int, b: int) -> np.ndarray:
+    """Rows [a, b) of a planned matrix as the file holds them: its rows gathered from their
+    sources in order (a hybrid's reordered or cut tensors), its quirk applied. An expert
+    stack: rows of its first matrix."""
+    if len(plan.shape) == 3:
+        return ckpt.read_rows_f32(plan.hf_name, a, b)
+    pieces, at = [], 0
+    for source, first, end in plan.sources(ckpt):
+        lo, hi = max(a, at), min(b, at + end - first)
+        if lo < hi:
+            pieces.append(ckpt.read_rows_f32(source, first + lo - at, first + hi - at))
+        at += end - first
+    if not pieces:
+        return np.zeros((0, plan.shape[-1]), np.float32)
+    x = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+    return plan.values(x) if plan.values is not None else x
+
+
 class _ChannelScaling:
     """convert.scaling for the blocks of one conversion: each block's scales are searched
     when its first tensor is written (llama-quantize's order groups a block's tensors), and
@@ -464,11 +588,15 @@ class _ChannelScaling:
         il = int(m.group(1))
         if self.block is None or self.block[0] != il:
             def read_rows(n, a, b):
-                return self.ckpt.read_rows_f32(self.plans[n].hf_name, a, b)
+                return _plan_rows(self.ckpt, self.plans[n], a, b)
 
-            found = scaling.search_block(il, self.cfg, self.importances.get, read_rows,
-                                         lambda n: self.ckpt.rows(self.plans[n].hf_name),
-                                         self.qtypes, self.f16)
+            def rows(n):
+                p = self.plans[n]
+                if len(p.shape) == 3:  # an expert stack: its first matrix, as before
+                    return self.ckpt.rows(p.hf_name)
+                return sum(end - first for _, first, end in p.sources(self.ckpt))
+
+            found = scaling.search_block(il, self.cfg, self.importances.get, read_rows, rows, self.qtypes, self.f16)
             self.block = (il, found)
         return self.block[1]
 
@@ -569,8 +697,9 @@ def _imatrix_metadata(im: Imatrix, file_name: str | None) -> tuple[dict, dict]:
 def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str = "q4_k_m",
             force: bool = False, progress: Progress | None = None,
             imatrix: Imatrix | str | os.PathLike | None = None, awq: bool = False) -> Path:
-    """Convert the HF checkpoint in `src_dir` (Qwen2, Qwen3, Llama, Qwen2-MoE or Qwen3-MoE;
-    safetensors + config.json + tokenizer.json) to a GGUF file at `dst_path` with matrices of
+    """Convert the HF checkpoint in `src_dir` (Qwen2, Qwen3, Llama, Qwen2-MoE, Qwen3-MoE, or
+    the hybrids Qwen3.5, Qwen3.5-MoE and Qwen3-Next, whose vision tower is left out with one
+    logged line; safetensors + config.json + tokenizer.json) to a GGUF file at `dst_path` with matrices of
     type `qtype`; return the path.
 
     imatrix: an importance matrix (convert.imatrix.Imatrix, or the path of llama.cpp's
@@ -597,7 +726,12 @@ def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str 
         im_file, imatrix = str(imatrix), Imatrix.read(imatrix)
 
     with open_checkpoint(src) as ckpt:
+        cfg = checkpoint_config(ckpt, cfg, src)
         plans = plan_tensors(ckpt, cfg, out, src)
+        skipped = [n for n in ckpt.names if n.startswith(getattr(family(cfg), "VISION_PREFIXES", ()))]
+        if skipped:  # the one thing a conversion leaves out on purpose: say so
+            _log.warning("%s: skipped the vision tower (%d tensors, %s*): the GGUF file holds the text model",
+                         src, len(skipped), family(cfg).VISION_PREFIXES[0])
         # Only now that the embedding's rows have confirmed vocab_size: the token list is that
         # long (a lying 2^31 took minutes and gigabytes).
         tok_values, tok_types = tokenizer_metadata(src, cfg.n_vocab, _ids_in_vocab(raw_config, cfg.n_vocab), cfg.arch)
@@ -620,6 +754,10 @@ def convert(src_dir: str | os.PathLike, dst_path: str | os.PathLike, qtype: str 
         versions = {"general.file_type": out.file_type, "general.quantization_version": GGML_QUANT_VERSION}
         u32 = GGUFValueType.UINT32
         types = {**gen_types, **arch_types, **tok_types, **{k: u32 for k in (*extra, *versions)}}
+        if cfg.spec.hybrid:
+            hybrid_values, hybrid_types = _hybrid_metadata(cfg, raw_config)
+            extra.update(hybrid_values)
+            types.update(hybrid_types)
 
         total_bytes = sum(ckpt.nbytes(src) // max(ckpt.rows(src), 1) * (end - first)
                           for p in plans if p.hf_name is not None for src, first, end in p.sources(ckpt))

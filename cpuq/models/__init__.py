@@ -107,28 +107,38 @@ def family(cfg: ModelConfig) -> ModuleType:
     raise UnsupportedError(f"architecture '{cfg.arch}' has no model file")
 
 
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-_GLOBAL_RE = re.compile(r"^(.+)\.(weight|bias)$")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_SUFFIX_RE = re.compile(r"^(.+)\.(weight|bias)$")
 _EXPERT_RE = re.compile(r"\.\d+\.")
 
 
 def gguf_tensor_name(cfg: ModelConfig, hf_name: str) -> str | None:
-    """GGUF name of an HF checkpoint tensor of cfg's architecture; None for tensors the
-    converter drops. UnsupportedError for a name the model file does not know
-    (llama.cpp's ModelBase.map_tensor_name)."""
+    """GGUF name of an HF checkpoint tensor of cfg's architecture (its name as the converter
+    sees it: a hybrid's canonical_name); None for tensors the converter drops.
+    UnsupportedError for a name the model file does not know (llama.cpp's
+    ModelBase.map_tensor_name)."""
     model = family(cfg)
     if hf_name.endswith(model.IGNORED_SUFFIXES):
         return None
     name = hf_name[len("language_model."):] if hf_name.startswith("language_model.") else hf_name
     m = _LAYER_RE.match(name)
     if m:
-        layer, module, suffix = m.groups()
-        module = _EXPERT_RE.sub(".{e}.", module)  # one expert's matrix: part of its stack
-        for t in model.TENSORS:  # a module's .weight and .bias share its GGUF base name
-            if t.hf.rsplit(".", 1)[0] == module:
-                return f"blk.{int(layer)}.{t.gguf.rsplit('.', 1)[0]}.{suffix}"
+        layer, rest = int(m.group(1)), m.group(2)
+        for t in model.TENSORS:  # the whole name first: a hybrid's A_log and dt_bias have no suffix
+            if t.hf == rest:
+                return f"blk.{layer}.{t.gguf}"
+        m = _SUFFIX_RE.match(rest)
+        if m:
+            module, suffix = m.groups()
+            nextn = getattr(model, "NEXTN_NAMES", {})
+            if module in nextn:  # a prediction block's own modules
+                return f"blk.{layer}.{nextn[module]}.{suffix}"
+            module = _EXPERT_RE.sub(".{e}.", module)  # one expert's matrix: part of its stack
+            for t in model.TENSORS:  # a module's .weight and .bias share its GGUF base name
+                if t.hf.rsplit(".", 1)[0] == module:
+                    return f"blk.{layer}.{t.gguf.rsplit('.', 1)[0]}.{suffix}"
     else:
-        m = _GLOBAL_RE.match(name)
+        m = _SUFFIX_RE.match(name)
         if m and m.group(1) in model.GLOBAL_TENSORS:
             return f"{model.GLOBAL_TENSORS[m.group(1)]}.{m.group(2)}"
     raise UnsupportedError(f"tensor '{hf_name}' has no GGUF name")
@@ -136,22 +146,32 @@ def gguf_tensor_name(cfg: ModelConfig, hf_name: str) -> str | None:
 
 def expected_tensors(cfg: ModelConfig, has_lm_head: bool,
                      fused: dict[int, dict[str, str]] | None = None) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape that a checkpoint of cfg must hold. fused: layer -> {module of
-    the model file's FUSED_EXPERTS: its name in the checkpoint} for the layers that hold
-    their experts as stacks rather than one matrix per expert."""
+    """HF tensor name -> shape that a checkpoint of cfg must hold (a hybrid's canonical
+    names, cfg.n_nextn prediction blocks after the trunk). fused: layer -> {module of the
+    model file's FUSED_EXPERTS: its name in the checkpoint} for the layers that hold their
+    experts as stacks rather than one matrix per expert."""
     model = family(cfg)
     fused = fused or {}
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.n_vocab, cfg.n_embd)}
     layer = [t for t in model.TENSORS if t.in_checkpoint(cfg)]
-    for i in range(cfg.n_layer):
+    splits = getattr(model, "SPLITS", {})
+    for i in range(cfg.n_layer + cfg.n_nextn):
+        nextn = i >= cfg.n_layer  # a prediction block: full attention, then its own modules
         for t in layer:
-            if not t.in_layer(cfg, i):
+            if (t.layer == "linear") if nextn else not t.in_layer(cfg, i):
                 continue
             if t.is_experts and i not in fused:
                 for e in range(cfg.n_expert):
                     shapes[f"model.layers.{i}.{t.hf.format(e=e)}"] = t.dims(cfg)[1:]
             elif not t.is_experts:
                 shapes[f"model.layers.{i}.{t.hf}"] = t.hf_dims(cfg)
+        for module, fields in splits.items():  # a fused module in place of its fields
+            parts = [t for t in model.TENSORS if t.field in fields]
+            if not nextn and all(t.hf_unless and getattr(cfg.spec, t.hf_unless) and t.in_layer(cfg, i)
+                                 for t in parts):
+                shapes[f"model.layers.{i}.{module}"] = (sum(t.dims(cfg)[0] for t in parts), parts[0].dims(cfg)[1])
+        if nextn:
+            shapes.update({f"model.layers.{i}.{k}": v for k, v in model.nextn_shapes(cfg).items()})
         for module, name in fused.get(i, {}).items():
             parts = model.FUSED_EXPERTS[module]
             cols = next(t for t in model.TENSORS if t.field == parts[0][0]).dims(cfg)[2]

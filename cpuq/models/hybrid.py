@@ -143,3 +143,179 @@ def block(x, L, il, c):
 
 
 STAGES = (deltanet, gated_attention, ffn, block)
+
+
+# Conversion quirks (llama.cpp's conversion/qwen.py: Qwen3NextModel, _LinearAttentionVReorderBase,
+# _QwenMtpMixin, _Qwen35MRopeMixin). Every one is a function of one tensor, applied to the rows
+# the converter streams, so no quirk holds more than the piece being written.
+import numpy as np  # noqa: E402  (the conversion quirks' dependencies)
+
+from . import torch_exp  # noqa: E402
+
+# The ...ForConditionalGeneration checkpoints' vision tower, which the text model does without
+# (TextModel.filter_tensors skips it; cpuq says so in one line).
+VISION_PREFIXES = ("model.visual.",)
+
+# The multi-token-prediction block(s) mtp.* become blocks n_layer.. after the trunk
+# (_QwenMtpMixin.filter_tensors): mtp.layers.{k}.X -> model.layers.{n_layer + k}.X, and the
+# block's own modules renamed as below; NEXTN_NAMES gives those their GGUF names.
+MTP_MODULES = {"fc": "eh_proj", "pre_fc_norm_embedding": "enorm", "pre_fc_norm_hidden": "hnorm",
+               "norm": "shared_head.norm"}
+NEXTN_NAMES = {"eh_proj": "nextn.eh_proj", "enorm": "nextn.enorm", "hnorm": "nextn.hnorm",
+               "shared_head.norm": "nextn.shared_head_norm"}
+
+# qwen3next's fused DeltaNet input: the module the checkpoint holds instead of the fields
+# whose Tensor rows say hf_unless="fused_inputs" (cut by split_rows).
+SPLITS = {"linear_attn.in_proj_qkvz.weight": ("wqkv", "wgate")}
+
+
+def nextn_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """A prediction block's own tensors (canonical HF module -> shape): the projection of
+    [embedding; hidden] and its three norms."""
+    n = cfg.n_embd
+    return {"eh_proj.weight": (n, 2 * n), "enorm.weight": (n,), "hnorm.weight": (n,),
+            "shared_head.norm.weight": (n,)}
+
+
+def canonical_name(name: str, n_layer: int) -> str | None:
+    """The checkpoint name `name` as llama.cpp's converter sees it (TextModel.filter_tensors,
+    _QwenMtpMixin.filter_tensors): the language_model. level dropped, mtp.* as the blocks
+    after the n_layer trunk ones; None for the vision tower."""
+    if name.startswith(VISION_PREFIXES):
+        return None
+    name = name.replace("language_model.", "")
+    if name.startswith("model.mtp."):
+        name = name[len("model."):]
+    if name.startswith("mtp."):
+        parts = name.split(".", 3)
+        if len(parts) == 4 and parts[1] == "layers" and parts[2].isdecimal():
+            return f"model.layers.{n_layer + int(parts[2])}.{parts[3]}"
+        if len(parts) == 3 and parts[1] in MTP_MODULES:
+            return f"model.layers.{n_layer}.{MTP_MODULES[parts[1]]}.{parts[2]}"
+    return name
+
+
+def nextn_count(names) -> int:
+    """Prediction blocks a checkpoint holds (mtp.layers.{k}.*; llama.cpp's opt_num_mtp_layers)."""
+    found = -1
+    for name in names:
+        parts = name.replace("model.mtp.", "mtp.", 1).split(".", 3)
+        if len(parts) == 4 and parts[0] == "mtp" and parts[1] == "layers" and parts[2].isdecimal():
+            found = max(found, int(parts[2]))
+    return found + 1
+
+
+def _tiled(cfg, head_dim: int) -> np.ndarray:
+    """Index of the source value head at each position of llama.cpp's tiled order (value
+    head o reads key head o % n_group; HF groups them, h // (n_v / n_group)), expanded to
+    head_dim rows each; the identity where v_tiled is off or each key head has one value head."""
+    n_group, n_v = cfg.ssm_n_group, cfg.ssm_dt_rank
+    heads = np.arange(n_v)
+    if cfg.spec.v_tiled:
+        heads = (heads % n_group) * (n_v // n_group) + heads // n_group
+    return (heads[:, None] * head_dim + np.arange(head_dim)).reshape(-1)
+
+
+def _ranges(rows: np.ndarray, offset: int = 0) -> list[tuple[int, int]]:
+    """Source rows in output order -> maximal runs [first, end)."""
+    out: list[tuple[int, int]] = []
+    for r in (int(v) + offset for v in rows):
+        if out and out[-1][1] == r:
+            out[-1] = (out[-1][0], r + 1)
+        else:
+            out.append((r, r + 1))
+    return out
+
+
+def row_order(cfg, module: str) -> list[tuple[int, int]] | None:
+    """The checkpoint rows of `module` (canonical, without the block prefix) in the order
+    GGUF stores them, as runs [first, end); None where it is written as stored.
+    _LinearAttentionVReorderBase.modify_tensors: the value heads of in_proj_qkv's v part, of
+    in_proj_z, in_proj_a/b (one row per head) and of conv1d's v channels."""
+    if not cfg.spec.v_tiled:
+        return None
+    qk = 2 * cfg.ssm_n_group * cfg.ssm_d_state
+    if module in ("linear_attn.in_proj_qkv.weight", "linear_attn.conv1d.weight"):
+        return [(0, qk)] + _ranges(_tiled(cfg, cfg.ssm_head_v_dim), qk)
+    if module == "linear_attn.in_proj_z.weight":
+        return _ranges(_tiled(cfg, cfg.ssm_head_v_dim))
+    if module in ("linear_attn.in_proj_a.weight", "linear_attn.in_proj_b.weight"):
+        return _ranges(_tiled(cfg, 1))
+    return None
+
+
+def split_rows(cfg, module: str) -> dict[str, list[tuple[int, int]]]:
+    """The fields cut from a SPLITS module -> their checkpoint rows as runs (Qwen3NextModel.
+    modify_tensors): in_proj_qkvz holds per key head [q, k, v, z], q and k ssm_d_state rows,
+    v and z the head's value heads; attn_qkv is every q, then every k, then every v, and
+    attn_gate every z."""
+    dk, r_dv = cfg.ssm_d_state, cfg.ssm_d_inner // cfg.ssm_n_group
+    group = 2 * dk + 2 * r_dv
+    starts = [g * group for g in range(cfg.ssm_n_group)]
+    q = [(s, s + dk) for s in starts]
+    k = [(s + dk, s + 2 * dk) for s in starts]
+    v = [(s + 2 * dk, s + 2 * dk + r_dv) for s in starts]
+    z = [(s + 2 * dk + r_dv, s + group) for s in starts]
+    return {"wqkv": q + k + v, "wgate": z}
+
+
+def value_transform(cfg, module: str):
+    """f(values) -> values for `module`'s rows as read (float32, a piece of rows or the
+    whole vector), or None (Qwen3NextModel.modify_tensors and the V-head reorder):
+    A_log -> A = -exp(A_log) (ssm_a, torch's float32 exp); the per-value-head vectors
+    (A_log, dt_bias) in tiled order; out_proj's columns in tiled order; the RMSNorm weights
+    HF applies as (1 + w) stored +1, the gated norm's (linear_attn.norm, x * w) as they are."""
+    if module in ("linear_attn.A_log", "linear_attn.dt_bias"):
+        order = _tiled(cfg, 1)
+        if module == "linear_attn.dt_bias":
+            return lambda x: x[..., order]
+        return lambda x: _neg_exp(x[..., order])
+    if module == "linear_attn.out_proj.weight" and cfg.spec.v_tiled:
+        order = _tiled(cfg, cfg.ssm_head_v_dim)
+        return lambda x: x[..., order]
+    if module.endswith("norm.weight") and module != "linear_attn.norm.weight":
+        return lambda x: x + np.float32(1)
+    return None
+
+
+def _neg_exp(x: np.ndarray) -> np.ndarray:
+    """-exp(x) in float32 as llama.cpp's converter computes it (torch.exp): the correctly
+    rounded value (through float64), moved by the ulp torch's own exp departs from it for the
+    bf16 inputs torch_exp tabulates (bf16 is what checkpoints store A_log in)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.exp(x.astype(np.float64)).astype(np.float32)
+    bits = x.view(np.uint32)
+    bf16 = (bits & 0xFFFF) == 0
+    top = bits >> 16
+    step = (bf16 & np.isin(top, list(torch_exp.ULP_ABOVE))).astype(np.int32) \
+        - (bf16 & np.isin(top, list(torch_exp.ULP_BELOW))).astype(np.int32)
+    y = (y.view(np.int32) + step).view(np.float32)
+    return -y
+
+
+def stored_name(name: str, n_layer: int, prefix: str) -> str:
+    """The checkpoint's name of canonical `name` (canonical_name's inverse, for messages):
+    the text model under `prefix` ("model." or "model.language_model."), blocks from n_layer
+    on under mtp.*."""
+    m = name.split(".", 3)
+    if len(m) == 4 and m[:2] == ["model", "layers"] and m[2].isdecimal() and int(m[2]) >= n_layer:
+        module = next((k for k, v in MTP_MODULES.items() if m[3] == f"{v}.weight"), None)
+        return f"mtp.{module}.weight" if module else f"mtp.layers.{int(m[2]) - n_layer}.{m[3]}"
+    return prefix + name[len("model."):] if name.startswith("model.") else name
+
+
+# What the converter does to one checkpoint tensor: its rows' order (runs [first, end), None:
+# as stored), a function of each piece of its values (None: none), whether its dimensions of
+# 1 are dropped (conv1d's (channels, 1, kernel) -> (channels, kernel)).
+Quirk = namedtuple("Quirk", ["rows", "values", "squeeze"])
+
+
+def quirks(cfg, module: str) -> Quirk | None:
+    """The conversion quirks of block tensor `module` (canonical, without model.layers.{i}.)."""
+    q = Quirk(row_order(cfg, module), value_transform(cfg, module), module == "linear_attn.conv1d.weight")
+    return q if q.rows is not None or q.values is not None or q.squeeze else None
+
+
+# _Qwen35MRopeMixin: qwen35 and qwen35moe files always carry rope sections (llama.cpp's loader
+# requires them), these where config.json names none.
+DEFAULT_ROPE_SECTIONS = {"qwen35": (11, 11, 10, 0), "qwen35moe": (11, 11, 10, 0)}
