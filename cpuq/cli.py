@@ -580,6 +580,8 @@ def bench(
     where = f"; {results[0].gpu}" if results[0].gpu != "CPU only" else ""
     err.print(f"{n_threads} thread{'s' * (n_threads != 1)}{where}, {repeat} repetition{'s' * (repeat != 1)} after a "
               f"warm-up; tg{n_gen} runs after the pp{n_prompt} prompt", style="dim", highlight=False)
+    if s["memory"] and s["memory"]["recurrent_blocks"]:  # why a hybrid's decode holds up at depth
+        err.print(f"context memory: {_context_memory(s['memory'])}", style="dim", highlight=False)
 
 
 def _read_text(path: Path) -> str:

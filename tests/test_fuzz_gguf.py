@@ -105,8 +105,8 @@ def scratch(tmp_path_factory):
 
 
 def test_seed_models_run_and_mutations_change_them(model_target, scratch):
-    assert {s[0] for s in model_target.seeds} == {"q8_0", "q4_k_m", "moe-q4_k_m", "q8_0-v1024", "q4_k_m-v1024",
-                                                  "moe-q4_k_m-v1024"}
+    assert {s[0] for s in model_target.seeds} == {"q8_0", "q4_k_m", "moe-q4_k_m", "hyb-q4_k_m", "q8_0-v1024",
+                                                  "q4_k_m-v1024", "moe-q4_k_m-v1024", "hyb-q4_k_m-v1024"}
     for k, (name, raw, layout) in enumerate(model_target.seeds):
         assert model_target.run(k, raw, scratch) == "ran", name
         # The walker found every key/value and tensor info (one type id each), in order,

@@ -400,7 +400,7 @@ class GGUFTarget:
 
     def __init__(self, work: Path, small_share: float = SMALL_SHARE):
         folder = work / "gguf"
-        if not (folder / "q4_k_m-v1024.gguf").exists() or not (folder / "moe-q4_k_m-v1024.gguf").exists():
+        if not all((folder / f"{name}-v1024.gguf").exists() for name in ("q4_k_m", "moe-q4_k_m", "hyb-q4_k_m")):
             build_gguf_seeds(folder)
         self.seeds = []
         for p in sorted(folder.glob("*.gguf")):
@@ -437,12 +437,19 @@ def build_gguf_seeds(folder: Path) -> None:
     # an MoE too: its expert keys, stacks and routers (Q4_K stacks: rows of 256)
     moe = make_tiny_checkpoint(folder / "moe-ckpt", arch="qwen3moe", num_hidden_layers=1, hidden_size=256,
                                moe_intermediate_size=256, num_experts=4, num_experts_per_tok=2)
-    for src, name, qtype in ((ckpt, "q8_0", "q8_0"), (ckpt, "q4_k_m", "q4_k_m"), (moe, "moe-q4_k_m", "q4_k_m")):
+    shutil.rmtree(folder / "hyb-ckpt", ignore_errors=True)
+    # a hybrid: a Gated DeltaNet block (its ssm keys and tensors) then a gated attention block
+    hyb = make_tiny_checkpoint(folder / "hyb-ckpt", arch="qwen35", num_hidden_layers=2, full_attention_interval=2,
+                               hidden_size=256, intermediate_size=512, linear_num_key_heads=2,
+                               linear_num_value_heads=4)
+    for src, name, qtype in ((ckpt, "q8_0", "q8_0"), (ckpt, "q4_k_m", "q4_k_m"), (moe, "moe-q4_k_m", "q4_k_m"),
+                             (hyb, "hyb-q4_k_m", "q4_k_m")):
         full = cpuq.convert(src, folder / f"{name}.gguf", qtype, force=True)
         cut_vocab(full, folder / f".{name}-v{SMALL_VOCAB}.tmp", SMALL_VOCAB)
         os.replace(folder / f".{name}-v{SMALL_VOCAB}.tmp", folder / f"{name}-v{SMALL_VOCAB}.gguf")
     shutil.rmtree(ckpt)
     shutil.rmtree(moe)
+    shutil.rmtree(hyb)
 
 
 # the converter's inputs ---------------------------------------------------------------------
@@ -497,10 +504,14 @@ HF_KEYS = ["architectures", "hidden_size", "intermediate_size", "num_attention_h
            "tie_word_embeddings", "rope_scaling", "rope_parameters", "text_config", "bos_token_id", "eos_token_id",
            "unk_token_id", "sep_token_id", "pad_token_id", "mask_token_id", "_name_or_path", "torch_dtype",
            "model_type", "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
-           "shared_expert_intermediate_size", "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob"]
+           "shared_expert_intermediate_size", "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob",
+           "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+           "linear_conv_kernel_dim", "layer_types", "full_attention_interval", "partial_rotary_factor",
+           "mtp_num_hidden_layers"]
 ROPE_TYPES = ["linear", "yarn", "llama3", "longrope", "su", "dynamic", "default", "bogus", 3, None]
 ROPE_KEYS = ["factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor", "beta_fast",
-             "beta_slow", "extrapolation_factor", "attention_factor", "attn_factor", "rope_theta"]
+             "beta_slow", "extrapolation_factor", "attention_factor", "attn_factor", "rope_theta", "mrope_section",
+             "partial_rotary_factor"]
 
 
 def mutate_config(rng: random.Random, raw: bytes) -> bytes:
@@ -630,7 +641,7 @@ class ConverterTarget:
 
     def __init__(self, work: Path):
         folder = work / "ckpt"
-        if not (folder / "llama" / "config.json").exists() or not (folder / "qwen2moe" / "config.json").exists():
+        if not all((folder / arch / "config.json").exists() for arch in ("llama", "qwen2moe", "qwen35")):
             build_converter_seeds(folder)
         self.seeds = [(d.name, d, (d / self.file).read_bytes()) for d in sorted(folder.iterdir())
                       if not d.name.startswith(".")]
@@ -696,12 +707,13 @@ class ConfigTarget(ConverterTarget):
 
 def build_converter_seeds(folder: Path) -> None:
     from make_tiny_checkpoint import make_tiny_checkpoint
-    for arch, sizes in (("qwen2", {}), ("llama", {}), ("qwen2moe", {"num_experts": 4})):
+    for arch, sizes in (("qwen2", {}), ("llama", {}), ("qwen2moe", {"num_experts": 4}),
+                        ("qwen35", {"num_hidden_layers": 2, "full_attention_interval": 2})):
         if (folder / arch / "config.json").exists():
             continue
         tmp = folder / f".{arch}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        make_tiny_checkpoint(tmp, arch=arch, num_hidden_layers=1, intermediate_size=128, **sizes)
+        make_tiny_checkpoint(tmp, arch=arch, **{"num_hidden_layers": 1, "intermediate_size": 128, **sizes})
         os.replace(tmp, folder / arch)
 
 

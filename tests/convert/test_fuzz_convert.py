@@ -36,7 +36,7 @@ def scratch(tmp_path_factory):
 def test_seed_checkpoints_convert(targets, scratch):
     target = targets["config"]  # the same checkpoints as the safetensors target's
     assert [s[0] for s in target.seeds] == [s[0] for s in targets["safetensors"].seeds] == ["llama", "qwen2",
-                                                                                            "qwen2moe"]
+                                                                                            "qwen2moe", "qwen35"]
     for k in range(len(target.seeds)):
         assert target.run(k, target.seeds[k][2], scratch) == "converted"
         assert not any((scratch / "out").iterdir())
