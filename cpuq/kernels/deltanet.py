@@ -24,12 +24,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .attention import _expf
+
 _CHUNK = 64  # HF's torch_chunk_gated_delta_rule chunk size
 
 
 @njit(cache=True, inline="always")
 def _silu(x):
-    return x / (np.float32(1.0) + np.exp(-x))
+    """silu with attention._expf (within 3 ulp), which a loop over channels vectorizes
+    (np.exp is a libm call per element: most of a prompt's conv time)."""
+    return x / (np.float32(1.0) + _expf(-x))
 
 
 @njit(cache=True, inline="always")
@@ -74,7 +78,9 @@ def conv_step(x, state, w, out):
         for j in range(k_n - 1):
             acc += w[c, wo + j] * state[r + j, c]
         acc += w[c, wo + k_n - 1] * x[c]
-        out[c] = _silu(acc)
+        out[c] = acc
+    for c in range(c_n):  # a loop of its own, so that it vectorizes
+        out[c] = _silu(out[c])
     for j in range(state.shape[0] - 1):
         for c in range(c_n):
             state[j, c] = state[j + 1, c]
@@ -202,26 +208,65 @@ def gdn_step(q, k, v, g, beta, state, out, tiled, eps):
         _head_token(qn, kn, v[h], g[h], beta[h], state[h], out[h], kv, dk, dv)
 
 
+# Columns of a head's state per task of gdn_tokens: the recurrence never mixes columns (each
+# column j of S only needs its own k^T S[:, j]), so a (d_k, 32) block stays in L1 for all n
+# tokens, where whole rows would stream 64 KB of state through L2 twice a token.
+_COLUMNS = 32
+
+
 @njit(cache=True, parallel=True)
 def gdn_tokens(q, k, v, g, beta, state, out, tiled, eps):
     """n tokens of the gated delta rule in the recurrent form, token by token (gdn_step's
     arithmetic, so equal to n gdn_step calls bit for bit): q, k (n, nk, dk), v (n, nv, dv),
     g, beta (n, nv) f32; state (nv, dk, dv) f32, continued and left final -> out (n, nv, dv)
-    f32. Parallel over value heads; each head's state stays in cache for all n tokens."""
+    f32. Parallel over (value head, block of _COLUMNS state columns): each task keeps its
+    block in L1 through all n tokens."""
     n = min(q.shape[0], k.shape[0], v.shape[0], g.shape[0], beta.shape[0], out.shape[0])
     nk, dk = min(q.shape[1], k.shape[1]), min(q.shape[2], k.shape[2], state.shape[1])
     nv = min(v.shape[1], g.shape[1], beta.shape[1], state.shape[0], out.shape[1])
     dv = min(v.shape[2], state.shape[2], out.shape[2])
     scale = np.float32(1.0 / np.sqrt(np.float64(dk)))
-    qs, ks, kvs = np.empty((nv, dk), np.float32), np.empty((nv, dk), np.float32), np.empty((nv, dv), np.float32)
-    for h in prange(nv):
-        qn, kn, kv = qs[h], ks[h], kvs[h]
+    qn, kn = np.empty((n, nk, dk), np.float32), np.empty((n, nk, dk), np.float32)
+    for t in prange(n):  # each key head's normalized q and k once, for every value head it serves
+        for h in range(nk):
+            _l2_normed(q[t, h], dk, eps, scale, qn[t, h])
+            _l2_normed(k[t, h], dk, eps, np.float32(1.0), kn[t, h])
+    blocks = (dv + _COLUMNS - 1) // _COLUMNS
+    for task in prange(nv * blocks):
+        h, j0 = task // blocks, (task % blocks) * _COLUMNS
+        w = min(_COLUMNS, dv - j0)
         kh = _key_head(h, nk, nv, tiled)
         s = state[h]
+        blk = np.empty((dk, _COLUMNS), np.float32)
+        for i in range(dk):
+            for j in range(w):
+                blk[i, j] = s[i, j0 + j]
+        kv = np.empty(_COLUMNS, np.float32)
+        o = np.empty(_COLUMNS, np.float32)
         for t in range(n):
-            _l2_normed(q[t, kh], dk, eps, scale, qn)
-            _l2_normed(k[t, kh], dk, eps, np.float32(1.0), kn)
-            _head_token(qn, kn, v[t, h], g[t, h], beta[t, h], s, out[t, h], kv, dk, dv)
+            decay, b = np.exp(g[t, h]), beta[t, h]
+            kk, qq, vv = kn[t, kh], qn[t, kh], v[t, h]
+            for j in range(w):
+                kv[j] = np.float32(0.0)
+            for i in range(dk):
+                ki = kk[i]
+                for j in range(w):
+                    kv[j] += (blk[i, j] * decay) * ki
+            for j in range(w):
+                kv[j] = (vv[j0 + j] - kv[j]) * b
+                o[j] = np.float32(0.0)
+            for i in range(dk):
+                ki, qi = kk[i], qq[i]
+                for j in range(w):
+                    x = blk[i, j] * decay + ki * kv[j]
+                    blk[i, j] = x
+                    o[j] += x * qi
+            ot = out[t, h]
+            for j in range(w):
+                ot[j0 + j] = o[j]
+        for i in range(dk):
+            for j in range(w):
+                s[i, j0 + j] = blk[i, j]
 
 
 @njit(cache=True, parallel=True)
