@@ -294,7 +294,7 @@ def convert(
                                        "which then writes llama-quantize's bytes)."),
     threads: Optional[int] = _THREADS,
 ) -> None:
-    """Convert a Hugging Face Qwen2/Qwen3/Llama or Qwen MoE checkpoint to a GGUF file llama.cpp runs.
+    """Convert a Hugging Face Qwen2/Qwen3/Llama, Qwen MoE or Qwen3.5/Qwen3-Next checkpoint to a GGUF file llama.cpp runs.
 
     With --calibrate or --imatrix, the k-quant and legacy types weight each column's
     rounding error by its mean squared activation, as llama-quantize --imatrix does; with

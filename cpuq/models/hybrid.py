@@ -21,13 +21,15 @@ computes x * (1 + w)); the rope sections are mrope's, which text positions make 
 NEOX rope over the first n_rot dimensions. The prediction (nextn) blocks after the trunk
 are converted but not run.
 
-Imports cpuq.models.
+Imports numpy, cpuq.models and cpuq.models.torch_exp (the conversion quirks').
 """
 from __future__ import annotations
 
 from collections import namedtuple
 
-from . import Tensor
+import numpy as np
+
+from . import Tensor, torch_exp
 
 ARCHITECTURES = ("qwen35", "qwen35moe", "qwen3next")
 
@@ -148,9 +150,6 @@ STAGES = (deltanet, gated_attention, ffn, block)
 # Conversion quirks (llama.cpp's conversion/qwen.py: Qwen3NextModel, _LinearAttentionVReorderBase,
 # _QwenMtpMixin, _Qwen35MRopeMixin). Every one is a function of one tensor, applied to the rows
 # the converter streams, so no quirk holds more than the piece being written.
-import numpy as np  # noqa: E402  (the conversion quirks' dependencies)
-
-from . import torch_exp  # noqa: E402
 
 # The ...ForConditionalGeneration checkpoints' vision tower, which the text model does without
 # (TextModel.filter_tensors skips it; cpuq says so in one line).
