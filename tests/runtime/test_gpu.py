@@ -18,8 +18,10 @@ Tolerances:
   through 30 blocks), with the same top-1 at >= 95% of the positions.
 * mixtures of experts (tiny qwen3moe/qwen2moe, f16/q8_0/q4_k_m), against the CPU's logits:
   one-token steps and chunks of up to 8 tokens (f32 products; the router in f32; with
-  cpu_moe the experts are the CPU's own kernels) <= 1e-4 relative RMS and the same top-1, as
-  the dense steps above; prompts (fp16 operands into cuBLAS, as the dense prompts) <= 2e-3,
+  cpu_moe the experts are the CPU's own kernels) <= 1e-4 relative RMS and the same top-1 for
+  f16; <= 5e-4 for q8_0/q4_k_m, whose CPU steps round activations to 16 bits before every
+  product (the CPU's own steps differ from its float32 prompt products by 2.1e-4..2.6e-4 on
+  these files, more than the dense tiny models as each token passes 2 more products per expert); prompts (fp16 operands into cuBLAS, as the dense prompts) <= 2e-3,
   3x the dense tiny prompts' largest error from HF (6.6e-4), and the same top-1 at >= 95% of
   the positions (a token whose k-th and next experts are closer than fp16 rounding may pick
   the other one: the top-1 bar allows such a token, the RMS bar a few).
@@ -256,7 +258,8 @@ def test_moe_agrees_with_cpu(cp, tiny_moe, moe_cpu, arch, qtype, gpu_layers, cpu
         step_err = _rel_rms(step, ref_steps)
         print(f"{where}: prompt vs CPU {err:.2e} top-1 {agree:.0%}, 6 tokens {few:.2e}, steps {step_err:.2e}")
         assert err <= 2e-3 and agree >= 0.95
-        assert few <= 1e-4 and step_err <= 1e-4
+        bar = 1e-4 if qtype == "f16" else 5e-4  # the CPU's 16-bit activations: see the docstring
+        assert few <= bar and step_err <= bar
         assert np.array_equal(step.argmax(1), ref_steps.argmax(1))
 
 
