@@ -1,5 +1,6 @@
 """Golden logits for the Gated-DeltaNet hybrids (qwen35, qwen35moe, qwen3next), so CI, which
-has no torch, still checks cpuq's forward pass against HF transformers:
+has neither torch nor llama.cpp, still checks cpuq's forward pass against HF transformers and
+llama.cpp:
 
 * tests/golden/hybrid_logits.npz: HF transformers' float32 logits (f32 storage, so HF
   computes the exact function of the F32 GGUF) on tiny checkpoints of the three classes
@@ -8,18 +9,25 @@ has no torch, still checks cpuq's forward pass against HF transformers:
   experts, Qwen3-Next) for IDS, 80 ids: more than one 64-token chunk of transformers'
   chunked delta rule, so a prompt crosses a chunk boundary. To stay small it keeps, for
   every position, a fixed random set of N_COLUMNS vocabulary columns plus HF's top-1.
+  Beside them, llama.cpp's logits (llama-cpp-python, its default settings: f16 KV cache) on
+  the F16 and the F32 GGUF cpuq converts from each checkpoint, on the same columns: llama.cpp
+  loads and runs cpuq's hybrid files; on the F32 file it computes HF's function (the check
+  that it agrees), and on the F16 file it gives the tests llama.cpp's own error from HF.
 
     .venv/bin/python tools/make_hybrid_golden.py   # writes tests/golden/hybrid_logits.npz
 
-Needs the HF peer venv (tools/peer_env.sh: CPUQ_HF_VENV, torch + transformers). The tests
-rebuild the checkpoints from the arguments the npz keeps (`cases`), which make_tiny_checkpoint
-draws deterministically.
+Needs the peer venvs (tools/peer_env.sh): CPUQ_HF_VENV (torch + transformers) and
+CPUQ_PEER_VENV (llama-cpp-python). The tests rebuild the checkpoints from the arguments the
+npz keeps (`cases`), which make_tiny_checkpoint draws deterministically.
 
 npz entries: ids (80,) int64; cases: JSON {name: [arch, make_tiny_checkpoint kwargs]};
-versions: JSON {transformers, torch}; per case <name>/columns (k,) int64 sorted,
-<name>/hf (80, k) float32, <name>/hf_top1 (80,) int64 (over the whole vocabulary).
+versions: JSON {transformers, torch}; llama_cpp: llama-cpp-python's version; per case
+<name>/columns (k,) int64 sorted,
+<name>/hf (80, k) float32, <name>/hf_top1 (80,) int64 (over the whole vocabulary),
+<name>/llama_f16 and <name>/llama_f32 (80, k) float32 (the same columns), <name>/llama_f16_top1
+and <name>/llama_f32_top1 (80,) int64 (over the whole vocabulary).
 
-Imports numpy and the sibling tools; runs torch only in a subprocess.
+Imports numpy, cpuq and the sibling tools; runs torch and llama.cpp only in subprocesses.
 """
 from __future__ import annotations
 
@@ -32,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_runtime_golden import HF_PYTHON, IDS as RUNTIME_IDS  # noqa: E402
+import cpuq  # noqa: E402
+from make_runtime_golden import HF_PYTHON, IDS as RUNTIME_IDS, PEER_PYTHON  # noqa: E402
 from make_tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 from toolcli import ToolError, output_file, run  # noqa: E402
 
@@ -72,20 +81,42 @@ with torch.no_grad():
 print(json.dumps({"transformers": transformers.__version__, "torch": torch.__version__}))
 """
 
+# llama.cpp with its default settings (f16 KV cache), as make_runtime_golden's: "what
+# llama.cpp achieves on the file"; a context and batch that hold all 80 ids in one call.
+_LLAMA = """
+import json, sys
+import numpy as np, llama_cpp
+ids = json.loads(sys.argv[2])
+llm = llama_cpp.Llama(sys.argv[1], n_ctx=128, n_batch=128, n_threads=2, logits_all=True, verbose=False)
+llm.eval(ids)
+np.save(sys.argv[3], np.array(llm.scores[:len(ids)], dtype=np.float32))
+print(json.dumps({"llama_cpp": llama_cpp.__version__}))
+"""
+
 
 def build_case(name: str, where: Path) -> Path:
     arch, kwargs = CASES[name]
     return make_tiny_checkpoint(Path(where) / name, arch=arch, **kwargs)
 
 
-def hf_logits(src: Path, out: Path) -> dict:
-    """HF's float32 logits of checkpoint `src` for IDS, saved to `out`; returns the versions
-    that computed them. ToolError with the subprocess's last output line."""
-    r = subprocess.run([HF_PYTHON, "-c", _HF, src, json.dumps(IDS), out], capture_output=True, text=True)
+def _reference(python: Path, script: str, src: Path, out: Path) -> dict:
+    """Run a reference's script on `src` (a checkpoint or a GGUF file) for IDS, the logits
+    saved to `out`; returns the versions it printed. ToolError with its last output line."""
+    r = subprocess.run([python, "-c", script, src, json.dumps(IDS), out], capture_output=True, text=True)
     if r.returncode != 0:
         last = ((r.stdout + r.stderr).strip().splitlines() or ["no output"])[-1]
-        raise ToolError(f"{HF_PYTHON} failed on {src.name} (exit {r.returncode}): {last}")
+        raise ToolError(f"{python} failed on {src.name} (exit {r.returncode}): {last}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def hf_logits(src: Path, out: Path) -> dict:
+    """HF's float32 logits of checkpoint `src` for IDS, saved to `out`; returns the versions."""
+    return _reference(HF_PYTHON, _HF, src, out)
+
+
+def llama_logits(gguf: Path, out: Path) -> dict:
+    """llama.cpp's logits of the GGUF file `gguf` for IDS, saved to `out`; returns its version."""
+    return _reference(PEER_PYTHON, _LLAMA, gguf, out)
 
 
 def columns(logits: np.ndarray) -> np.ndarray:
@@ -96,23 +127,35 @@ def columns(logits: np.ndarray) -> np.ndarray:
 
 def golden(tmp: Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {"ids": np.array(IDS, np.int64), "cases": np.array(json.dumps(CASES))}
-    versions = set()
+    versions, llama_versions = set(), set()
     for name in CASES:
-        npy = tmp / f"{name}-hf.npy"
-        versions.add(json.dumps(hf_logits(build_case(name, tmp), npy), sort_keys=True))
+        src = build_case(name, tmp)
+        npy, llama_npy = tmp / f"{name}-hf.npy", tmp / f"{name}-llama.npy"
+        versions.add(json.dumps(hf_logits(src, npy), sort_keys=True))
         logits = np.load(npy)
-        cols = columns(logits)
+        cols = columns(logits)  # HF's: the llama.cpp references came later, the columns stay
         out.update({f"{name}/columns": cols, f"{name}/hf": logits[:, cols], f"{name}/hf_top1": logits.argmax(1)})
         print(f"{name}: {logits.shape[0]} positions, logits std {logits.std():.3f}")
+        for qtype in ("f16", "f32"):
+            llama_npy = tmp / f"{name}-llama-{qtype}.npy"
+            gguf = cpuq.convert(src, tmp / f"{name}-{qtype}.gguf", qtype)
+            llama_versions.add(llama_logits(gguf, llama_npy)["llama_cpp"])
+            llama = np.load(llama_npy)
+            out.update({f"{name}/llama_{qtype}": llama[:, cols], f"{name}/llama_{qtype}_top1": llama.argmax(1)})
+            rel = np.sqrt(np.mean((llama[:, cols] - logits[:, cols]) ** 2) / np.mean(logits[:, cols] ** 2))
+            print(f"  llama.cpp on cpuq's {qtype.upper()} file: {rel:.2e} relative RMS from HF, top-1 the same "
+                  f"at {np.mean(llama.argmax(1) == logits.argmax(1)):.0%} of positions")
     (out["versions"],) = (np.array(v) for v in versions)  # one transformers for every case
+    (out["llama_cpp"],) = (np.array(v) for v in llama_versions)  # and one llama-cpp-python
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     if argv:
         raise ToolError(f"unexpected arguments {argv}: make_hybrid_golden.py takes none")
-    if not HF_PYTHON.is_file():
-        raise ToolError(f"{HF_PYTHON}: reference venv missing; run tools/peer_env.sh")
+    for python in (HF_PYTHON, PEER_PYTHON):
+        if not python.is_file():
+            raise ToolError(f"{python}: reference venv missing; run tools/peer_env.sh")
     with tempfile.TemporaryDirectory() as tmp:
         entries = golden(Path(tmp))
     with output_file(OUT) as part, open(part, "wb") as f:  # a file object: savez would add ".npz"
