@@ -523,6 +523,7 @@ def _hybrid_from_gguf(f: Any, arch: str, where: str, get_int, head_dim: int, n_r
     sections = f.get(f"{arch}.rope.dimension_sections")
     return dict(n_rot=n_rot, ssm_d_conv=get_int("ssm.conv_kernel"), ssm_d_state=get_int("ssm.state_size"),
                 ssm_n_group=n_group, ssm_dt_rank=dt_rank, ssm_d_inner=d_inner, recurrent=recurrent,
-                rope_sections=() if sections is None else _check_sections(
-                    where, f"metadata key '{arch}.rope.dimension_sections'", list(sections)),
+                rope_sections=() if sections is None else _check_sections(  # a scalar is refused there
+                    where, f"metadata key '{arch}.rope.dimension_sections'",
+                    list(sections) if isinstance(sections, (list, tuple, np.ndarray)) else sections),
                 n_nextn=int(n_nextn))
