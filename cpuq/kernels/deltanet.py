@@ -370,17 +370,19 @@ def gdn_chunk(q, k, v, g, beta, state, out, tiled, eps):
                     s[i, j] = s[i, j] * el + acc[j]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True)
 def gated_norm(o, w, z, eps, out):
     """o, z (n, nv, dv) or (nv, dv) f32; w (dv,) f32 -> out (same shape) = each head's row
     o / sqrt(mean(o^2) + eps) * w * silu(z), HF's Qwen3_5RMSNormGated (w as stored, no +1).
-    The mean square is summed in float64, as kernels.norms.rms_norm does. out may be o."""
+    The mean square is summed in float64, as kernels.norms.rms_norm does. out may be o.
+    Serial, as the other row kernels: a prompt splits its rows over gemm's workers, and a
+    token's 16-48 heads are too little work for a parallel region."""
     dv = min(o.shape[-1], z.shape[-1], out.shape[-1], w.shape[0])
     rows = min(o.size // max(o.shape[-1], 1), z.size // max(z.shape[-1], 1), out.size // max(out.shape[-1], 1))
     o2 = o.reshape((o.size // max(o.shape[-1], 1), o.shape[-1]))
     z2 = z.reshape((z.size // max(z.shape[-1], 1), z.shape[-1]))
     out2 = out.reshape((out.size // max(out.shape[-1], 1), out.shape[-1]))
-    for r in prange(rows):
+    for r in range(rows):
         acc = 0.0
         for j in range(dv):
             x = np.float64(o2[r, j])
