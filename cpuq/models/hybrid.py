@@ -21,15 +21,19 @@ computes x * (1 + w)); the rope sections are mrope's, which text positions make 
 NEOX rope over the first n_rot dimensions. The prediction (nextn) blocks after the trunk
 are converted but not run.
 
-Imports numpy, cpuq.models and cpuq.models.torch_exp (the conversion quirks').
+Imports numpy, cpuq.models, its moe file (the experts' rows) and torch_exp (a conversion quirk's).
 """
 from __future__ import annotations
 
 from collections import namedtuple
+from dataclasses import replace
 
 import numpy as np
 
-from . import Tensor, torch_exp
+from . import Tensor, moe as _MOE, torch_exp
+
+_MOE_FIELDS = ("gate_inp", "gate_exps", "up_exps", "down_exps", "gate_inp_shexp", "gate_shexp", "up_shexp",
+               "down_shexp")
 
 ARCHITECTURES = ("qwen35", "qwen35moe", "qwen3next")
 
@@ -65,21 +69,8 @@ TENSORS = (
     Tensor("w_gate", "ffn_gate.weight", "mlp.gate_proj.weight", ("n_ff", "n_embd"), when="dense_ffn"),
     Tensor("w_up", "ffn_up.weight", "mlp.up_proj.weight", ("n_ff", "n_embd"), when="dense_ffn"),
     Tensor("w_down", "ffn_down.weight", "mlp.down_proj.weight", ("n_embd", "n_ff"), when="dense_ffn"),
-    Tensor("gate_inp", "ffn_gate_inp.weight", "mlp.gate.weight", ("n_expert", "n_embd"), when="moe", float32=True),
-    Tensor("gate_exps", "ffn_gate_exps.weight", "mlp.experts.{e}.gate_proj.weight", ("n_expert", "n_ff_exp", "n_embd"),
-           when="moe"),
-    Tensor("up_exps", "ffn_up_exps.weight", "mlp.experts.{e}.up_proj.weight", ("n_expert", "n_ff_exp", "n_embd"),
-           when="moe"),
-    Tensor("down_exps", "ffn_down_exps.weight", "mlp.experts.{e}.down_proj.weight", ("n_expert", "n_embd", "n_ff_exp"),
-           when="moe"),
-    Tensor("gate_inp_shexp", "ffn_gate_inp_shexp.weight", "mlp.shared_expert_gate.weight", ("n_embd",),
-           when="shared_expert", hf_shape=("1", "n_embd")),
-    Tensor("gate_shexp", "ffn_gate_shexp.weight", "mlp.shared_expert.gate_proj.weight", ("n_ff_shexp", "n_embd"),
-           when="shared_expert"),
-    Tensor("up_shexp", "ffn_up_shexp.weight", "mlp.shared_expert.up_proj.weight", ("n_ff_shexp", "n_embd"),
-           when="shared_expert"),
-    Tensor("down_shexp", "ffn_down_shexp.weight", "mlp.shared_expert.down_proj.weight", ("n_embd", "n_ff_shexp"),
-           when="shared_expert"),
+    # routed experts and the gated shared expert: moe.py's rows, required for the MoE hybrids
+    *(replace(t, when=t.when or "moe") for t in _MOE.TENSORS if t.field in _MOE_FIELDS),
 )
 Layer = namedtuple("Layer", [t.field for t in TENSORS])
 
@@ -87,11 +78,8 @@ Layer = namedtuple("Layer", [t.field for t in TENSORS])
 GLOBAL_TENSORS = {"model.embed_tokens": "token_embd", "lm_head": "output", "model.norm": "output_norm"}
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
-# Checkpoints that store the experts' stacks whole (as models.moe.FUSED_EXPERTS).
-FUSED_EXPERTS = {
-    "mlp.experts.gate_up_proj": (("gate_exps", "0", "n_ff_exp"), ("up_exps", "n_ff_exp", "n_ff_exp")),
-    "mlp.experts.down_proj": (("down_exps", "0", "n_embd"),),
-}
+# Checkpoints that store the experts' stacks whole: as moe.py's.
+FUSED_EXPERTS = _MOE.FUSED_EXPERTS
 
 
 def deltanet(x, L, il, c):
