@@ -197,8 +197,9 @@ def _context_memory(m: dict) -> str:
     kv = f"KV cache {_human_bytes(m['kv_bytes_per_token'])} per token (f16)"
     if not m["recurrent_blocks"]:
         return kv
-    return (f"{kv} in {m['attention_blocks']} attention blocks; {m['recurrent_blocks']} Gated DeltaNet blocks "
-            f"hold a fixed {_human_bytes(m['recurrent_state_bytes'])} whatever the context")
+    a, r = m["attention_blocks"], m["recurrent_blocks"]
+    return (f"{kv} in {a} attention block{'s' * (a != 1)}; {r} Gated DeltaNet block{'s' * (r != 1)} "
+            f"hold{'s' * (r == 1)} a fixed {_human_bytes(m['recurrent_state_bytes'])} whatever the context")
 
 
 @app.command()
