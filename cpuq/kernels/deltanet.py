@@ -243,24 +243,8 @@ def gdn_tokens(q, k, v, g, beta, state, out, tiled, eps):
                 blk[i, j] = s[i, j0 + j]
         kv = np.empty(_COLUMNS, np.float32)
         o = np.empty(_COLUMNS, np.float32)
-        for t in range(n):
-            decay, b = np.exp(g[t, h]), beta[t, h]
-            kk, qq, vv = kn[t, kh], qn[t, kh], v[t, h]
-            for j in range(w):
-                kv[j] = np.float32(0.0)
-            for i in range(dk):
-                ki = kk[i]
-                for j in range(w):
-                    kv[j] += (blk[i, j] * decay) * ki
-            for j in range(w):
-                kv[j] = (vv[j0 + j] - kv[j]) * b
-                o[j] = np.float32(0.0)
-            for i in range(dk):
-                ki, qi = kk[i], qq[i]
-                for j in range(w):
-                    x = blk[i, j] * decay + ki * kv[j]
-                    blk[i, j] = x
-                    o[j] += x * qi
+        for t in range(n):  # gdn_step's per-head arithmetic, on w of the head's columns
+            _head_token(qn[t, kh], kn[t, kh], v[t, h, j0:], g[t, h], beta[t, h], blk, o, kv, dk, w)
             ot = out[t, h]
             for j in range(w):
                 ot[j0 + j] = o[j]
