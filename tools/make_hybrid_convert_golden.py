@@ -10,7 +10,7 @@ Needs the peer venvs, llama.cpp's source and llama-quantize (tools/peer_env.sh):
 libraries). The checkpoints are rebuilt by the tests from the same arguments, which
 make_tiny_checkpoint draws deterministically; the golden file keeps those arguments.
 
-Imports cpuq and the sibling tools; runs torch and llama.cpp only in subprocesses.
+Imports the sibling tools (make_moe_golden does the work); runs torch and llama.cpp only in subprocesses.
 """
 from __future__ import annotations
 
@@ -20,11 +20,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cpuq  # noqa: E402
-from make_moe_golden import (LLAMA_CPP, LLAMA_CPP_PYTHON, LLAMA_QUANTIZE, PEER_LIB, _run,  # noqa: E402
-                             sha256)
+import make_moe_golden as moe  # noqa: E402
+from make_moe_golden import LLAMA_CPP, LLAMA_QUANTIZE  # noqa: E402
 from make_runtime_golden import HF_PYTHON, PEER_PYTHON  # noqa: E402
-from make_tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 from toolcli import ToolError, output_file, run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,37 +52,17 @@ QTYPES = ("f16", "q8_0", "q4_k_m")
 
 def build_convert_case(name: str, where: Path, cases: dict[str, tuple[str, dict]] = CONVERT_CASES) -> Path:
     """The checkpoint in a folder named tiny-<name>: the name becomes general.name."""
-    arch, kwargs = cases[name]
-    return make_tiny_checkpoint(Path(where) / f"tiny-{name}", arch=arch, **kwargs)
+    return moe.build_convert_case(name, where, cases)
+
+
+def convert_args(kwargs: dict) -> tuple[str, ...]:
+    """convert_hf_to_gguf.py refuses a checkpoint without mtp.* tensors unless told --no-mtp."""
+    return () if kwargs.get("mtp", False) else ("--no-mtp",)
 
 
 def llama_cpp_files(src: Path, where: Path, mtp: bool) -> dict[str, Path]:
-    """llama.cpp's f16 and q8_0 (convert_hf_to_gguf.py; --no-mtp for a checkpoint without
-    mtp.* tensors, which it otherwise refuses) and q4_k_m (llama-quantize of the f16 file,
-    the Q4_K_M mix) files of the checkpoint `src`."""
-    files = {}
-    for qtype in ("f16", "q8_0"):
-        files[qtype] = where / f"{src.name}-{qtype}.gguf"
-        _run("convert_hf_to_gguf.py", [HF_PYTHON, LLAMA_CPP / "convert_hf_to_gguf.py", src, "--outtype", qtype,
-                                        *([] if mtp else ["--no-mtp"]), "--outfile", files[qtype]],
-             {"PYTHONPATH": str(LLAMA_CPP / "gguf-py")})
-    files["q4_k_m"] = where / f"{src.name}-q4_k_m.gguf"
-    _run("llama-quantize", [LLAMA_QUANTIZE, files["f16"], files["q4_k_m"], "Q4_K_M", 2],
-         {"LD_LIBRARY_PATH": str(PEER_LIB)})
-    return files
-
-
-def convert_golden(tmp: Path) -> dict:
-    cases = {}
-    for name, (arch, kwargs) in CONVERT_CASES.items():
-        src = build_convert_case(name, tmp)
-        files = llama_cpp_files(src, tmp, kwargs.get("mtp", False))
-        cases[name] = {"arch": arch, "checkpoint": kwargs, "folder": src.name,
-                       "files": {q: {"sha256": sha256(p), "bytes": p.stat().st_size} for q, p in files.items()}}
-        for qtype, path in files.items():  # informational: the golden is llama.cpp's, whatever cpuq writes
-            same = sha256(cpuq.convert(src, tmp / f"cpuq-{name}-{qtype}.gguf", qtype)) == sha256(path)
-            print(f"{name} {qtype}: cpuq's file {'is' if same else 'is NOT'} byte-identical to llama.cpp's")
-    return {"cases": cases, "llama_quantize_type": {"q4_k_m": "Q4_K_M"}, "llama_cpp_python": LLAMA_CPP_PYTHON}
+    """llama.cpp's f16, q8_0 and q4_k_m files of the checkpoint `src` (make_moe_golden's)."""
+    return moe.llama_cpp_files(src, where, convert_args({"mtp": mtp}))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         if not path.is_file():
             raise ToolError(f"{path}: missing; run tools/peer_env.sh")
     with tempfile.TemporaryDirectory() as tmp:
-        converted = convert_golden(Path(tmp))
+        converted = moe.convert_golden(Path(tmp), CONVERT_CASES, convert_args)
     with output_file(CONVERT_OUT) as part:
         part.write_text(json.dumps(converted, indent=2) + "\n")
     print(f"wrote {CONVERT_OUT}")

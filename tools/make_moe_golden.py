@@ -73,9 +73,9 @@ def build_logits_case(name: str, where: Path) -> Path:
     return make_tiny_checkpoint(Path(where) / name, arch=arch, **kwargs)
 
 
-def build_convert_case(name: str, where: Path) -> Path:
+def build_convert_case(name: str, where: Path, cases: dict[str, tuple[str, dict]] = CONVERT_CASES) -> Path:
     """The checkpoint in a folder named tiny-<name>: the name becomes general.name."""
-    arch, kwargs = CONVERT_CASES[name]
+    arch, kwargs = cases[name]
     return make_tiny_checkpoint(Path(where) / f"tiny-{name}", arch=arch, **kwargs)
 
 
@@ -92,14 +92,15 @@ def _run(what: str, args: list, env: dict) -> None:
         raise ToolError(f"{what} failed (exit {r.returncode}): {last}")
 
 
-def llama_cpp_files(src: Path, where: Path) -> dict[str, Path]:
-    """llama.cpp's f16 and q8_0 (convert_hf_to_gguf.py) and q4_k_m (llama-quantize of the
-    f16 file, the Q4_K_M mix) files of the checkpoint `src`."""
+def llama_cpp_files(src: Path, where: Path, convert_args: tuple[str, ...] = ()) -> dict[str, Path]:
+    """llama.cpp's f16 and q8_0 (convert_hf_to_gguf.py, with convert_args) and q4_k_m
+    (llama-quantize of the f16 file, the Q4_K_M mix) files of the checkpoint `src`."""
     files = {}
     for qtype in ("f16", "q8_0"):
         files[qtype] = where / f"{src.name}-{qtype}.gguf"
         _run("convert_hf_to_gguf.py", [HF_PYTHON, LLAMA_CPP / "convert_hf_to_gguf.py", src, "--outtype", qtype,
-                                        "--outfile", files[qtype]], {"PYTHONPATH": str(LLAMA_CPP / "gguf-py")})
+                                        *convert_args, "--outfile", files[qtype]],
+             {"PYTHONPATH": str(LLAMA_CPP / "gguf-py")})
     files["q4_k_m"] = where / f"{src.name}-q4_k_m.gguf"
     _run("llama-quantize", [LLAMA_QUANTIZE, files["f16"], files["q4_k_m"], "Q4_K_M", 2],
          {"LD_LIBRARY_PATH": str(PEER_LIB)})
@@ -116,11 +117,14 @@ def logits_golden(tmp: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def convert_golden(tmp: Path) -> dict:
+def convert_golden(tmp: Path, convert_cases: dict[str, tuple[str, dict]] = CONVERT_CASES,
+                   convert_args=lambda kwargs: ()) -> dict:
+    """The golden of convert_cases; convert_args(a case's arguments) -> convert_hf_to_gguf.py's
+    extra arguments for it."""
     cases = {}
-    for name, (arch, kwargs) in CONVERT_CASES.items():
-        src = build_convert_case(name, tmp)
-        files = llama_cpp_files(src, tmp)
+    for name, (arch, kwargs) in convert_cases.items():
+        src = build_convert_case(name, tmp, convert_cases)
+        files = llama_cpp_files(src, tmp, convert_args(kwargs))
         cases[name] = {"arch": arch, "checkpoint": kwargs, "folder": src.name,
                        "files": {q: {"sha256": sha256(p), "bytes": p.stat().st_size} for q, p in files.items()}}
         for qtype, path in files.items():  # informational: the golden is llama.cpp's, whatever cpuq writes
