@@ -198,6 +198,15 @@ class ModelConfig:
         return bool(self.recurrent) and self.recurrent[il]
 
     @property
+    def n_attention_layers(self) -> int:
+        """Blocks with a KV cache (every block but a hybrid's DeltaNet ones)."""
+        return self.n_layer - sum(self.recurrent)
+
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        """A position's keys and values in every attention block, itemsize bytes a number."""
+        return 2 * self.n_attention_layers * self.n_head_kv * self.head_dim * itemsize
+
+    @property
     def rope_type(self) -> str | None:
         return None if self.rope_scaling is None else dict(self.rope_scaling).get("rope_type")
 

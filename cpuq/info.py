@@ -92,8 +92,7 @@ def summarize(path: str | os.PathLike, tensors: bool = False) -> dict[str, Any]:
 
 
 def _memory(cfg: ModelConfig) -> dict[str, int]:
-    recurrent = sum(cfg.is_recurrent(i) for i in range(cfg.n_layer))
-    attention = cfg.n_layer - recurrent
+    recurrent = cfg.n_layer - cfg.n_attention_layers
     state = (cfg.ssm_d_conv - 1) * cfg.ssm_conv_dim + cfg.ssm_dt_rank * cfg.ssm_d_state * cfg.ssm_head_v_dim
-    return {"kv_bytes_per_token": 2 * attention * cfg.n_head_kv * cfg.head_dim * 2, "attention_blocks": attention,
+    return {"kv_bytes_per_token": cfg.kv_bytes_per_token(2), "attention_blocks": cfg.n_attention_layers,
             "recurrent_blocks": recurrent, "recurrent_state_bytes": 4 * recurrent * state if recurrent else 0}

@@ -202,8 +202,8 @@ class Model(CallGuard):
         fills; InputError if even its whole could never fit (RAM + swap) or the system
         refuses the mapping, since the failure would otherwise come mid-generation."""
         cfg = self.config
-        attending = sum(not cfg.is_recurrent(i) for i in range(cfg.n_layer))  # a DeltaNet block's pages stay untouched
-        per_token = 2 * attending * cfg.n_head_kv * cfg.head_dim * np.dtype(KVCache.TYPES[self.kv_type]).itemsize
+        # a DeltaNet block's pages of the cache stay untouched
+        per_token = cfg.kv_bytes_per_token(np.dtype(KVCache.TYPES[self.kv_type]).itemsize)
         memory = memory_bytes()
         advice = f"load with a smaller n_ctx (at most {memory // per_token} here)" if memory else "use a smaller n_ctx"
         if memory is not None and n_ctx * per_token > memory:
