@@ -198,7 +198,7 @@ def split_ba(ba, c):
 
 
 def conv(qkv, w, il, c):
-    """The causal conv runs along the tokens: one call (parallel over channels inside)."""
+    """The causal conv runs along the tokens: one call (parallel over tokens inside)."""
     out = np.empty_like(qkv)
     deltanet.conv_chunk(qkv, c.conv_state[il], w, out)
     return out
