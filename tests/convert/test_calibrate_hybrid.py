@@ -51,12 +51,12 @@ def rel_rms(got: np.ndarray, ref: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
-def calibrated(request, tmp_path_factory):
+def calibrated(request, module_tmp_factory):
     """One case: its checkpoint, the Q8_0 file the importance matrix is collected on (`cpuq
     imatrix` over the first half of The Tempest), the Q4_K_M files with that matrix and
     channel scaling and without either, and the scales the scaled conversion chose per block."""
     name = request.param
-    where = tmp_path_factory.mktemp(f"calibrate-{name}")
+    where = module_tmp_factory.mktemp(f"calibrate-{name}")
     src = build_case(name, where)
     q8 = cpuq.convert(src, where / "q8_0.gguf", "q8_0")
     text = where / "calibration.txt"

@@ -26,8 +26,8 @@ ARCHS = ["qwen2", "qwen3", "llama"]
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("ckpt")
+def checkpoints(module_tmp_factory) -> dict[str, Path]:
+    root = module_tmp_factory.mktemp("ckpt")
     # llama untied (so lm_head -> output.weight is covered), qwen3 sharded.
     return {
         "qwen2": make_tiny_checkpoint(root / "qwen2", arch="qwen2", dtype="bf16", tied=True),
@@ -37,8 +37,8 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def converted(checkpoints, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gguf")
+def converted(checkpoints, module_tmp_factory):
+    out = module_tmp_factory.mktemp("gguf")
     cache = {}
 
     def get(arch: str, qtype: str) -> Path:

@@ -37,12 +37,12 @@ def test_golden_is_of_these_checkpoints():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(module_tmp_factory):
     built: dict[str, Path] = {}
 
     def get(name: str) -> Path:
         if name not in built:
-            built[name] = build_convert_case(name, tmp_path_factory.mktemp(name))
+            built[name] = build_convert_case(name, module_tmp_factory.mktemp(name))
             assert built[name].name == GOLDEN["cases"][name]["folder"]  # general.name comes from it
         return built[name]
     return get
@@ -74,8 +74,8 @@ SMALL = {"qwen35moe": dict(arch="qwen35moe", dtype="bf16", seed=71, conditional=
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    where = tmp_path_factory.mktemp("small")
+def small(module_tmp_factory):
+    where = module_tmp_factory.mktemp("small")
     return {k: make_tiny_checkpoint(where / k, **kw) for k, kw in SMALL.items()}
 
 

@@ -45,7 +45,7 @@ QTYPES = ["f16", "q8_0", "q4_k_m"]
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
+def made(module_tmp_factory):
     """Each case's checkpoint and llama.cpp's files of it, built once on first use."""
     for path, what in ((HF_PYTHON, "torch+transformers venv"), (LLAMA_CPP / "convert_hf_to_gguf.py", "llama.cpp"),
                        (LLAMA_QUANTIZE, "llama-quantize")):
@@ -55,7 +55,7 @@ def made(tmp_path_factory):
 
     def get(name: str) -> dict[str, Path]:
         if name not in built:
-            where = tmp_path_factory.mktemp(name)
+            where = module_tmp_factory.mktemp(name)
             src = build_convert_case(name, where, CASES)
             built[name] = {"src": src, **llama_cpp_files(src, where, CASES[name][1].get("mtp", False))}
         return built[name]

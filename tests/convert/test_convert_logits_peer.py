@@ -128,13 +128,13 @@ def top1_agreement(ref_logits: np.ndarray, logits: np.ndarray) -> float:
 # --- fixtures: one checkpoint, one HF run, one llama.cpp run per module ---------------------
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> tuple[Path, Path]:
+def checkpoint(module_tmp_factory) -> tuple[Path, Path]:
     """(checkpoint dir, ids.json). The directory name feeds general.name, as on the Hub."""
     try:
         gguf = make_real_checkpoint.smollm2_gguf()
     except cpuq.InputError as e:
         pytest.skip(f"real-weights checkpoint needs the demo model: {e}")
-    root = tmp_path_factory.mktemp("real_logits")
+    root = module_tmp_factory.mktemp("real_logits")
     src = make_real_checkpoint.make_real_checkpoint(root / "SmolLM2-135M-Instruct", "f32", gguf)
     ids = Tokenizer.from_file(str(src / "tokenizer.json")).encode(PROMPT, add_special_tokens=False).ids
     assert 30 <= len(ids) <= 64, len(ids)

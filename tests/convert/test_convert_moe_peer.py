@@ -43,14 +43,14 @@ QTYPES = ["f16", "q8_0", "q4_k_m"]
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
+def made(module_tmp_factory):
     """Each case's checkpoint and llama.cpp's files of it, built once on first use:
     name -> {"src": dir, qtype: llama.cpp's file}."""
     built: dict[str, dict[str, Path]] = {}
 
     def get(name: str) -> dict[str, Path]:
         if name not in built:
-            where = tmp_path_factory.mktemp(name)
+            where = module_tmp_factory.mktemp(name)
             arch, kwargs = CASES[name]
             # the directory name feeds general.name, so both converters see the same one
             src = make_tiny_checkpoint(where / f"tiny-{name}", arch=arch, dtype="bf16", **kwargs)

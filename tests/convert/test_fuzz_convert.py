@@ -19,18 +19,18 @@ from cpuq.convert import hf_vocab
 
 
 @pytest.fixture(scope="module")
-def targets(tmp_path_factory):
+def targets(module_tmp_factory):
     # The tokenizer memo (fuzz.memoised) for this module only: it skips re-reading the same
     # unmutated tokenizer.json, 0.75 s a case.
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(hf_vocab, "read_tokenizer_files", fuzz.memoised(hf_vocab.read_tokenizer_files))
-        work = tmp_path_factory.mktemp("fuzz-ckpt")
+        work = module_tmp_factory.mktemp("fuzz-ckpt")
         yield {"config": fuzz.ConfigTarget(work), "safetensors": fuzz.SafetensorsTarget(work)}
 
 
 @pytest.fixture(scope="module")
-def scratch(tmp_path_factory):
-    return tmp_path_factory.mktemp("fuzz-case")
+def scratch(module_tmp_factory):
+    return module_tmp_factory.mktemp("fuzz-case")
 
 
 def test_seed_checkpoints_convert(targets, scratch):

@@ -110,13 +110,13 @@ def write_imatrix_file(path: Path, tensors: dict[str, np.ndarray], metadata: boo
 # fixtures -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("imatrix-ckpt"))
+def checkpoint(module_tmp_factory) -> Path:
+    return tiny_checkpoint(module_tmp_factory.mktemp("imatrix-ckpt"))
 
 
 @pytest.fixture(scope="module")
-def f16(checkpoint, tmp_path_factory) -> Path:
-    path = cpuq.convert(checkpoint, tmp_path_factory.mktemp("imatrix-f16") / "f16.gguf", "f16")
+def f16(checkpoint, module_tmp_factory) -> Path:
+    path = cpuq.convert(checkpoint, module_tmp_factory.mktemp("imatrix-f16") / "f16.gguf", "f16")
     # The checkpoint the golden was made from (its F16 file is what llama-imatrix and
     # llama-quantize read); if this fails, make_tiny_checkpoint changed: regenerate the golden.
     assert sha256(path) == GOLDEN["f16_sha256"], "tiny checkpoint differs from the golden's: " \

@@ -80,15 +80,15 @@ def golden_imatrix(arch: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    return {arch: moe_checkpoint(arch, tmp_path_factory.mktemp(f"moe-{arch}")) for arch in ARCHS}
+def checkpoints(module_tmp_factory) -> dict[str, Path]:
+    return {arch: moe_checkpoint(arch, module_tmp_factory.mktemp(f"moe-{arch}")) for arch in ARCHS}
 
 
 @pytest.fixture(scope="module")
-def f32_files(checkpoints, tmp_path_factory) -> dict[str, Path]:
+def f32_files(checkpoints, module_tmp_factory) -> dict[str, Path]:
     out = {}
     for arch, ckpt in checkpoints.items():
-        path = cpuq.convert(ckpt, tmp_path_factory.mktemp(f"moe-f32-{arch}") / "f32.gguf", "f32")
+        path = cpuq.convert(ckpt, module_tmp_factory.mktemp(f"moe-f32-{arch}") / "f32.gguf", "f32")
         # The file llama-imatrix read; if this fails, make_tiny_checkpoint or the converter
         # changed: regenerate with tools/make_imatrix_moe_golden.py.
         assert sha256(path) == GOLDEN["archs"][arch]["f32_sha256"], arch
@@ -104,12 +104,12 @@ def collected(f32_files) -> dict[str, Imatrix]:
 
 
 @pytest.fixture(scope="module")
-def weighted(checkpoints, tmp_path_factory) -> Path:
+def weighted(checkpoints, module_tmp_factory) -> Path:
     """The qwen3moe checkpoint to q4_k_m with the golden imatrix (the generator's path string)."""
     cwd = os.getcwd()
     os.chdir(ROOT)  # quantize.imatrix.file holds the path as given
     try:
-        return cpuq.convert(checkpoints["qwen3moe"], tmp_path_factory.mktemp("moe-q4") / "weighted.gguf", "q4_k_m",
+        return cpuq.convert(checkpoints["qwen3moe"], module_tmp_factory.mktemp("moe-q4") / "weighted.gguf", "q4_k_m",
                             imatrix=GOLDEN["archs"]["qwen3moe"]["imatrix"])
     finally:
         os.chdir(cwd)

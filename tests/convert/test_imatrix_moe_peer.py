@@ -26,9 +26,9 @@ pytestmark = [pytest.mark.peer,
 
 
 @pytest.fixture(scope="module", params=ARCHS)
-def case(request, tmp_path_factory) -> dict:
+def case(request, module_tmp_factory) -> dict:
     arch = request.param
-    where = tmp_path_factory.mktemp(f"moe-peer-{arch}")
+    where = module_tmp_factory.mktemp(f"moe-peer-{arch}")
     ckpt = moe_checkpoint(arch, where)
     return {"arch": arch, "checkpoint": ckpt, "f32": cpuq.convert(ckpt, where / "f32.gguf", "f32"),
             "f16": cpuq.convert(ckpt, where / "f16.gguf", "f16")}

@@ -24,13 +24,13 @@ pytestmark = [pytest.mark.peer,
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("imatrix-peer"))
+def checkpoint(module_tmp_factory) -> Path:
+    return tiny_checkpoint(module_tmp_factory.mktemp("imatrix-peer"))
 
 
 @pytest.fixture(scope="module")
-def f16(checkpoint, tmp_path_factory) -> Path:
-    return cpuq.convert(checkpoint, tmp_path_factory.mktemp("imatrix-peer-f16") / "f16.gguf", "f16")
+def f16(checkpoint, module_tmp_factory) -> Path:
+    return cpuq.convert(checkpoint, module_tmp_factory.mktemp("imatrix-peer-f16") / "f16.gguf", "f16")
 
 
 def test_golden_is_current(f16, tmp_path):

@@ -46,11 +46,11 @@ PLENTY_OF_SPACE = (
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
+def source(module_tmp_factory) -> Path:
     # Hidden 256 (Q4_K rows), 4 layers, 78.7 MiB of bf16. On the quiet 2-core dev machine a run
     # takes ~2.4 s: ~1.1 s start-up (imports, Numba's cache, tokenizer), ~0.4 s writing the
     # 151936-token vocabulary, ~0.7 s of tensors, ~0.2 s after the rename (summary, exit).
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("src") / "qwen2", arch="qwen2", dtype="bf16",
+    return make_tiny_checkpoint(module_tmp_factory.mktemp("src") / "qwen2", arch="qwen2", dtype="bf16",
                                 hidden_size=256, intermediate_size=512, num_hidden_layers=4)
 
 
@@ -84,8 +84,8 @@ def _reference(src: Path, out: Path) -> Reference:
 
 
 @pytest.fixture(scope="module")
-def reference(source, tmp_path_factory) -> Reference:
-    return _reference(source, tmp_path_factory.mktemp("ref"))
+def reference(source, module_tmp_factory) -> Reference:
+    return _reference(source, module_tmp_factory.mktemp("ref"))
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -236,16 +236,16 @@ def test_sigkill_with_force_keeps_the_old_file(source, reference, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [dst.name]
 
 
-def test_sigkill_during_calibrate(tmp_path_factory, tmp_path):
+def test_sigkill_during_calibrate(module_tmp_factory, tmp_path):
     """--calibrate writes a temporary Q8_0 file, reads it, then writes the output: killed
     anywhere in that, only a complete output appears, and what is left is taken over by the
     next run. Hidden 64 (the default tiny checkpoint) keeps a run at ~4 s; 6 timed kills,
     not 20, because the temporary files are the same partial_file that the tests above kill
     40 times; what this adds is the Q8_0 file and the sequence of two conversions."""
-    src = make_tiny_checkpoint(tmp_path_factory.mktemp("src64") / "qwen2", arch="qwen2", dtype="bf16")
+    src = make_tiny_checkpoint(module_tmp_factory.mktemp("src64") / "qwen2", arch="qwen2", dtype="bf16")
     hashes = _hashes(src)
     extra = ("--calibrate", TEMPEST, "--calibrate-ctx", 64, "--calibrate-chunks", 1)
-    ref_path = tmp_path_factory.mktemp("ref64") / "ref.gguf"
+    ref_path = module_tmp_factory.mktemp("ref64") / "ref.gguf"
     start = time.perf_counter()
     r = _cpuq("convert", src, "-o", ref_path, "--type", QTYPE, *extra)
     seconds = time.perf_counter() - start

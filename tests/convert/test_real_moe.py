@@ -45,9 +45,9 @@ N_STEPS = 3  # the prompt's last tokens, evaluated one at a time (the rest, 9 >=
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[tuple[str, str], Path]:
+def files(module_tmp_factory) -> dict[tuple[str, str], Path]:
     """{(dense|moe, f32|q8_0): GGUF file}."""
-    root = tmp_path_factory.mktemp("real_moe")
+    root = module_tmp_factory.mktemp("real_moe")
     out = {}
     for name, experts in (("dense", None), ("moe", N_EXPERT)):
         src = make_real_checkpoint(root / name, "f32", experts=experts)

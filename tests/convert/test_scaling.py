@@ -212,16 +212,16 @@ def golden():
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    where = tmp_path_factory.mktemp("scaling-runtime-ckpt")
+def sources(module_tmp_factory):
+    where = module_tmp_factory.mktemp("scaling-runtime-ckpt")
     return {name: build_case(name, where) for name in ARCHS}
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(module_tmp_factory):
     """The imatrix golden's Qwen2 (hidden 256: every block matrix a real k-quant), its
     weights by GGUF name, its config."""
-    src = tiny_checkpoint(tmp_path_factory.mktemp("scaling-tiny"))
+    src = tiny_checkpoint(module_tmp_factory.mktemp("scaling-tiny"))
     cfg = ModelConfig.from_hf_config(src)
     weights = {gguf_tensor_name(cfg, k): v for k, v in read_weights(src).items()}
     return src, weights, cfg
@@ -623,12 +623,12 @@ def test_awq_defaults(tiny, tmp_path, monkeypatch, tiny_gguf_bytes):
 # the pipeline: convert(..., imatrix=..., awq=True) ----------------------------------------
 
 @pytest.fixture(scope="module")
-def calibrated(tiny, tmp_path_factory):
+def calibrated(tiny, module_tmp_factory):
     """The tiny Qwen2 at Q4_K_M with an importance matrix collected by its F16 file over the
     first half of The Tempest: with channel scaling and without (llama-quantize's bytes), and
     the block scales the search finds for it."""
     src, weights, cfg = tiny
-    where = tmp_path_factory.mktemp("scaling-pipeline")
+    where = module_tmp_factory.mktemp("scaling-pipeline")
     f16 = cpuq.convert(src, where / "f16.gguf", "f16")
     im_path = collect_imatrix(f16, CALIBRATION, n_ctx=64, n_chunks=16, dataset="tempest").write(where / "im.gguf")
     awq = cpuq.convert(src, where / "awq.gguf", "q4_k_m", imatrix=im_path, awq=True)

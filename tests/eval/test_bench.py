@@ -20,9 +20,9 @@ from cpuq.runtime.tokenizer import CONTROL, NORMAL, UNUSED, Tokenizer
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+def tiny_model(module_tmp_factory):
     import make_tiny_checkpoint
-    where = tmp_path_factory.mktemp("bench")
+    where = module_tmp_factory.mktemp("bench")
     src = make_tiny_checkpoint.make_tiny_checkpoint(where / "src", arch="qwen2", dtype="bf16", num_hidden_layers=1)
     return cpuq.convert(src, where / "tiny-q8_0.gguf", "q8_0")
 

@@ -57,8 +57,8 @@ def files_state(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> SimpleNamespace:
-    where = tmp_path_factory.mktemp("compare")
+def run(module_tmp_factory) -> SimpleNamespace:
+    where = module_tmp_factory.mktemp("compare")
     src = tiny_checkpoint(where / "src")
     out = where / "out"
     stages = []
@@ -414,8 +414,8 @@ CLI_SETTINGS = ["--ctx", "64", "--chunks", "2", "--prompt-tokens", "16", "--gen-
 
 
 @pytest.fixture(scope="module")
-def scored_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "scored.txt"
+def scored_file(module_tmp_factory) -> Path:
+    path = module_tmp_factory.mktemp("text") / "scored.txt"
     path.write_text(SCORED, encoding="utf-8")
     return path
 

@@ -68,11 +68,11 @@ def test_kl_against_itself_is_zero(model):
 
 
 @pytest.fixture(scope="module")
-def perturbed(tmp_path_factory):
+def perturbed(module_tmp_factory):
     """The demo model with token_embd.weight (Q8_0; tied, so also the output matrix)
     requantized through Q4_0 by gguf-py, written in place into a copy: the same layout,
     the same tokenizer, weights 11% (relative L2) away from the original's."""
-    path = tmp_path_factory.mktemp("perturbed") / "demo-embd-q4_0.gguf"
+    path = module_tmp_factory.mktemp("perturbed") / "demo-embd-q4_0.gguf"
     shutil.copyfile(demo_model_path(), path)
     t = next(t for t in gguf.GGUFReader(demo_model_path()).tensors if t.name == "token_embd.weight")
     q4_0 = gguf.GGMLQuantizationType.Q4_0

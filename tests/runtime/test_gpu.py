@@ -100,9 +100,9 @@ def test_matvec_matches_float64(cp, qtype):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(module_tmp_factory):
     """F32 and Q8_0 GGUF files of the four golden tiny checkpoints."""
-    where = tmp_path_factory.mktemp("gpu-ckpt")
+    where = module_tmp_factory.mktemp("gpu-ckpt")
     out = {}
     for name in ("qwen2", "qwen3", "llama", "qwen2_yarn"):
         src = build_case(name, where)
@@ -208,12 +208,12 @@ MOE_PROMPT = IDS * 3  # 60 tokens: most experts get more than MATVEC_MAX_TOKENS 
 
 
 @pytest.fixture(scope="module")
-def tiny_moe(tmp_path_factory):
+def tiny_moe(module_tmp_factory):
     """f16, q8_0 and q4_k_m files of tiny qwen3moe (8 experts, 2 used, renormalized) and
     qwen2moe (6 experts, 2 used, a gated shared expert) checkpoints, 256 wide so that
     q4_k_m's expert stacks are K-quants."""
     from make_tiny_checkpoint import make_tiny_checkpoint
-    where = tmp_path_factory.mktemp("gpu-moe")
+    where = module_tmp_factory.mktemp("gpu-moe")
     out = {}
     for arch, extra in (("qwen3moe", {}), ("qwen2moe", {"shared_expert_intermediate_size": 256})):
         src = make_tiny_checkpoint(where / arch, arch=arch, dtype="f32", seed=3, hidden_size=256,
@@ -340,7 +340,7 @@ def test_cpu_moe_without_gpu_falls_back_to_cpu(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf_cpu(tmp_path_factory):
-    where = tmp_path_factory.mktemp("gpu-fallback")
+def tiny_gguf_cpu(module_tmp_factory):
+    where = module_tmp_factory.mktemp("gpu-fallback")
     return cpuq.convert(build_case("qwen2", where), where / "m.gguf", "q8_0")
 

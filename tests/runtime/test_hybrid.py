@@ -45,9 +45,9 @@ def golden():
 
 
 @pytest.fixture(scope="module")
-def f32_files(tmp_path_factory, golden):
+def f32_files(module_tmp_factory, golden):
     """name -> cpuq's F32 file of the golden case's checkpoint."""
-    where = tmp_path_factory.mktemp("hybrid")
+    where = module_tmp_factory.mktemp("hybrid")
     names = list(json.loads(str(golden["cases"])))
     assert sorted(names) == sorted(CASES) == sorted(ARCHS)
     return {name: cpuq.convert(build_case(name, where), where / f"{name}.gguf", "f32") for name in names}

@@ -33,8 +33,8 @@ def golden():
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory, golden):
-    where = tmp_path_factory.mktemp("runtime-ckpt")
+def sources(module_tmp_factory, golden):
+    where = module_tmp_factory.mktemp("runtime-ckpt")
     names = list(json.loads(str(golden["cases"])))
     return {name: build_case(name, where) for name in names}
 

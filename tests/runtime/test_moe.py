@@ -48,18 +48,18 @@ def golden():
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory, golden):
-    where = tmp_path_factory.mktemp("moe-ckpt")
+def sources(module_tmp_factory, golden):
+    where = module_tmp_factory.mktemp("moe-ckpt")
     names = list(json.loads(str(golden["cases"])))
     assert sorted(names) == sorted(CASES)
     return {name: build_logits_case(name, where) for name in names}
 
 
 @pytest.fixture(scope="module")
-def wide(tmp_path_factory):
+def wide(module_tmp_factory):
     """(arch, qtype) -> cpuq's file of a bf16 checkpoint with row length 256 everywhere
     (built on first use)."""
-    where, built = tmp_path_factory.mktemp("moe-wide"), {}
+    where, built = module_tmp_factory.mktemp("moe-wide"), {}
 
     def get(arch, qtype):
         if arch not in built:
