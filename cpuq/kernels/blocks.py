@@ -121,6 +121,23 @@ def _loop(b: ir.IRBuilder, count, body, state):
     return final
 
 
+# Bytes ahead of the block being multiplied that a row product asks the cache for: with
+# the rows in DRAM (a MoE token's experts, any model bigger than the last-level cache) the
+# hardware prefetchers alone left the kernels at ~half the read bandwidth (a Qwen3-30B-A3B
+# token's 8 Q4_K experts 8.5 -> 15 GB/s on 2 threads; 512 B ahead 13, 2-4 KiB 13.4-14.5).
+PREFETCH_AHEAD = 1024
+
+
+def _prefetch(b: ir.IRBuilder, blk, nbytes: int):
+    """Ask for the cache lines PREFETCH_AHEAD bytes past a block of nbytes. A prefetch is a
+    hint that reads nothing into the result and never faults, so past a row's or a
+    buffer's end it costs nothing but the request."""
+    fn = _intrinsic_fn(b.module, "llvm.prefetch.p0", ir.VoidType(), [I8.as_pointer(), I32, I32, I32])
+    for o in range(0, nbytes, 64):
+        b.call(fn, [b.gep(blk, [ir.Constant(I64, PREFETCH_AHEAD + o)]),
+                    ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])  # read, keep, data
+
+
 def _byte(b: ir.IRBuilder, base, offset: int):
     return b.zext(_load(b, base, offset, I8), I32)
 
@@ -475,6 +492,7 @@ def _build_dot_i16_fn(module: ir.Module, name: str, ggml_type: int) -> ir.Functi
     def block(i, state):
         acc, macc = state
         blk = b.gep(w, [b.mul(i, ir.Constant(I64, nbytes))])
+        _prefetch(b, blk, nbytes)
         g0 = b.mul(i, ir.Constant(I64, groups))
 
         def x_group(g):
@@ -530,6 +548,8 @@ def _build_row_fn(module: ir.Module, name: str, ggml_type: int, dot: bool) -> ir
     def block(i, state):
         acc, = state
         blk = b.gep(w, [b.mul(i, ir.Constant(I64, nbytes))])
+        if dot:
+            _prefetch(b, blk, nbytes)
         xb = b.gep(xs, [b.mul(i, ir.Constant(I64, qk))])
         for g, v in enumerate(values(b, blk)):
             p = b.bitcast(b.gep(xb, [ir.Constant(I64, 32 * g)]), V32F.as_pointer())
