@@ -1,12 +1,13 @@
 """Decode speed of the working tree against another commit, alternated batch by batch.
 
-    python tools/decode_ab.py MODEL.gguf [--rev HEAD~1] [--depth 128] [--rounds 30] [--steps 8]
+    python tools/decode_ab.py MODEL.gguf [--rev HEAD~1] [--depth 128] [--rounds 30] [--steps 8] [--prefill]
 
 For kernel work on a noisy machine: one worker process per side (the other side runs from a
 temporary `git worktree` of --rev), each loaded once; every round fills --depth prompt
 tokens and times --steps greedy one-token steps, the sides taking turns (first side
 alternating). Prints each side's median and best ms per token and in how many rounds the
-tree was faster. This compares cpuq with itself; speed claims against llama.cpp come from
+tree was faster. --prefill times the --depth prompt tokens instead (ms per prompt token).
+This compares cpuq with itself; speed claims against llama.cpp come from
 benchmarks/runtime_vs_llama.py.
 """
 from __future__ import annotations
@@ -33,7 +34,11 @@ ids = np.random.default_rng(0).integers(100, 10000, int(sys.argv[2])).tolist()
 print("ready", cpuq.__file__, flush=True)
 for line in sys.stdin:
     m.reset()
+    t = time.perf_counter()
     m._ingest(ids)
+    if sys.argv[3] == "prefill":
+        print(json.dumps((time.perf_counter() - t) / len(ids) * 1e3), flush=True)
+        continue
     t = time.perf_counter()
     for _ in range(int(line)):
         m._step(5)
@@ -48,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--depth", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--prefill", action="store_true", help="time the --depth prompt tokens, not the steps")
     args = ap.parse_args(argv)
     require_file(Path(args.model), "model")
     for name in ("depth", "rounds", "steps"):
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
                 # cwd too: `python -c` puts the working directory ahead of PYTHONPATH
                 env = dict(os.environ, PYTHONPATH=str(path))
                 procs[side] = subprocess.Popen([sys.executable, "-c", WORKER, str(Path(args.model).resolve()),
-                                                str(args.depth)], env=env, cwd=path,
+                                                str(args.depth), "prefill" if args.prefill else "decode"], env=env, cwd=path,
                                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                 print(side, procs[side].stdout.readline().strip())
             times = {side: [] for side in procs}
