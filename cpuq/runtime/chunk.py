@@ -157,15 +157,32 @@ def expert_groups(ids: np.ndarray, n_expert: int):
 
 def experts(h, ids, weights, gate, up, down, c):
     """Tokens grouped by expert: each selected expert's matrices are read once for all of
-    its tokens (products: one row through the per-row kernels, as the decode step does)."""
+    its tokens. A batched chunk runs every group's gate and up products in one round of
+    the workers' tasks and their down products in another (Gemm.linear_groups); otherwise
+    group by group (products: one row through the per-row kernels, as the decode step does)."""
     n, k = ids.shape
     y = np.empty((n, k, h.shape[1]), np.float32)
     order, groups = expert_groups(ids, c.n_expert)
-    for e, lo, hi in groups:
-        picks = order[lo:hi]
-        tokens, slots = picks // k, picks % k
-        act = swiglu(linear2(np.ascontiguousarray(h[tokens]), gate.expert(e), up.expert(e), c), c)
-        y[tokens, slots] = linear(act, down.expert(e), c)
+    if batched(c.gemm, n):
+        tokens, slots = order // k, order % k
+        hs = np.ascontiguousarray(h[tokens])
+        spans = [(lo, hi) for _, lo, hi in groups]
+        gate_up = [(gate.expert(e), up.expert(e)) for e, _, _ in groups]
+        downs = [(down.expert(e),) for e, _, _ in groups]
+        if c.observe is not None:
+            for (lo, hi), (g, u) in zip(spans, gate_up):
+                c.observe(hs[lo:hi], (g.name, u.name))
+        act = swiglu(c.gemm.linear_groups(hs, spans, [[(m.data, m.ggml_type) for m in ms] for ms in gate_up]), c)
+        if c.observe is not None:
+            for (lo, hi), (d,) in zip(spans, downs):
+                c.observe(act[lo:hi], (d.name,))
+        y[tokens, slots] = c.gemm.linear_groups(act, spans, [[(d.data, d.ggml_type)] for d, in downs])[0]
+    else:
+        for e, lo, hi in groups:
+            picks = order[lo:hi]
+            tokens, slots = picks // k, picks % k
+            act = swiglu(linear2(np.ascontiguousarray(h[tokens]), gate.expert(e), up.expert(e), c), c)
+            y[tokens, slots] = linear(act, down.expert(e), c)
     out = np.empty_like(h)
     rows(c, n, lambda lo, hi: moe.weighted_sum(y[lo:hi], weights[lo:hi], out[lo:hi]))
     return out

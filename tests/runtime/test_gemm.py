@@ -45,6 +45,35 @@ def test_linear_many_matrices_many_tiles(monkeypatch, n_threads, int8):
         assert np.all(np.abs(out - ref) <= rounding + 1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("int8", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not HOST_VNNI, reason="needs AVX512-VNNI"))])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_linear_groups_gives_each_group_its_own_matrices(monkeypatch, n_threads, int8):
+    """Groups of 1, 9, 3 and 5 rows (the last one's int8 pass reads past x's rows into the
+    padding), each with its own two matrices (one split in several tiles): each group's rows
+    against float64, tolerance as above."""
+    import cpuq.runtime.gemm as G
+    monkeypatch.setattr(G, "TILE_BYTES", 64 * 1024)
+    k = 512
+    spans = [(0, 1), (1, 10), (10, 13), (13, 18)]
+    mats = [[_weights("Q4_K", 48, k, 2 * j), _weights("Q6_K" if j % 2 else "F16", 40, k, 2 * j + 1)]
+            for j in range(len(spans))]
+    x = np.random.default_rng(5).standard_normal((18, k), dtype=np.float32)
+    half_step = np.repeat(np.abs(x).reshape(18, -1, 32).max(-1), 32, axis=1).astype(np.float64) / (127 * 256 * 2)
+    g = Gemm(n_threads, int8=int8)
+    try:
+        with g.session():
+            outs = g.linear_groups(x, spans, [[(d, t) for d, t, _ in ms] for ms in mats])
+    finally:
+        g.close()
+    assert [o.shape for o in outs] == [(18, 48), (18, 40)]
+    for (lo, hi), ms in zip(spans, mats):
+        for (_, t, dense), out in zip(ms, outs):
+            ref = x[lo:hi].astype(np.float64) @ dense.T
+            rounding = half_step[lo:hi] @ np.abs(dense).T if int8 and t in INT8_TYPES else 0.0
+            assert np.all(np.abs(out[lo:hi] - ref) <= rounding + 1e-5 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("start", [0, 37])
 @pytest.mark.parametrize("parts_by", ["memory", "tokens"])
 def test_attention_through_blas_matches_the_kernel(monkeypatch, start, parts_by):
