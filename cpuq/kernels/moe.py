@@ -22,47 +22,63 @@ _MIN_SUM = np.float32(6.103515625e-5)
 _DOT = {"reassoc", "contract"}
 
 
-@njit(cache=True, fastmath=_DOT)
+@njit(cache=True, inline="always")
+def _select(logits, n_used, norm, ids, weights, i):
+    """Row i of ids and weights from one token's router logits (n_expert,) f32, which it
+    overwrites with their softmax."""
+    n_expert = logits.shape[0]
+    used = min(n_used, n_expert, ids.shape[1], weights.shape[1])
+    top = np.float32(-np.inf)
+    for e in range(n_expert):
+        top = max(top, logits[e])
+    total = np.float32(0.0)
+    for e in range(n_expert):
+        logits[e] = np.exp(logits[e] - top)
+        total += logits[e]
+    for e in range(n_expert):
+        logits[e] /= total
+    picked = 0
+    while picked < used:
+        best = -1
+        for e in range(n_expert):
+            taken = False
+            for q in range(picked):
+                taken |= ids[i, q] == e
+            if not taken and (best < 0 or logits[e] > logits[best]):
+                best = e
+        ids[i, picked] = best
+        weights[i, picked] = logits[best]
+        picked += 1
+    if norm:
+        s = np.float32(0.0)
+        for q in range(used):
+            s += weights[i, q]
+        s = max(s, _MIN_SUM)
+        for q in range(used):
+            weights[i, q] /= s
+
+
+@njit(cache=True, nogil=True, fastmath=_DOT)
 def route(h, w, n_used, norm, ids, weights):
     """h (n, k) f32 rows, w (n_expert, k) f32 router -> ids (n, n_used) int64: each row's
     n_used most probable experts, most probable first (the lower index on a tie), and
     weights (n, n_used) f32: their softmax probabilities, divided by their sum if norm."""
-    n_expert = w.shape[0]
-    used = min(n_used, n_expert, ids.shape[1], weights.shape[1])
-    logits = np.empty(n_expert, np.float32)
+    logits = np.empty(w.shape[0], np.float32)
     for i in range(min(h.shape[0], ids.shape[0], weights.shape[0])):
-        top = np.float32(-np.inf)
-        for e in range(n_expert):
+        for e in range(w.shape[0]):
             acc = np.float32(0.0)
             for j in range(min(h.shape[1], w.shape[1])):
                 acc += h[i, j] * w[e, j]
             logits[e] = acc
-            top = max(top, acc)
-        total = np.float32(0.0)
-        for e in range(n_expert):
-            logits[e] = np.exp(logits[e] - top)
-            total += logits[e]
-        for e in range(n_expert):
-            logits[e] /= total
-        picked = 0
-        while picked < used:
-            best = -1
-            for e in range(n_expert):
-                taken = False
-                for q in range(picked):
-                    taken |= ids[i, q] == e
-                if not taken and (best < 0 or logits[e] > logits[best]):
-                    best = e
-            ids[i, picked] = best
-            weights[i, picked] = logits[best]
-            picked += 1
-        if norm:
-            s = np.float32(0.0)
-            for q in range(used):
-                s += weights[i, q]
-            s = max(s, _MIN_SUM)
-            for q in range(used):
-                weights[i, q] /= s
+        _select(logits, n_used, norm, ids, weights, i)
+
+
+@njit(cache=True, nogil=True)
+def route_logits(logits, n_used, norm, ids, weights):
+    """route's choice from the router's logits (n, n_expert) f32, already computed (a
+    prompt chunk's by one BLAS product); overwrites them with their softmax."""
+    for i in range(min(logits.shape[0], ids.shape[0], weights.shape[0])):
+        _select(logits[i], n_used, norm, ids, weights, i)
 
 
 @njit(cache=True, parallel=True)

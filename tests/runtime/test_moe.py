@@ -191,3 +191,23 @@ def test_router_weights_renormalized_for_qwen3moe_only(name, renormalized, golde
         flipped = m.logits(IDS)
     err = _rel_rms(flipped[:, golden[f"{name}/columns"]], golden[f"{name}/hf"])
     assert err > 1e-2, f"the other renormalization is only {err:.2e} from HF"
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_route_from_blas_logits_picks_as_the_kernel(norm):
+    """A prompt chunk's router logits come from one BLAS product (runtime.chunk.route):
+    route_logits on them picks the same experts as route's own dot products, with weights
+    within 1e-5 relative: the logits (sums of 256 products, |logit| ~ 2) differ only in
+    float32 summation order, ~1e-6 absolute, which a softmax weight carries as ~1e-6
+    relative per logit (measured up to 1.3e-6)."""
+    from cpuq.kernels.moe import route_logits
+    rng = np.random.default_rng(4)
+    h = rng.standard_normal((40, 256), dtype=np.float32)
+    w = rng.standard_normal((64, 256), dtype=np.float32) * np.float32(0.1)
+    ids, weights = np.empty((40, 8), np.int64), np.empty((40, 8), np.float32)
+    ids2, weights2 = np.empty_like(ids), np.empty_like(weights)
+    route(h, w, 8, norm, ids, weights)
+    route_logits(h @ w.T, 8, norm, ids2, weights2)
+    assert np.array_equal(ids, ids2)
+    assert np.allclose(weights, weights2, rtol=1e-5, atol=0)
+    assert np.all(np.diff(weights, axis=1) <= 0)  # most probable first
