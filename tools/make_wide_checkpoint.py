@@ -62,6 +62,11 @@ SHAPES: dict[str, dict[str, Any]] = {
                     "num_key_value_heads": 8, "vocab_size": 152064, "num_hidden_layers": 80,
                     "tie_word_embeddings": False, "max_position_embeddings": 32768, "max_window_layers": 70,
                     "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "sliding_window": 131072},
+    # Qwen/Qwen2.5-7B-Instruct config.json
+    "qwen2.5-7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
+                   "num_key_value_heads": 4, "vocab_size": 152064, "num_hidden_layers": 28,
+                   "tie_word_embeddings": False, "max_position_embeddings": 32768, "max_window_layers": 28,
+                   "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "sliding_window": 131072},
     # Qwen/Qwen2.5-0.5B-Instruct config.json
     "qwen2.5-0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_attention_heads": 14,
                      "num_key_value_heads": 2, "vocab_size": 151936, "num_hidden_layers": 24,
