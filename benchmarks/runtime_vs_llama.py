@@ -349,6 +349,38 @@ def benchmark_file(path: Path, ids: list[int], args, log_dir: Path, tag: str) ->
 
 # context ------------------------------------------------------------------------
 
+READ_BANDWIDTH = r"""
+import sys, time
+import numpy as np
+from numba import njit, prange
+
+@njit(parallel=True)
+def total(a):
+    s = 0
+    for i in prange(a.shape[0]):
+        s += a[i]
+    return s
+
+a = np.ones(int(sys.argv[1]) // 8, np.int64)
+total(a[:4096])
+best = float("inf")
+for _ in range(5):
+    t = time.perf_counter()
+    total(a)
+    best = min(best, time.perf_counter() - t)
+print(a.nbytes / best / 1e9)
+"""
+
+
+def read_bandwidth(threads: int, nbytes: int = 2 << 30) -> float:
+    """GB/s of `threads` threads summing a 2 GiB array (larger than any last-level cache),
+    best of 5: what the machine's memory delivers to a plain read, decode's ceiling."""
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
+    out = subprocess.run([sys.executable, "-c", READ_BANDWIDTH, str(nbytes)], env=env, capture_output=True,
+                         text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
 def machine() -> dict[str, str]:
     model, cores = "?", set()
     phys = None
@@ -482,15 +514,24 @@ def report(rows: list[dict], args, info: dict, identical: dict[str, bool], floor
     if any("token_bytes" in row for row in rows):
         out.append("\nDecode as bandwidth: bytes a token reads (the blocks' tensors and the output matrix, of "
                    "an expert stack the experts a token uses) x tok/s:\n")
-        out += ["| model | test | MB per token | cpuq GB/s | llama.cpp GB/s |", "|---|---|---:|---:|---:|"]
+        read = info.get("read_gb_s")
+        if read:
+            out.append(f"The machine's read bandwidth, {args.threads} threads summing a 2 GiB array (best of 5): "
+                       f"{read:.1f} GB/s.\n")
+        out += ["| model | test | MB per token | cpuq GB/s | llama.cpp GB/s |" + (" cpuq / read | llama.cpp / read |"
+                                                                               if read else ""),
+                "|---|---|---:|---:|---:|" + ("---:|---:|" if read else "")]
         for row in rows:
             if "token_bytes" not in row:
                 continue
             c, l = row["results"]["cpuq"], row["results"]["llama.cpp"]
             for test, d in tests[1:]:
                 b = row["token_bytes"]
-                out.append(f"| {row['model']} | {test} | {b / 1e6:,.0f} | {b * stats(rates(c, d))[0] / 1e9:.1f} | "
-                           f"{b * stats(rates(l, d))[0] / 1e9:.1f} |")
+                gc, gl = b * stats(rates(c, d))[0] / 1e9, b * stats(rates(l, d))[0] / 1e9
+                line = f"| {row['model']} | {test} | {b / 1e6:,.0f} | {gc:.1f} | {gl:.1f} |"
+                if read:
+                    line += f" {gc / read:.0%} | {gl / read:.0%} |"
+                out.append(line)
 
     out.append("\nStart-up and memory:\n")
     out += ["| model | type | runtime | time to first token s | of which load s | prompt + token s "
@@ -615,6 +656,8 @@ def main() -> None:
         print(f"note: niceness {info['niceness']}, load average {info['load_start']:.2f}: other work will skew "
               f"the numbers", file=sys.stderr)
 
+    if args.files:
+        info["read_gb_s"] = read_bandwidth(args.threads)
     rows = []
     for shape, qtype, path in files:
         tag = f"{shape}-{qtype}"
