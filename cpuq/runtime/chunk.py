@@ -170,14 +170,14 @@ def experts(h, ids, weights, gate, up, down, c):
     order, groups = expert_groups(ids, c.n_expert)
     if batched(c.gemm, n):
         tokens, slots = order // k, order % k
-        hs = np.ascontiguousarray(h[tokens])
         spans = [(lo, hi) for _, lo, hi in groups]
         gate_up = [(gate.expert(e), up.expert(e)) for e, _, _ in groups]
         downs = [(down.expert(e),) for e, _, _ in groups]
         if c.observe is not None:
             for (lo, hi), (g, u) in zip(spans, gate_up):
-                c.observe(hs[lo:hi], (g.name, u.name))
-        act = swiglu(c.gemm.linear_groups(hs, spans, [[(m.data, m.ggml_type) for m in ms] for ms in gate_up]), c)
+                c.observe(h[tokens[lo:hi]], (g.name, u.name))
+        act = swiglu(c.gemm.linear_groups(h, spans, [[(m.data, m.ggml_type) for m in ms] for ms in gate_up],
+                                          tokens), c)
         if c.observe is not None:
             for (lo, hi), (d,) in zip(spans, downs):
                 c.observe(act[lo:hi], (d.name,))

@@ -121,17 +121,27 @@ class Gemm:
         return outs
 
     def linear_groups(self, x: np.ndarray, spans: Sequence[tuple[int, int]],
-                      weights: Sequence[Sequence[tuple[np.ndarray, int]]]) -> list[np.ndarray]:
-        """x: (n, k) f32 rows in groups, spans[j] = (lo, hi) group j's rows, weights[j] its
-        matrices (the same number for every group, slot i of each with the same rows)
-        -> [(n, m_i) f32]: rows lo:hi of out i = x[lo:hi] @ weights[j][i].T. A mixture of
-        experts' tokens grouped by expert: one round of tasks for all groups, where a round
-        per group (~80 us each) made up a fifth of a prompt with 256 experts."""
-        n, k = x.shape
+                      weights: Sequence[Sequence[tuple[np.ndarray, int]]],
+                      index: np.ndarray | None = None) -> list[np.ndarray]:
+        """x: (n, k) f32 rows in groups (or, with index (n,), row r is x[index[r]]), spans[j]
+        = (lo, hi) group j's rows, weights[j] its matrices (the same number for every group,
+        slot i of each with the same rows) -> [(n, m_i) f32]: rows lo:hi of out i = the
+        group's rows @ weights[j][i].T. A mixture of experts' tokens grouped by expert: one
+        round of tasks for all groups, where a round per group (~80 us each) made up a fifth
+        of a prompt with 256 experts; x's rows are rounded to int8 once, not once per
+        expert that picked them."""
+        n, k = (x.shape[0], x.shape[1]) if index is None else (index.shape[0], x.shape[1])
         outs = [np.empty((n, w.shape[0]), np.float32) for w, _ in weights[0]] if weights else []
         int8 = [[self.int8 and k % 32 == 0 and t in INT8_TYPES for _, t in ws] for ws in weights]
-        # TOKENS rows past the end: a group's int8 rows are read in whole passes of TOKENS
-        xq = self._quantize(x, extra=TOKENS) if any(map(any, int8)) else None
+        xq = None
+        if any(map(any, int8)):
+            # TOKENS zero rows past the end: a group's int8 rows are read in whole passes of TOKENS
+            xq = self._quantize(x, extra=TOKENS)
+            if index is not None:
+                pad = np.full(TOKENS, x.shape[0], np.int64)
+                xq = tuple(a[np.concatenate([index, pad])] for a in xq)
+        if index is not None and not all(map(all, int8)):
+            x = x[index]
         tasks = []
         for j, ws in enumerate(weights):
             for i, (w, _) in enumerate(ws):

@@ -47,11 +47,13 @@ def test_linear_many_matrices_many_tiles(monkeypatch, n_threads, int8):
 
 @pytest.mark.parametrize("int8", [False, pytest.param(True, marks=pytest.mark.skipif(
     not HOST_VNNI, reason="needs AVX512-VNNI"))])
+@pytest.mark.parametrize("indexed", [False, True])
 @pytest.mark.parametrize("n_threads", [1, 2])
-def test_linear_groups_gives_each_group_its_own_matrices(monkeypatch, n_threads, int8):
+def test_linear_groups_gives_each_group_its_own_matrices(monkeypatch, n_threads, int8, indexed):
     """Groups of 1, 9, 3 and 5 rows (the last one's int8 pass reads past x's rows into the
     padding), each with its own two matrices (one split in several tiles): each group's rows
-    against float64, tolerance as above."""
+    against float64, tolerance as above. indexed: the rows given as 7 distinct rows and each
+    row's index among them (a MoE chunk's tokens, each picked by several experts)."""
     import cpuq.runtime.gemm as G
     monkeypatch.setattr(G, "TILE_BYTES", 64 * 1024)
     k = 512
@@ -59,11 +61,16 @@ def test_linear_groups_gives_each_group_its_own_matrices(monkeypatch, n_threads,
     mats = [[_weights("Q4_K", 48, k, 2 * j), _weights("Q6_K" if j % 2 else "F16", 40, k, 2 * j + 1)]
             for j in range(len(spans))]
     x = np.random.default_rng(5).standard_normal((18, k), dtype=np.float32)
+    index = None
+    if indexed:
+        index = np.random.default_rng(6).integers(0, 7, 18)
+        distinct, x = x[:7].copy(), x[:7][index]
     half_step = np.repeat(np.abs(x).reshape(18, -1, 32).max(-1), 32, axis=1).astype(np.float64) / (127 * 256 * 2)
     g = Gemm(n_threads, int8=int8)
     try:
         with g.session():
-            outs = g.linear_groups(x, spans, [[(d, t) for d, t, _ in ms] for ms in mats])
+            outs = g.linear_groups(distinct if indexed else x, spans, [[(d, t) for d, t, _ in ms] for ms in mats],
+                                   index)
     finally:
         g.close()
     assert [o.shape for o in outs] == [(18, 48), (18, 40)]
