@@ -17,6 +17,7 @@ import cpuq
 from cpuq import FormatError
 from cpuq.cli import app
 from make_tiny_checkpoint import make_tiny_checkpoint
+from tests.test_moe_input import rewrite_gguf
 
 # The tiny qwen35 (make_tiny_checkpoint's defaults, shaped like Qwen3.5-0.8B): 4 blocks, the
 # last full attention; 4 key and 4 value heads of 16 (inner size 64), conv kernel 4, head_dim
@@ -36,42 +37,6 @@ def ckpts(module_tmp_factory):
 def files(ckpts, module_tmp_factory):
     where = module_tmp_factory.mktemp("hybrid-input-gguf")
     return {arch: cpuq.convert(ckpts[arch], where / f"{arch}.gguf", "q8_0") for arch in ("qwen35", "qwen3next")}
-
-
-# Element types of the arrays a converted hybrid holds (the reader gives values, not them).
-ARRAY_TYPES = {"tokenizer.ggml.token_type": V.INT32, "attention.recurrent_layers": V.BOOL,
-               "rope.dimension_sections": V.INT32}
-
-
-def _rewrite(src, dst, values=None, drop=(), shapes=None):
-    """src's GGUF with metadata `values` set (key without the arch prefix -> value, or
-    (value, type[, element type])), tensors `drop` left out, and tensors of `shapes` (name ->
-    numpy shape) cut to that many leading values (test_moe_input's helper, with arrays)."""
-    shapes = shapes or {}
-    with cpuq.open_gguf(src) as f:
-        arch = f.get("general.architecture")
-        meta = {k: f.get(k) for k in f.keys() if k != "general.architecture"}
-        types = {k: f.value_type(k) for k in meta}
-        for k in meta:
-            if f.array_length(k):
-                types[k + "[]"] = next((t for suffix, t in ARRAY_TYPES.items() if k.endswith(suffix)), V.STRING)
-        for k, v in (values or {}).items():
-            key = f"{arch}.{k}"
-            v, *vtypes = v if isinstance(v, tuple) else (v, V.UINT32)
-            meta[key], types[key] = v, vtypes[0]
-            if len(vtypes) > 1:
-                types[key + "[]"] = vtypes[1]
-        w = cpuq.GGUFStreamWriter(dst, arch=arch)
-        w.add_metadata(meta, types)
-        tensors = [(t.name, t.qtype, shapes.get(t.name, t.shape), t.data) for t in f if t.name not in drop]
-        for name, qtype, shape, _ in tensors:
-            w.add_tensor_info(name, shape, qtype)
-        w.begin()
-        for name, qtype, shape, data in tensors:
-            w.write_tensor(name, data.reshape(-1)[:qtype.row_bytes(shape[-1]) * int(np.prod(shape[:-1]))]
-                           if name in shapes else data)
-        w.close()
-    return dst
 
 
 BOOLS, INTS = (V.ARRAY, V.BOOL), (V.ARRAY, V.INT32)
@@ -144,7 +109,7 @@ BAD_FILES = [
 
 @pytest.mark.parametrize("arch, edit, match", BAD_FILES)
 def test_bad_hybrid_file_is_one_line_exit_2(files, tmp_path, arch, edit, match):
-    bad = _rewrite(files[arch], tmp_path / "bad.gguf", **edit)
+    bad = rewrite_gguf(files[arch], tmp_path / "bad.gguf", arch_keys=True, **edit)
     with pytest.raises(FormatError, match=match) as e:
         cpuq.load(bad)
     assert str(e.value).startswith(f"{bad}: ") and "\n" not in str(e.value)
@@ -157,7 +122,7 @@ def test_bad_hybrid_file_is_one_line_exit_2(files, tmp_path, arch, edit, match):
 def test_the_unedited_files_load(files, tmp_path):
     """The edits above are what fails: the helper's copy of each file loads and runs."""
     for arch, path in files.items():
-        copy = _rewrite(path, tmp_path / f"{arch}.gguf")
+        copy = rewrite_gguf(path, tmp_path / f"{arch}.gguf")
         with cpuq.load(copy, n_ctx=32) as m:
             assert np.isfinite(m.logits([1, 2, 3])).all()
 

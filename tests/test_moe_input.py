@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from gguf import GGUFValueType as V
 from typer.testing import CliRunner
 
 import cpuq
@@ -65,20 +66,31 @@ def test_a_missing_expert_matrix_is_named(moe_ckpt, tmp_path):
         cpuq.convert(src, tmp_path / "out.gguf", "q8_0")
 
 
-def _rewrite(src, dst, values=None, drop=(), shapes=None):
-    """src's GGUF with metadata `values` set, tensors `drop` left out, and tensors of
-    `shapes` (name -> numpy shape) cut to that many leading rows."""
-    from gguf import GGUFValueType as V
+# Element types of the arrays a converted MoE or hybrid holds (the reader gives values, not them).
+ARRAY_TYPES = {"tokenizer.ggml.token_type": V.INT32, "attention.recurrent_layers": V.BOOL,
+               "rope.dimension_sections": V.INT32}
+
+
+def rewrite_gguf(src, dst, values=None, drop=(), shapes=None, arch_keys=False):
+    """src's GGUF with metadata `values` set (key -> value, or (value, type[, element
+    type]); UINT32 by default; with arch_keys, keys without the "<arch>." prefix), tensors
+    `drop` left out, and tensors of `shapes` (name -> numpy shape) cut to that many leading
+    values."""
     shapes = shapes or {}
     with cpuq.open_gguf(src) as f:
+        arch = f.get("general.architecture")
         meta = {k: f.get(k) for k in f.keys() if k != "general.architecture"}
         types = {k: f.value_type(k) for k in meta}
         for k in meta:
             if f.array_length(k):
-                types[k + "[]"] = {"tokenizer.ggml.token_type": V.INT32}.get(k, V.STRING)
+                types[k + "[]"] = next((t for suffix, t in ARRAY_TYPES.items() if k.endswith(suffix)), V.STRING)
         for k, v in (values or {}).items():
-            meta[k], types[k] = v, V.UINT32
-        w = cpuq.GGUFStreamWriter(dst, arch=f.get("general.architecture"))
+            key = f"{arch}.{k}" if arch_keys else k
+            v, *vtypes = v if isinstance(v, tuple) else (v, V.UINT32)
+            meta[key], types[key] = v, vtypes[0]
+            if len(vtypes) > 1:
+                types[key + "[]"] = vtypes[1]
+        w = cpuq.GGUFStreamWriter(dst, arch=arch)
         w.add_metadata(meta, types)
         tensors = [(t.name, t.qtype, shapes.get(t.name, t.shape), t.data) for t in f if t.name not in drop]
         for name, qtype, shape, _ in tensors:
@@ -101,7 +113,7 @@ def _rewrite(src, dst, values=None, drop=(), shapes=None):
                                                             "the metadata implies \\[8, 32, 64\\]"),
 ])
 def test_bad_expert_file_is_one_line_exit_2(moe_file, tmp_path, edit, match):
-    bad = _rewrite(moe_file, tmp_path / "bad.gguf", **edit)
+    bad = rewrite_gguf(moe_file, tmp_path / "bad.gguf", **edit)
     with pytest.raises(FormatError, match=match):
         cpuq.load(bad)
     r = CliRunner().invoke(app, ["generate", str(bad), "-p", "hi", "-n", "1"])
