@@ -69,6 +69,21 @@ def _bounds(m: int, parts: int, unit: int = 1) -> list[int]:
     return [min(m, units * j // parts * unit) for j in range(parts + 1)]
 
 
+def _strip(x: np.ndarray, xq: tuple | None, w: np.ndarray, ggml_type: int, r0: int, r1: int,
+           out: np.ndarray) -> None:
+    """out[:, r0:r1] = x @ W[r0:r1].T: kernels.qgemm's int8 products where xq (x rounded by
+    Gemm._quantize) is given, else the rows decoded to a float32 tile and one-thread sgemm."""
+    if xq is not None:
+        qgemm_rows(*xq, w, ggml_type, r0, r1, out)
+        return
+    tile = np.empty((r1 - r0, x.shape[1]), np.float32)
+    dequantize_rows(w, ggml_type, r0, tile)
+    if x.shape[0] <= SMALL_BATCH:  # W x^T, then its transpose: OpenBLAS packs a few tokens better this way
+        out[:, r0:r1] = np.matmul(tile, x.T).T
+    else:
+        np.matmul(x, tile.T, out=out[:, r0:r1])  # a column block: sgemm writes it in place (ldc)
+
+
 class Gemm:
     """`n_threads` threads (the caller and a pool) for a prompt chunk's forward pass: its matmuls
     (`linear`) and its row-wise kernels (`split`, so that no Numba parallel region, whose
@@ -106,16 +121,7 @@ class Gemm:
 
         def run(task):
             i, r0, r1 = task
-            w, ggml_type = weights[i]
-            if int8[i]:
-                qgemm_rows(*xq, w, ggml_type, r0, r1, outs[i])
-                return
-            tile = np.empty((r1 - r0, k), np.float32)
-            dequantize_rows(w, ggml_type, r0, tile)
-            if n <= SMALL_BATCH:  # W x^T, then its transpose: OpenBLAS packs a few tokens better this way
-                outs[i][:, r0:r1] = np.matmul(tile, x.T).T
-            else:
-                np.matmul(x, tile.T, out=outs[i][:, r0:r1])  # a column block: sgemm writes it in place (ldc)
+            _strip(x, xq if int8[i] else None, *weights[i], r0, r1, outs[i])
 
         self._each(run, tasks)
         return outs
@@ -153,14 +159,9 @@ class Gemm:
         def run(task):
             j, i, r0, r1 = task
             lo, hi = spans[j]
-            w, ggml_type = weights[j][i]
-            if int8[j][i]:
-                end = lo + -(-(hi - lo) // TOKENS) * TOKENS
-                qgemm_rows(*(a[lo:end] for a in xq), w, ggml_type, r0, r1, outs[i][lo:hi])
-                return
-            tile = np.empty((r1 - r0, k), np.float32)
-            dequantize_rows(w, ggml_type, r0, tile)
-            outs[i][lo:hi, r0:r1] = x[lo:hi] @ tile.T
+            end = lo + -(-(hi - lo) // TOKENS) * TOKENS  # the group's rows in whole passes of TOKENS
+            _strip(x[lo:hi], tuple(a[lo:end] for a in xq) if int8[j][i] else None, *weights[j][i], r0, r1,
+                   outs[i][lo:hi])
 
         self._each(run, tasks)
         return outs
